@@ -1,0 +1,103 @@
+"""shards.py: check token shards before training on them.
+
+    python data/shards.py inspect PATH... [--decode N]
+
+For each shard (a folder stands for the .bin files in it) `inspect` validates the header and the file size, then prints
+the number of tokens, the number of documents (<|endoftext|> tokens: each document starts with one), the mean document
+length, and the first tokens decoded as text. A shard is invalid if its header or size is wrong, it holds no tokens, or
+a token is outside GPT-2's vocabulary. Exit status: 0 if every shard is valid, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from gpt2_tokenizer import TokenizerError, get_encoding  # data/gpt2_tokenizer.py: the tokenizer, offline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shard format lives in train_gpt.py
+from train_gpt import BOS_ID, SHARD_HINT, ShardError, load_shard  # noqa: E402
+
+GPT2_VOCAB_SIZE = 50257
+
+
+def shard_paths(inputs: list[str]) -> list[Path]:
+    """The command-line paths, with each folder replaced by the .bin files in it (sorted)."""
+    paths = []
+    for name in inputs:
+        path = Path(name)
+        paths += sorted(path.glob("*.bin")) if path.is_dir() else [path]
+    return paths
+
+
+def inspect_shard(path: Path) -> dict:
+    """Validates one shard and measures it; raises ShardError (naming the file, with a HINT) if it is invalid."""
+    tokens = load_shard(path).numpy()  # checks magic, version and exact file size
+    if len(tokens) == 0:
+        raise ShardError(f"shard {path} holds no tokens. {SHARD_HINT}")
+    largest = int(tokens.max())
+    if largest >= GPT2_VOCAB_SIZE:
+        position = int(np.argmax(tokens >= GPT2_VOCAB_SIZE))
+        raise ShardError(f"shard {path} holds token id {tokens[position]} at position {position:,}, outside GPT-2's "
+                         f"vocabulary of {GPT2_VOCAB_SIZE:,}: the file is corrupt or not GPT-2 tokens. {SHARD_HINT}")
+    is_bos = tokens == BOS_ID
+    documents = int(np.count_nonzero(is_bos))
+    # A shard may start inside a document that began in the previous shard: those tokens belong to no counted document.
+    lead = int(np.argmax(is_bos)) if documents else len(tokens)
+    return {"tokens": len(tokens), "documents": documents, "lead": lead, "largest": largest,
+            "mean_length": (len(tokens) - lead) / documents if documents else float("nan"), "head": tokens[:4096]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="validate shards and print their token and document counts")
+    inspect.add_argument("paths", nargs="+", metavar="PATH", help="shard files, or folders holding .bin shards")
+    inspect.add_argument("--decode", type=int, default=48, metavar="N",
+                         help="decode the first N tokens of each shard as text (default: %(default)s; 0: none)")
+    args = parser.parse_args(argv)
+
+    paths = shard_paths(args.paths)
+    if not paths:
+        print(f"error: no .bin shards in {', '.join(args.paths)}. {SHARD_HINT}", file=sys.stderr)
+        return 1
+    encoding = None
+    valid, invalid, total_tokens, total_documents = 0, 0, 0, 0
+    for path in paths:
+        try:
+            info = inspect_shard(path)
+        except ShardError as e:
+            print(f"{path}: INVALID: {e}")
+            invalid += 1
+            continue
+        valid += 1
+        total_tokens += info["tokens"]
+        total_documents += info["documents"]
+        mean = f"{info['mean_length']:,.1f} tokens" if info["documents"] else "n/a"
+        print(f"{path}: ok\n  tokens {info['tokens']:,}, documents {info['documents']:,}, mean document length {mean}, "
+              f"largest token id {info['largest']:,}")
+        if info["lead"]:
+            print(f"  starts inside a document: {info['lead']:,} tokens before the first <|endoftext|>")
+        if args.decode > 0 and encoding is None:
+            try:
+                encoding = get_encoding()
+            except TokenizerError as e:
+                print(f"  (cannot decode: {e})")
+                args.decode = 0
+        if args.decode > 0:
+            head = info["head"][:args.decode].tolist()
+            print(f"  first {len(head)} tokens: {encoding.decode(head)!r}")
+    if len(paths) > 1:
+        print(f"{len(paths)} shards: {valid} valid, {invalid} invalid; the valid ones hold {total_tokens:,} tokens in "
+              f"{total_documents:,} documents")
+    if invalid:
+        print(f"error: {invalid} of {len(paths)} shards are invalid (see above). {SHARD_HINT}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
