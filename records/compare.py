@@ -287,7 +287,7 @@ def one_sample_test(losses: np.ndarray, target: float) -> dict:
     """The record rule (RECIPE.md §5.4): one-sample one-sided t-test, H1: mean final val loss < target."""
     n = len(losses)
     if n < 2:
-        note = f"{_plural(n, 'complete run')}: the t-test needs at least 2"
+        note = f"{_plural(n, 'complete run')}; the t-test needs at least 2"
         return {"t_statistic": None, "df": None, "p_value": None, "p_value_note": note}
     if np.ptp(losses) == 0:
         note = "every final val loss is the same: the t-test is undefined"
@@ -466,8 +466,11 @@ def format_group(name: str, s: dict, target: float) -> list[str]:
         for r in s["per_run"]:
             out.append(f"  {r['file']:<{width}}  {r['steps']:>6}  {r['final_val_loss']:>8.4f}  "
                        f"{_seconds(r['train_time_ms']):>11}")
-        test = (f"t = {s['t_statistic']:.3f}  df = {s['df']}  p = {s['p_value']:.2g}  "
-                f"(one-sided, H1: mean < {target:g})" if s["p_value"] is not None else f"p: {s['p_value_note']}")
+        if s["p_value"] is not None:
+            test = (f"t = {s['t_statistic']:.3f}  df = {s['df']}  p = {s['p_value']:.2g}  "
+                    f"(one-sided, H1: mean < {target:g})")
+        else:
+            test = f"no p-value: {s['p_value_note']}"
         out.append(f"  val_loss    mean {s['mean_val_loss']:.5f}  std {_number(s['std_val_loss'], '.5f')}  {test}")
         out.append(f"  train_time  mean {_seconds(s['mean_train_time_ms'])}"
                    f"  median {_seconds(s['median_train_time_ms'])}"
