@@ -592,7 +592,7 @@ def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target:
     else:
         for ax in axes.flat:
             ax.text(0.5, 0.5, "no complete runs", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(textwrap.fill(title, 150), fontsize=10)
+    fig.suptitle("\n".join(textwrap.fill(part, 150) for part in title.split("; ")), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
