@@ -70,10 +70,11 @@ def explain(error: BaseException, filename: str, dataset: HubDataset, revision: 
     """One paragraph for a failed download: what happened to which shard, and what to do."""
     from huggingface_hub import constants, errors
 
-    chain = [error]  # the error and its causes: huggingface_hub wraps the network error it met
+    chain, root = [error], error  # the error and the ones it arose from; root: the one huggingface_hub wrapped
     while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
         chain.append(cause)
-    root = chain[-1]
+    while root.__cause__ is not None:
+        root = root.__cause__
     where = f"{filename} from dataset {dataset.repo_id} at {constants.ENDPOINT}"
     rerun = "rerun the same command to continue: the shards already here are kept and skipped."
     if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) for e in chain):

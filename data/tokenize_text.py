@@ -129,7 +129,7 @@ def encode_batch(texts: list[str]) -> np.ndarray:
 
 @dataclass
 class Stats:
-    documents: int = 0
+    documents: int = 0  # documents in the shards (the last one may be cut short by max_tokens)
     unreadable: int = 0
     empty: int = 0
     tokens: int = 0
@@ -149,7 +149,6 @@ def batches(documents: Iterable[Document], stats: Stats) -> Iterator[tuple[list[
         if not text.strip():
             stats.empty += 1
             continue
-        stats.documents += 1
         texts.append(text)
         chars += len(text)
         if chars >= BATCH_CHARS:
@@ -222,13 +221,14 @@ def tokenize(documents: Iterable[Document], out_dir: Path, name: str, *, val_tok
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not sys.stderr.isatty())
     with progress:
         for tokens, nbytes in encoded_batches(batches(documents, stats), workers):
-            if max_tokens is not None and stats.tokens + len(tokens) >= max_tokens:
+            done = max_tokens is not None and stats.tokens + len(tokens) >= max_tokens
+            if done:
                 tokens = tokens[:max_tokens - stats.tokens]
-                writer.add(tokens)
-                stats.tokens += len(tokens)
-                break
             writer.add(tokens)
             stats.tokens += len(tokens)
+            stats.documents += int(np.count_nonzero(tokens == BOS_ID))
+            if done:
+                break
             progress.update(nbytes)
             progress.set_postfix_str(f"{stats.tokens:,} tokens", refresh=False)
         writer.close()
