@@ -101,11 +101,16 @@ def parse_step_line(line: str) -> tuple[int, int, float | None, float]:
 
 
 def describe_hardware(env: list[str]) -> str:
-    """'8x NVIDIA H100 80GB HBM3' from the nvidia-smi table, our 'CPU: ...' line, or 'unknown'."""
+    """'8x NVIDIA H100 80GB HBM3' from the nvidia-smi table, else our 'CPU: ...' or 'GPU: ...' line, else 'unknown'."""
     gpus = Counter(m.group(1) for line in env if (m := GPU_ROW_RE.match(line)))
     if gpus:
         return ", ".join(f"{count}x {name}" for name, count in gpus.items())
-    return next((line.strip() for line in env if line.startswith("CPU:")), "unknown")
+    for line in env:
+        if line.startswith("CPU:"):
+            return line.strip()
+        if line.startswith("nvidia-smi: not available") and "GPU:" in line:  # our trainer, when nvidia-smi fails
+            return "GPU: " + line.split("GPU:", 1)[1].strip()
+    return "unknown"
 
 
 def describe_software(env: list[str]) -> str:

@@ -189,6 +189,12 @@ def test_a_line_of_equals_inside_the_source_is_not_the_separator(tmp_path):
     assert run.software == "Python 3.12.3, PyTorch 2.11.0"
 
 
+def test_hardware_without_an_nvidia_smi_table():
+    # our trainer's fallback when nvidia-smi cannot run; a log with neither table nor CPU line is "unknown"
+    assert compare.describe_hardware(["nvidia-smi: not available; GPU: NVIDIA H200"]) == "GPU: NVIDIA H200"
+    assert compare.describe_hardware(["Running Python 3.12.3", "nvidia-smi: not available"]) == "unknown"
+
+
 @pytest.mark.parametrize("name, status, reason", [
     ("crashed.txt", "incomplete", "last val line at step 20/40; the log stops at step 27"),
     ("running.txt", "incomplete", "last val line at step 20/40; the log stops at step 23 (its last line is cut off)"),
