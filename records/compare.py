@@ -157,7 +157,8 @@ def parse_log(text: str, path: Path) -> RunLog:
             raise LogError(f"line {i + 1}: total steps {n} differs from {total} on the lines above: {line[:100]!r}")
         if step > n:
             raise LogError(f"line {i + 1}: step {step} is past the total of {n}: {line[:100]!r}")
-        total, last_step = n, step if last_step is None else max(last_step, step)
+        total = n
+        last_step = step if last_step is None else max(last_step, step)
         if val_loss is not None:
             val.append((step, val_loss, train_time_ms))
 
