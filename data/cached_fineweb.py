@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,9 @@ def explain(error: BaseException, filename: str, dataset: HubDataset, revision: 
     where = f"{filename} from dataset {dataset.repo_id} at {constants.ENDPOINT}"
     rerun = "rerun the same command to continue: the shards already here are kept and skipped."
     if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) for e in chain):
-        free = shutil.disk_usage(local_dir).free / 1e9 if local_dir.exists() else float("nan")
-        return (f"the disk is full: could not save {filename} in {local_dir} ({free:.1f} GB free; a shard is about "
-                f"0.2 GB). HINT: free some space, or download elsewhere with --dir or DATA_PATH, then {rerun}")
+        free = shutil.disk_usage(local_dir).free / 1e6 if local_dir.exists() else float("nan")
+        return (f"the disk is full: could not save {filename} in {local_dir} ({free:,.0f} MB free; a FineWeb shard is "
+                f"about 200 MB). HINT: free some space, or download elsewhere with --dir or DATA_PATH, then {rerun}")
     if isinstance(error, errors.RemoteEntryNotFoundError):
         return (f"{where} does not exist (revision {revision}). HINT: {dataset.repo_id} should hold "
                 f"{dataset.num_train} train shards: ask for fewer, check --revision, or check HF_ENDPOINT if you "
@@ -100,6 +101,19 @@ def explain(error: BaseException, filename: str, dataset: HubDataset, revision: 
     # outage (5xx). huggingface_hub has already retried; name the root cause so the user can tell which.
     return (f"could not download {where}: {type(root).__name__}: {_first_sentence(root)}. HINT: check your network "
             f"connection and proxy settings (and HF_ENDPOINT if you use a mirror), then {rerun}")
+
+
+def shard_bar_class():
+    """huggingface_hub's per-file byte bar, named by the shard instead of the tail of its URL and cleared when done,
+    under our bar that counts shards."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class ShardBar(hub_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["desc"] = str(kwargs.get("desc") or "").rsplit("/", 1)[-1]
+            super().__init__(*args, **{**kwargs, "leave": False})
+
+    return ShardBar
 
 
 def download(dataset: HubDataset, num_train: int, local_dir: Path, revision: str = "main", log=print) -> list[str]:
@@ -123,12 +137,12 @@ def download(dataset: HubDataset, num_train: int, local_dir: Path, revision: str
     log(f"{len(names) - len(todo)} of {len(names)} shards already in {local_dir} and valid; fetching {len(todo)} "
         f"from {dataset.repo_id}")
     local_dir.mkdir(parents=True, exist_ok=True)
-    start, fetched_bytes = time.perf_counter(), 0
+    start, fetched_bytes, bar_class = time.perf_counter(), 0, shard_bar_class()
     with tqdm(total=len(todo), unit="shard", desc=dataset.repo_id, disable=not sys.stderr.isatty() or not todo) as bar:
         for i, name in enumerate(todo, start=1):
             try:
                 path = Path(hf_hub_download(repo_id=dataset.repo_id, repo_type="dataset", filename=name,
-                                            revision=revision, local_dir=local_dir))
+                                            revision=revision, local_dir=local_dir, tqdm_class=bar_class))
             except Exception as e:
                 raise DownloadError(explain(e, name, dataset, revision, local_dir)) from e
             try:
@@ -162,6 +176,8 @@ def main(argv: list[str] | None = None, dataset: str = "fineweb10B") -> int:
                      f"train shards of 100M tokens each")
     local_dir = args.dir or default_dir(args.dataset)
 
+    # huggingface_hub warns (e.g. of low disk space) with Python warnings: show them as one line, not with source code.
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
     if not sys.stderr.isatty():  # progress bars in a log file are noise; the per-shard lines say enough
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()

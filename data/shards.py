@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             info = inspect_shard(path)
         except ShardError as e:
-            print(f"{path}: INVALID: {e}")
+            print(f"{path}: INVALID: {str(e).split(' HINT:')[0]}")  # the HINT comes once, at the end
             invalid += 1
             continue
         valid += 1

@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. a full disk or an unwritable --out while writing shards
+        for tmp in args.out.glob(f"{args.name}_*.bin.tmp"):
+            tmp.unlink(missing_ok=True)  # write_shard's half-written file
         print(f"error: cannot write shards to {args.out}: {e}. HINT: free some space or choose another --out; "
               f"shards already written are complete, rerun with --overwrite to start again.", file=sys.stderr)
         return 1

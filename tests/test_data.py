@@ -264,6 +264,14 @@ def test_tokenize_reads_a_hugging_face_dataset(enc, tmp_path, monkeypatch):
     assert code == 0 and calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train", True)]
     assert decode_documents(enc, load_shard(tmp_path / "fw_val_000000.bin").numpy()) == DOCUMENTS[:2]
 
+    # data/fineweb.py, the reference's entry point: FineWeb 100B's sample, the reference's names and shard sizes.
+    import fineweb
+
+    assert fineweb.main(["--version", "100B", "--out", str(tmp_path / "fw100"), "--workers", "1"]) == 0
+    assert calls[-1] == ("HuggingFaceFW/fineweb", "sample-100BT", "train", True)
+    assert read_shard_header(tmp_path / "fw100" / "fineweb_val_000000.bin") == len(load_shard(
+        tmp_path / "fw_val_000000.bin"))  # fewer than 10^8 tokens: all in the val shard
+
 
 # -----------------------------------------------------------------------------
 # shards.py inspect
