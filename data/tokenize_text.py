@@ -102,12 +102,18 @@ def read_dataset_documents(name: str, config: str | None, split: str, text_field
     except ImportError:
         raise TokenizeError("reading a Hugging Face dataset needs the `datasets` package. HINT: `pip install datasets`,"
                             " or download the dataset's files and pass them (or their folder) as inputs.") from None
-    for row in datasets.load_dataset(name, config, split=split, streaming=True):  # streaming: bounded memory
-        text = row.get(text_field)
-        if isinstance(text, str):
-            yield text, len(text.encode("utf-8")), None
-        else:
-            yield None, 0, f"{name}: a row without a string {text_field!r} field"
+    try:
+        for row in datasets.load_dataset(name, config, split=split, streaming=True):  # streaming: bounded memory
+            text = row.get(text_field)
+            if isinstance(text, str):
+                yield text, len(text.encode("utf-8")), None
+            else:
+                yield None, 0, f"{name}: a row without a string {text_field!r} field"
+    except Exception as e:  # a wrong name or config, no network, the connection dropped mid-stream, ...
+        raise TokenizeError(f"reading dataset {name} (config {config}, split {split}) failed: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}. HINT: check the name, --hf_config and your network "
+                            f"(HF_ENDPOINT, HF_TOKEN); shards written so far are complete, rerun with --overwrite "
+                            f"to start again.") from None
 
 
 # -----------------------------------------------------------------------------
@@ -280,18 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        old = existing_shards(args.out, args.name)
-        if old and not args.overwrite:
-            raise TokenizeError(f"{args.out} already holds {len(old)} {args.name} shard(s), e.g. {old[0].name}. HINT: "
-                                f"pass --overwrite to replace them, or choose another --name or --out.")
-        for path in old:
-            path.unlink()  # stale shards would otherwise be read by the trainer along with the new ones
         if args.hf_dataset:
             documents, total_bytes = read_dataset_documents(args.hf_dataset, args.hf_config, args.hf_split,
                                                             args.text_field), None
         else:
             files = find_files(args.inputs)
             documents, total_bytes = read_file_documents(files, args.text_field), sum(f.stat().st_size for f in files)
+        old = existing_shards(args.out, args.name)
+        if old and not args.overwrite:
+            raise TokenizeError(f"{args.out} already holds {len(old)} {args.name} shard(s), e.g. {old[0].name}. HINT: "
+                                f"pass --overwrite to replace them, or choose another --name or --out.")
+        for path in old:
+            path.unlink()  # stale shards would otherwise be read by the trainer along with the new ones
         stats, written = tokenize(documents, args.out, args.name, val_tokens=args.val_tokens,
                                   shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, workers=args.workers,
                                   total_bytes=total_bytes)

