@@ -37,7 +37,7 @@ class HubDataset:
     num_train: int  # train shards in the repo
 
 
-# RECIPE §1.3: the reference repos, their shard names and sizes.
+# RECIPE §1.3: the reference repos, their shard names and how many train shards each holds.
 DATASETS = {
     "fineweb10B": HubDataset("kjj0/fineweb10B-gpt2", "fineweb", 103),
     "fineweb100B": HubDataset("kjj0/fineweb100B-gpt2", "fineweb", 1030),
@@ -78,7 +78,7 @@ def explain(error: BaseException, filename: str, dataset: HubDataset, revision: 
         root = root.__cause__
     where = f"{filename} from dataset {dataset.repo_id} at {constants.ENDPOINT}"
     rerun = "rerun the same command to continue: the shards already here are kept and skipped."
-    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) for e in chain):
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain):
         free = shutil.disk_usage(local_dir).free / 1e6 if local_dir.exists() else float("nan")
         return (f"the disk is full: could not save {filename} in {local_dir} ({free:,.0f} MB free; a FineWeb shard is "
                 f"about 200 MB). HINT: free some space, or download elsewhere with --dir or DATA_PATH, then {rerun}")
@@ -116,7 +116,7 @@ def shard_bar_class():
     return ShardBar
 
 
-def download(dataset: HubDataset, num_train: int, local_dir: Path, revision: str = "main", log=print) -> list[str]:
+def download(dataset: HubDataset, num_train: int, local_dir: Path, revision: str = "main") -> list[str]:
     """Makes local_dir hold valid copies of the val shard and the first num_train train shards; returns the names
     of those it had to fetch."""
     from huggingface_hub import hf_hub_download
@@ -131,11 +131,11 @@ def download(dataset: HubDataset, num_train: int, local_dir: Path, revision: str
         try:
             read_shard_header(path)
         except ShardError as e:
-            log(f"{name} is invalid ({_first_sentence(e)}); fetching it again")
+            print(f"{name} is invalid ({_first_sentence(e)}); fetching it again")
             path.unlink()  # else huggingface_hub would trust its download metadata and keep the broken file
             todo.append(name)
-    log(f"{len(names) - len(todo)} of {len(names)} shards already in {local_dir} and valid; fetching {len(todo)} "
-        f"from {dataset.repo_id}")
+    print(f"{len(names) - len(todo)} of {len(names)} shards already in {local_dir} and valid; fetching {len(todo)} "
+          f"from {dataset.repo_id}")
     local_dir.mkdir(parents=True, exist_ok=True)
     start, fetched_bytes, bar_class = time.perf_counter(), 0, shard_bar_class()
     with tqdm(total=len(todo), unit="shard", desc=dataset.repo_id, disable=not sys.stderr.isatty() or not todo) as bar:

@@ -2,12 +2,12 @@
 
     python data/make_sample.py [--out data/sample]
 
-The text is the documentation written into the CPython standard library itself: for each module, in sorted order, its
-docstring and the docstrings of the public classes, methods and functions it defines (gathered with `inspect`). That
-text ships with every Python under the PSF License, so the shards can ship with us; it is English prose with code, and
-the same interpreter always gives the same bytes. One module is one document. The stream is cut into exactly
-131,072 val tokens (sample_val_000000.bin) and 800,000 train tokens (sample_train_000001.bin) by tokenize_text.py.
-Rerunning it with the Python version named in data/sample/README.md reproduces the committed shards byte for byte.
+The text is the documentation written into the CPython standard library itself: for each public module and submodule,
+in sorted order, its docstring and those of the classes, methods, properties and functions it exports (gathered with
+`inspect`). That text ships with every Python under the PSF License, so the shards can ship with us; it is English prose
+with code, and the same interpreter always gives the same bytes. One module is one document. tokenize_text.py cuts the
+stream into exactly 131,072 val tokens (sample_val_000000.bin) and 800,000 train tokens (sample_train_000001.bin).
+Run with the Python version named in data/sample/README.md, it reproduces the committed shards byte for byte.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ VAL_TOKENS, TRAIN_TOKENS = 131_072, 800_000
 SAMPLE_PYTHON = "3.11.7"  # the interpreter that made the committed shards (data/sample/README.md)
 # Modules whose import has visible side effects (a browser, a printed poem, a GUI), or that only exist for IDLE.
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}
+
+
 def signature(obj) -> str:
     """obj's signature as written in its source. Not inspect.signature's rendering of the live defaults: cgi's
     environ=os.environ would copy this machine's environment into the text, platform's executable=sys.executable its
@@ -121,7 +123,8 @@ def stdlib_documents() -> Iterator[str]:
         if (module := quiet_import(name)) is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. typing.io warns when looked up
-                yield module_document(module)
+                text = module_document(module)
+            yield text
 
 
 def main(argv: list[str] | None = None) -> int:

