@@ -732,12 +732,13 @@ def read_shard_header(path: str | os.PathLike) -> int:
     path = Path(path)
     try:
         with path.open("rb") as f:
-            header = np.frombuffer(f.read(SHARD_HEADER_BYTES), dtype="<i4")
+            header_bytes = f.read(SHARD_HEADER_BYTES)
         size = path.stat().st_size
     except OSError as e:
         raise ShardError(f"cannot read shard {path}: {e.strerror or e}. {SHARD_HINT}") from None
-    if header.size < 256:
+    if len(header_bytes) < SHARD_HEADER_BYTES:
         raise ShardError(f"shard {path} is only {size} bytes, shorter than its 1024-byte header. {SHARD_HINT}")
+    header = np.frombuffer(header_bytes, dtype="<i4")
     if header[0] != SHARD_MAGIC:
         raise ShardError(f"shard {path} has magic {header[0]}, expected {SHARD_MAGIC}: not a token shard. {SHARD_HINT}")
     if header[1] != SHARD_VERSION:
@@ -970,6 +971,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.use_fp8 and not fp8_available(rt.device):
         log("FP8 needs compute capability 8.9+; this GPU runs the LM head in plain bf16 (use_fp8=False)")
         args = dataclasses.replace(args, use_fp8=False)
+    if args.use_flex_attention and rt.device.type == "cpu":
+        log("FlexAttention has no backward pass on a CPU: the dense reference attention runs instead")
+        args = dataclasses.replace(args, use_flex_attention=False)
     log("hyperparameters: " + json.dumps(dataclasses.asdict(args)), console=False)
     if rt.is_master:
         print(f"log: {log.path}  (world size {rt.world_size}, device {rt.device})", flush=True)

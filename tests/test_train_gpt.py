@@ -1,0 +1,750 @@
+"""Tests of train_gpt.py, in the order of its sections. CPU only, except the tests marked gpu."""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+BOS = tg.BOS_ID
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_args(**overrides) -> tg.Hyperparameters:
+    """A 3-layer model small enough to run many times in a test, with every kind of layer."""
+    base = dict(num_layers=3, model_dim=64, num_heads=2, head_dim=32, mlp_hidden=128, attn_pattern="L-S",
+                value_embed_pattern="0-0", block_size=16, train_seq_len=64, val_seq_len=64, val_tokens=512,
+                windows_per_step=4, max_window_tokens=48, num_iterations=8, dtype="float32", use_fp8=False,
+                use_compile=False, use_flex_attention=False, fp8_x_scale=64**0.5 / 448)
+    return tg.Hyperparameters(**{**base, **overrides})
+
+
+def randomized_model(args: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
+    """At init the output projections and head are zero, which would hide most bugs: give every weight a value."""
+    torch.manual_seed(seed)
+    model = tg.GPT(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.ndim == 1 else 0.1)
+    return model.eval()
+
+
+def document_sequence(length: int, doc_starts: list[int], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 50000, (length,), generator=gen)
+    seq[doc_starts] = BOS
+    return seq
+
+
+def learnable_documents(num_tokens: int, seed: int) -> np.ndarray:
+    """Documents that count through 64 tokens (BOS, a, a+1, ... mod 64): a loss falls within a few steps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while sum(map(len, out)) < num_tokens:
+        start, n = rng.integers(0, 64), rng.integers(20, 200)
+        out.append(np.concatenate([[BOS], (start + np.arange(n)) % 64 + 1000]))
+    return np.concatenate(out)[:num_tokens]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("shards")
+    tg.write_shard(d / "tiny_val_000000.bin", learnable_documents(4096, seed=1))
+    tg.write_shard(d / "tiny_train_000001.bin", learnable_documents(30_000, seed=2))
+    tg.write_shard(d / "tiny_train_000002.bin", learnable_documents(30_000, seed=3))
+    return d
+
+
+def tiny_run_argv(shard_dir: Path, log_dir: Path, **overrides) -> list[str]:
+    settings = dict(train_files=str(shard_dir / "tiny_train_*.bin"), val_files=str(shard_dir / "tiny_val_*.bin"),
+                    num_iterations=6, val_every=3, warmup_steps=0, log_dir=str(log_dir))
+    settings.update(overrides)
+    base = dataclasses.asdict(tiny_args())
+    base.update(settings)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+# ----------------------------------------------------------------------------- import and settings
+
+
+def test_import_has_no_side_effects(tmp_path):
+    before = sorted(p.name for p in (ROOT / "records").glob("**/*"))
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import train_gpt, torch.distributed as d; " \
+           "assert not d.is_initialized()"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DATA_PATH")}
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and "Warning" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no files, no logs, no downloads
+    assert sorted(p.name for p in (ROOT / "records").glob("**/*")) == before
+
+
+def test_defaults_are_the_2025_08_23_recipe():
+    args = tg.parse_args([])
+    assert args.windows_per_step * args.train_seq_len == 393_216 and args.num_iterations == 1695
+    assert (args.val_tokens, args.val_every, args.cooldown_frac, args.final_lr_frac) == (10_485_760, 125, 0.45, 0.1)
+    assert (args.muon_lr, args.adam_lr, args.adam_beta1, args.adam_beta2) == (0.05, 0.008, 0.8, 0.95)
+    assert (args.adam_eps, args.embed_lr_mul, args.value_embed_lr_mul, args.scalar_lr_mul) == (1e-10, 75, 75, 5)
+    assert args.attn_pattern == "LSSSLSS-SSSL" and args.value_embed_pattern == "012------012"
+    assert args.orthogonalizer == "newton_schulz" and not args.use_normuon
+
+
+def test_parse_overrides_presets_and_types():
+    args = tg.parse_args(["--preset=smoke", "--num_iterations=7", "--use_fp8=true", "--adam_lr=1e-3"])
+    assert args.num_iterations == 7 and args.use_fp8 is True and args.adam_lr == 1e-3
+    assert args.num_layers == tg.PRESETS["smoke"]["num_layers"]
+    assert tg.parse_args(["--num_iterations=7", "--preset=smoke"]).num_iterations == 7  # overrides win over presets
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.num_iterations = 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_iteration=5"], "did you mean --num_iterations"),
+    (["--preset=fast"], "unknown preset 'fast'"),
+    (["--num_iterations=ten"], "--num_iterations=ten: expected int"),
+    (["--use_fp8=maybe"], "expected true or false"),
+    (["num_iterations=5"], "--name=value"),
+    (["--train_seq_len=1000"], "multiple of block_size=128"),
+    (["--attn_pattern=LSL"], "one per layer"),
+    (["--attn_pattern=LSSSLSSXSSSL"], "may only use L, S and -"),
+    (["--value_embed_pattern=0123456789-0"], "cannot take a value embedding"),
+    (["--val_tokens=1000000"], "multiple of val_seq_len*windows_per_step"),
+    (["--head_dim=100", "--num_heads=6"], "must equal model_dim"),
+    (["--orthogonalizer=svd"], "choose newton_schulz or polar_express"),
+    (["--dtype=float16"], "choose bfloat16 or float32"),
+    (["--cooldown_frac=1.5"], "must lie in [0, 1]"),
+    (["--warmup_steps=-1"], "must not be negative"),
+])
+def test_bad_settings_say_what_to_do(argv, message):
+    with pytest.raises(ValueError) as e:
+        tg.parse_args(argv)
+    assert message in str(e.value)
+
+
+def test_help_lists_every_setting():
+    result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for f in dataclasses.fields(tg.Hyperparameters):
+        assert re.search(rf"--{f.name}={re.escape(str(f.default))}\s+\S", result.stdout), f.name
+    assert "smoke" in result.stdout and "DATA_PATH" in result.stdout
+
+
+def test_bad_setting_on_the_command_line_gives_a_message_not_a_traceback():
+    result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--num_layer=3"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "did you mean --num_layers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_world_size_that_cannot_keep_the_batch_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"use a world size among \[1, 2, 4, 8\]"):
+        tg.setup_runtime(tg.parse_args(["--device=cpu"]))
+
+
+# ----------------------------------------------------------------------------- FP8 head
+
+
+def fp8_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = tg.norm(torch.randn(256, 768, generator=gen)).bfloat16()
+    w = torch.randn(512, 768, generator=gen) * 0.02
+    return x, w, 768**0.5 / 448, 2**-9, 1 / 448
+
+
+def test_fp8_head_is_close_to_the_plain_head():
+    """e4m3 keeps 3 mantissa bits (relative rounding up to 6%); summed over 768 products the error averages to ~4%."""
+    x, w, *scales = fp8_inputs()
+    out = tg.fp8_mm(x, w, *scales)[0]
+    ref = x.float() @ w.T
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).norm() / ref.norm() < 0.06
+
+
+def test_fp8_head_gradients_flow_and_match_the_plain_gradients():
+    x, w, *scales = fp8_inputs(seed=1)
+    x, w = x.float().requires_grad_(), w.requires_grad_()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    g = torch.randn(256, 512) * 0.1  # e5m2 holds the gradient: 2 mantissa bits
+    (tg.fp8_mm(x, w, *scales)[0].float() * g).sum().backward()
+    (x_ref @ w_ref.T * g).sum().backward()
+    for ours, ref in ((x.grad, x_ref.grad), (w.grad, w_ref.grad)):
+        assert ours.dtype == ref.dtype and torch.isfinite(ours).all()
+        assert (ours - ref).norm() / ref.norm() < 0.15
+
+
+def test_fp8_op_registration_passes_torch_opcheck_and_traces_in_one_graph():
+    """Fake implementation and autograd registration agree, so torch.compile sees the op as one node (fullgraph)."""
+    x, w, *scales = fp8_inputs(seed=2)
+    torch.library.opcheck(tg.fp8_mm, (x.float().requires_grad_(), w.requires_grad_(), *scales),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+    def head(x, w):
+        return tg.fp8_mm(x, w, *scales)[0].float().square().sum()
+
+    grads = []
+    for fn in (head, torch.compile(head, backend="aot_eager", fullgraph=True)):
+        xi, wi = x.float().requires_grad_(), w.detach().clone().requires_grad_()
+        fn(xi, wi).backward()
+        grads.append((xi.grad, wi.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_model_trains_through_the_fp8_head():
+    args = tiny_args(use_fp8=True)
+    model = randomized_model(args).train()
+    seq = document_sequence(64, [0, 30])
+    loss = model(seq, seq.roll(-1), torch.tensor(2))
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head_w.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize("method, band", [("newton_schulz", (0.6, 1.25)), ("polar_express", (0.8, 1.2))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthogonalizers_put_singular_values_in_their_band(method, band, dtype):
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 64, 256), (256, 64), (6, 12)]:
+        X = tg.orthogonalize(torch.randn(*shape, generator=gen) * 37, method, 5, dtype)
+        assert X.shape == shape and X.dtype == dtype
+        s = torch.linalg.svdvals(X.float())
+        assert band[0] < s.min() and s.max() < band[1], (shape, s.min(), s.max())
+    # a square matrix of condition number 20, built from known singular vectors
+    U, _ = torch.linalg.qr(torch.randn(96, 96, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(96, 96, generator=gen))
+    G = U @ torch.diag(torch.linspace(0.05, 1, 96)) @ V.T
+    X = tg.orthogonalize(G, method, 5, dtype).float()
+    s = torch.linalg.svdvals(X)
+    assert band[0] < s.min() and s.max() < band[1]
+    assert (X - U @ V.T).norm() / (U @ V.T).norm() < 0.25  # the polar factor, not some other orthogonal matrix
+
+
+def test_polar_express_is_closer_to_orthogonal_than_newton_schulz():
+    G = torch.randn(128, 512, generator=torch.Generator().manual_seed(3))
+    dev = {m: (torch.linalg.svdvals(tg.orthogonalize(G, m, 5, torch.float32)) - 1).abs().mean()
+           for m in ("newton_schulz", "polar_express")}
+    assert dev["polar_express"] < dev["newton_schulz"]
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 16), (3, 16, 48)])
+def test_normuon_equalizes_neurons_and_keeps_the_norm(shape):
+    V = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * torch.rand(shape[0], shape[1], 1) * 5
+    tall = shape[1] >= shape[2]
+    moment = torch.zeros(shape[0], shape[1], 1) if tall else torch.zeros(shape[0], 1, shape[2])
+    out = tg.normuon_normalize(V, moment, beta2=0.0)  # beta2 = 0: the statistic is this update's own
+    per_neuron = out.square().mean(dim=-1 if tall else -2)
+    assert torch.allclose(per_neuron, per_neuron.mean(dim=-1, keepdim=True), rtol=1e-4)
+    assert torch.allclose(out.norm(dim=(-2, -1)), V.norm(dim=(-2, -1)), rtol=1e-5)
+    assert torch.allclose(moment.squeeze(), V.square().mean(dim=-1 if tall else -2), rtol=1e-5)
+    previous = moment.clone()
+    tg.normuon_normalize(V, moment, beta2=0.9)  # an EMA: 0.9 old + 0.1 new
+    assert torch.allclose(moment, 0.9 * previous + 0.1 * V.square().mean(dim=-1 if tall else -2, keepdim=True))
+
+
+def test_our_adam_equals_torch_adam():
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(8, 5, generator=gen), torch.randn(16, generator=gen), torch.randn(4, 3, generator=gen)]
+    ref = [p.clone() for p in ours]
+    groups = lambda ps: [dict(params=ps[:2], lr=0.01), dict(params=ps[2:], lr=0.3)]
+    betas, eps = (0.8, 0.95), 1e-10
+    opt = tg.DistAdam(groups(ours), lr=0.01, betas=betas, eps=eps, grad_scale=1.0)
+    ref_opt = torch.optim.Adam(groups(ref), lr=0.01, betas=betas, eps=eps, foreach=False)
+    for _ in range(5):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_step_is_nesterov_momentum_then_orthogonalization():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(2, 32, 16, generator=gen))
+    q = torch.nn.Parameter(torch.randn(2, 32, 16, generator=gen))
+    start_p, start_q = p.detach().clone(), q.detach().clone()
+    ortho = lambda G: tg.orthogonalize(G, "newton_schulz", 5, torch.float32)
+    opt = tg.Muon([p, q], lr=0.1, momentum=0.9, weight_decay=0.0, orthogonalize=ortho, normuon_beta2=None,
+                  grad_scale=0.5)
+    g1, g2 = torch.randn(2, 32, 16, generator=gen), torch.randn(2, 32, 16, generator=gen)
+    p.grad, q.grad = g1.clone(), g1.clone()
+    opt.step()
+    p.grad, q.grad = g2.clone(), g2.clone()
+    opt.step()
+    # by hand: buf = lerp(buf, g, 1 - mu); update = lerp(g, buf, mu), on the scaled gradient
+    buf = torch.zeros_like(g1)
+    expected = start_p.clone()
+    for g in (g1 * 0.5, g2 * 0.5):
+        buf = buf.lerp(g, 0.1)
+        expected = expected - 0.1 * 2**0.5 * ortho(g.lerp(buf, 0.9))  # tall: LR * sqrt(rows / cols)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.detach() - start_q, p.detach() - start_p)
+
+
+def test_optimizer_table_covers_every_parameter_once():
+    args = tiny_args()
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args, tg.Runtime(0, 1, torch.device("cpu")))
+    seen = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    adam = optimizers[0]
+    assert [g["lr"] for g in adam.param_groups] == pytest.approx([0.008 * 75, 0.008 * 75, 0.008, 0.008 * 5])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_speedrun_parameter_count_is_the_recipes():
+    with torch.device("meta"):
+        model = tg.GPT(tg.parse_args([]))
+    assert sum(p.numel() for p in model.parameters()) == 275_743_576
+    assert model.scalars.numel() == 64
+    assert sum(b.attn is not None for b in model.blocks) == 11 and model.blocks[7].attn is None
+
+
+def test_initial_model_predicts_uniformly():
+    """Zero-init head: every logit is the soft-cap's midpoint, so the loss is ln(vocab) exactly."""
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = tg.GPT(args).eval()
+    seq = document_sequence(64, [0])
+    loss = model(seq, seq.roll(-1), torch.tensor(2))
+    assert loss.item() == pytest.approx(math.log(args.vocab_size), rel=1e-6)
+
+
+@pytest.mark.parametrize("use_flex", [False, True])
+@torch.no_grad()  # FlexAttention has no backward on a CPU
+def test_changing_a_token_never_changes_earlier_outputs(use_flex):
+    args = tiny_args(use_flex_attention=use_flex)
+    model = randomized_model(args)
+    seq = document_sequence(64, [0, 20, 41])
+    base = model.logits(seq, torch.tensor(4))
+    for t in (5, 20, 33, 63):
+        changed = seq.clone()
+        changed[t] = (seq[t] + 7) % 50000
+        out = model.logits(changed, torch.tensor(4))
+        torch.testing.assert_close(out[:t], base[:t], rtol=0, atol=0)
+        assert not torch.allclose(out[t:], base[t:])
+
+
+def test_no_attention_across_documents():
+    args = tiny_args()
+    model = randomized_model(args)
+    seq = document_sequence(64, [0, 20, 41])
+    base = model.logits(seq, torch.tensor(4))
+    changed = seq.clone()
+    changed[1:20] = (seq[1:20] + 11) % 50000  # rewrite all of document 0 except its BOS
+    out = model.logits(changed, torch.tensor(4))
+    torch.testing.assert_close(out[20:], base[20:], rtol=0, atol=0)
+    assert not torch.allclose(out[:20], base[:20])
+
+
+def test_window_limits_hold():
+    """One attention layer: position t sees position s only when their mask blocks are fewer than W apart."""
+    B = 16
+    for pattern, window, effective in (("L", 3, 3), ("S", 3, 1), ("S", 6, 3)):
+        args = tiny_args(num_layers=1, attn_pattern=pattern, value_embed_pattern="-", block_size=B)
+        model = randomized_model(args)
+        seq = document_sequence(128, [0])
+        base = model.logits(seq, torch.tensor(window))
+        for s in (3, 40):
+            changed = seq.clone()
+            changed[s] = (seq[s] + 5) % 50000
+            differs = (model.logits(changed, torch.tensor(window)) - base).abs().amax(dim=-1) > 0
+            t = torch.arange(128)
+            visible = (t >= s) & (t // B - s // B < effective)
+            assert torch.equal(differs, visible), (pattern, window, s)
+
+
+def random_qkv(T, H=2, D=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, T, H, D, generator=gen) for _ in range(3)]
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 100])
+def test_flex_attention_equals_the_dense_reference(window):
+    T, B = 256, 32
+    docs = tg.document_ids(document_sequence(T, [0, 50, 51, 130, 200]))
+    q, k, v = random_qkv(T)
+    w = torch.tensor(window)
+    out = tg.flex_attend(q, k, v, tg.flex_block_mask(docs, w, B), 0.12)
+    ref = tg.dense_attend(q, k, v, tg.dense_mask(docs, w, B), 0.12)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 8])
+def test_flex_block_lists_match_the_token_rule(window):
+    """Eager FlexAttention ignores block sparsity (it evaluates mask_mod everywhere), so check the lists directly:
+    a KV block is listed iff some pair in it may attend, and listed as full iff every pair may."""
+    T, B = 512, 32
+    docs = tg.document_ids(document_sequence(T, [0, 10, 75, 76, 300, 301, 302, 480]))
+    w = torch.tensor(window)
+    mask = tg.flex_block_mask(docs, w, B)
+    n = T // B
+    listed = torch.zeros(n, n, dtype=torch.bool)
+    full = torch.zeros(n, n, dtype=torch.bool)
+    for counts, indices, target in ((mask.kv_num_blocks, mask.kv_indices, listed),
+                                    (mask.full_kv_num_blocks, mask.full_kv_indices, full)):
+        for qb in range(n):
+            target[qb, indices[0, 0, qb, :counts[0, 0, qb]].long()] = True
+    assert not (listed & full).any()  # a block is either partial or full
+    dense = tg.dense_mask(docs, w, B).view(n, B, n, B)
+    any_pair, all_pairs = dense.any(dim=(1, 3)), dense.all(dim=(1, 3))
+    assert torch.equal(listed | full, any_pair)
+    assert torch.equal(full, all_pairs)
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_uses_the_block_lists_and_equals_the_reference():
+    T, B = 256, 32
+    docs = tg.document_ids(document_sequence(T, [0, 70, 71, 150]))
+    q, k, v = random_qkv(T, seed=1)
+    compiled = torch.compile(tg.flex_attend, dynamic=False)
+    for window in (1, 3):
+        w = torch.tensor(window)
+        out = compiled(q, k, v, tg.flex_block_mask(docs, w, B), 0.12)
+        ref = tg.dense_attend(q, k, v, tg.dense_mask(docs, w, B), 0.12)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()  # FlexAttention has no backward on a CPU
+def test_model_with_flex_attention_equals_model_with_dense_attention():
+    seq = document_sequence(128, [0, 33, 90])
+    losses = []
+    for use_flex in (False, True):
+        model = randomized_model(tiny_args(use_flex_attention=use_flex), seed=5)
+        losses.append(model(seq, seq.roll(-1), torch.tensor(3)))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_is_relative_and_half_of_the_pairs_stay_put():
+    rotary = tg.Rotary(32, 1024.0)
+    cos, sin = rotary(40)
+    x = torch.randn(1, 40, 1, 32)
+    y = tg.apply_rotary(x, cos, sin)
+    torch.testing.assert_close(y[..., 8:16], x[..., 8:16])  # zero frequencies: dims 8-15 and 24-31 do not move
+    torch.testing.assert_close(y[..., 24:], x[..., 24:])
+    # <q_t, k_s> depends on t - s only
+    q, k = torch.randn(32), torch.randn(32)
+    rq = tg.apply_rotary(q.expand(1, 40, 1, 32), cos, sin)[0, :, 0]
+    rk = tg.apply_rotary(k.expand(1, 40, 1, 32), cos, sin)[0, :, 0]
+    torch.testing.assert_close(rq[10] @ rk[7], rq[30] @ rk[27], rtol=1e-5, atol=1e-5)
+    assert rotary.freqs[0] == 1 and rotary.freqs[7].item() == pytest.approx(1 / 1024)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_lr_schedule_boundaries():
+    args = tg.parse_args([])
+    N = args.num_iterations
+    assert tg.lr_multiplier(0, args) == 1.0
+    assert tg.lr_multiplier(int(N * 0.55), args) == 1.0  # flat until 55%
+    assert tg.lr_multiplier(N, args) == pytest.approx(0.1)
+    mid = tg.lr_multiplier(N - round(N * 0.45 / 2), args)
+    assert mid == pytest.approx(0.55, abs=2e-3)
+    values = [tg.lr_multiplier(s, args) for s in range(N + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_momentum_and_window_schedules():
+    args = tg.parse_args([])
+    assert tg.muon_momentum(0, args) == pytest.approx(0.85)
+    assert tg.muon_momentum(150, args) == pytest.approx(0.90)
+    assert tg.muon_momentum(300, args) == tg.muon_momentum(1000, args) == pytest.approx(0.95)
+    windows = [tg.window_blocks(s, args) for s in range(args.num_iterations + 1)]
+    assert windows[0] == 1 and windows[-1] == 14  # 128 to 1792 tokens
+    assert all(a <= b <= a + 1 for a, b in zip(windows, windows[1:]))
+    # ceil(1728 * step / 1695 / 128): the window reaches 2 blocks just after step 125.55
+    assert tg.window_blocks(125, args) == 1
+    assert tg.window_blocks(126, args) == 2
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([BOS, 1, 2, 65535, 0, 50000], dtype=np.int64)
+    tg.write_shard(tmp_path / "a.bin", tokens)
+    assert (tmp_path / "a.bin").stat().st_size == 1024 + 2 * len(tokens)
+    assert tg.read_shard_header(tmp_path / "a.bin") == len(tokens)
+    assert tg.load_shard(tmp_path / "a.bin").numpy().tolist() == tokens.tolist()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_shards_give_a_clear_error(tmp_path):
+    good = tmp_path / "good.bin"
+    tg.write_shard(good, np.arange(100))
+    data = good.read_bytes()
+    cases = {
+        "missing.bin": None,
+        "truncated.bin": data[:-10],
+        "short_header.bin": data[:100],
+        "bad_magic.bin": (12345).to_bytes(4, "little") + data[4:],
+        "bad_version.bin": data[:4] + (7).to_bytes(4, "little") + data[8:],
+        "too_long.bin": data + b"\0\0",
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(tg.ShardError) as e:
+            tg.load_shard(path)
+        assert name in str(e.value) and "HINT" in str(e.value), str(e.value)
+
+
+def test_missing_data_is_reported_before_training(tmp_path):
+    with pytest.raises(tg.ShardError, match="no shards match .*HINT"):
+        tg.find_shards(str(tmp_path / "nothing_*.bin"))
+    tg.write_shard(tmp_path / "x_000001.bin", np.arange(10))
+    (tmp_path / "x_000002.bin").write_bytes(b"garbage")
+    with pytest.raises(tg.ShardError, match="x_000002.bin"):
+        tg.find_shards(str(tmp_path / "x_*.bin"))
+
+
+def positional_shards(tmp_path, sizes=(20_000, 20_000), seed=0) -> list[Path]:
+    """Token i of the stream is i % 50000, except at random document starts (BOS): a window's content is its offset."""
+    rng = np.random.default_rng(seed)
+    files, offset = [], 0
+    for i, n in enumerate(sizes):
+        tokens = (offset + np.arange(n)) % 50000
+        tokens[np.flatnonzero(rng.random(n) < 1 / 40)] = BOS
+        files.append(tmp_path / f"p_train_{i + 1:06d}.bin")
+        tg.write_shard(files[-1], tokens)
+        offset += n
+    return files
+
+
+def make_loader(files, rank=0, world_size=1, seq_len=64, windows=4):
+    return tg.TrainLoader(files, seq_len, windows, rank, world_size, torch.device("cpu"))
+
+
+def window_offset(inputs: torch.Tensor) -> int:
+    """Position in its shard of a window from positional_shards (its second non-BOS token reveals it)."""
+    i = next(j for j in range(1, len(inputs)) if inputs[j] != BOS and inputs[j - 1] != BOS)
+    return (int(inputs[i]) - i) % 50000
+
+
+def test_training_windows_start_at_bos_and_are_disjoint(tmp_path):
+    files = positional_shards(tmp_path)
+    loader = make_loader(files)
+    starts = []
+    for _ in range(40):
+        batches = loader.next_step()
+        assert len(batches) == 4
+        for inputs, targets in batches:
+            assert inputs[0] == BOS and inputs.dtype == torch.int32 and targets.dtype == torch.int64
+            assert len(inputs) == len(targets) == 64 and torch.equal(inputs[1:], targets[:-1].to(torch.int32))
+            starts.append(window_offset(inputs))
+    assert all(b - a >= 64 for a, b in zip(starts, starts[1:]))  # in stream order; no two share an input token
+    # each next window starts at the first BOS at least seq_len tokens after the previous start
+    stream = tg.load_shard(files[0]).numpy()
+    bos = np.flatnonzero(stream == BOS)
+    for a, b in zip(starts[:10], starts[1:11]):
+        assert b == bos[np.searchsorted(bos, a + 64)]
+
+
+def test_every_world_size_trains_on_the_same_windows(tmp_path):
+    files = positional_shards(tmp_path)
+    single = make_loader(files)
+    ranks = [make_loader(files, rank=r, world_size=2) for r in range(2)]
+    for _ in range(30):
+        reference = single.next_step()
+        per_rank = [loader.next_step() for loader in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == 2
+        for a in range(2):  # micro-step a of rank r reads window a * world_size + r
+            for r in range(2):
+                assert torch.equal(per_rank[r][a][0], reference[a * 2 + r][0])
+        offsets = [window_offset(x) for rank in per_rank for x, _ in rank]
+        assert len(set(offsets)) == 4  # ranks read disjoint windows
+
+
+def test_loader_moves_to_the_next_shard_and_reports_running_out(tmp_path):
+    tg.write_shard(tmp_path / "t_000001.bin", learnable_documents(2000, seed=4))
+    tg.write_shard(tmp_path / "t_000002.bin", learnable_documents(2000, seed=5))
+    loader = make_loader([tmp_path / "t_000001.bin", tmp_path / "t_000002.bin"], seq_len=64, windows=4)
+    shards_used = set()
+    with pytest.raises(tg.ShardError, match="ran out of training data after 2 shard"):
+        for _ in range(100):
+            loader.next_step()
+            shards_used.add(loader.next_index)
+    assert shards_used == {1, 2}
+
+
+def test_validation_covers_exactly_val_tokens_whatever_the_world_size():
+    tokens = np.arange(1000 * 64 + 1) % 50000
+    for world_size in (1, 2, 4):
+        targets = []
+        for rank in range(world_size):
+            for inputs, t in tg.val_windows(tokens, 64, rank, world_size, torch.device("cpu")):
+                assert len(inputs) == len(t) == 64 and torch.equal(inputs[1:].long(), t[:-1])
+                targets.append(t)
+        assert sorted(torch.cat(targets).tolist()) == sorted(tokens[1:].tolist())
+
+
+def test_val_tokens_are_read_in_order_across_files(tmp_path):
+    tg.write_shard(tmp_path / "v_000000.bin", np.arange(100))
+    tg.write_shard(tmp_path / "v_000001.bin", np.arange(100, 300))
+    files = tg.find_shards(str(tmp_path / "v_*.bin"))
+    assert tg.load_val_tokens(files, 150).tolist() == list(range(150))
+    with pytest.raises(tg.ShardError, match="hold 300 tokens"):
+        tg.load_val_tokens(files, 301)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:(\d+)ms step_avg:([\d.]+)ms( \w+:\S+)*$")
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:([\d.]+) train_time:(\d+)ms step_avg:([\d.]+)ms( \w+:\S+)*$")
+
+
+def test_tiny_run_writes_a_valid_log_and_returns_its_metrics(shard_dir, tmp_path):
+    result = tg.main(tiny_run_argv(shard_dir, tmp_path, run_id="golden"))
+    log = Path(result["log_path"])
+    assert log == tmp_path / "golden.txt"
+    text = log.read_text()
+    source, _, rest = text.partition("\n" + "=" * 100 + "\n")
+    assert source == (ROOT / "train_gpt.py").read_text()
+    machine, _, body = rest.partition("=" * 100 + "\n")
+    assert machine.startswith("Running Python") and "Running PyTorch" in machine and "CPU:" in machine
+    lines = body.splitlines()
+    settings = json.loads(lines[0].removeprefix("hyperparameters: "))
+    assert settings["num_iterations"] == 6 and settings["model_dim"] == 64
+    val = [VAL_LINE.match(s) for s in lines if VAL_LINE.match(s)]
+    steps = [STEP_LINE.match(s) for s in lines if STEP_LINE.match(s)]
+    assert [int(m[1]) for m in val] == [0, 3, 6] and [int(m[1]) for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(m[2] == "6" for m in val + steps)
+    assert float(val[-1][3]) == pytest.approx(result["val_loss"], abs=5e-5)
+    assert re.fullmatch(r"peak memory allocated: \d+ MiB reserved: \d+ MiB", lines[-1])
+    assert len(lines) == 1 + 3 + 6 + 1  # settings, val lines, step lines, peak memory: nothing unexpected
+
+
+def test_same_seed_same_data_gives_the_same_losses(shard_dir, tmp_path):
+    a = tg.main(tiny_run_argv(shard_dir, tmp_path))
+    b = tg.main(tiny_run_argv(shard_dir, tmp_path))
+    assert a["val_losses"] == b["val_losses"]
+    c = tg.main(tiny_run_argv(shard_dir, tmp_path, seed=1))
+    assert c["val_losses"][6] != a["val_losses"][6]
+
+
+def test_warmup_is_undone_before_the_timed_run(shard_dir, tmp_path):
+    """Warm-up steps train for real, then the initial weights, optimizer state and data order come back."""
+    cold = tg.main(tiny_run_argv(shard_dir, tmp_path, warmup_steps=0))
+    warm = tg.main(tiny_run_argv(shard_dir, tmp_path, warmup_steps=3))
+    assert warm["val_losses"] == cold["val_losses"]
+
+
+@pytest.mark.parametrize("option", [["--orthogonalizer=polar_express"], ["--use_normuon=true"], ["--use_fp8=true"]])
+def test_options_train(shard_dir, tmp_path, option):
+    result = tg.main(tiny_run_argv(shard_dir, tmp_path) + option)
+    assert result["val_losses"][6] < result["val_losses"][0] - 0.5
+
+
+def test_nan_loss_stops_the_run_at_once_and_keeps_the_log(shard_dir, tmp_path, monkeypatch):
+    # a NaN learning rate in the update of step 2 turns every weight into NaN: step 3's loss is the first NaN
+    monkeypatch.setattr(tg, "lr_multiplier", lambda step, args: float("nan") if step == 1 else 1.0)
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 3"):
+        tg.main(tiny_run_argv(shard_dir, tmp_path, run_id="nan"))
+    lines = (tmp_path / "nan.txt").read_text().splitlines()
+    assert lines[-1].startswith("stopped: training loss is nan at step 3. HINT")
+    assert lines[-2].startswith("step:3/6") and lines[-2].endswith("train_loss:nan")
+    assert STEP_LINE.match(lines[-3]) and not any(s.startswith("step:4/") for s in lines)
+
+
+def test_the_same_log_is_never_overwritten(shard_dir, tmp_path):
+    (tmp_path / "taken.txt").write_text("an earlier run\n")
+    with pytest.raises(FileExistsError):
+        tg.main(tiny_run_argv(shard_dir, tmp_path, run_id="taken"))
+    assert (tmp_path / "taken.txt").read_text() == "an earlier run\n"
+
+
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.mark.skipif(not list(SAMPLE.glob("sample_train_*.bin")), reason="sample shards not built")
+def test_smoke_preset_loss_falls(tmp_path):
+    result = tg.main(["--preset=smoke", f"--log_dir={tmp_path}"])
+    losses = result["val_losses"]
+    assert list(losses) == [0, 10, 20, 30]
+    assert losses[0] == pytest.approx(math.log(50304), abs=1e-3)
+    assert losses[10] < losses[0] - 2 and losses[30] < losses[10]
+
+
+def run_dumping_metrics(launcher: list[str], argv: list[str], out: Path) -> dict:
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import train_gpt; "
+            "m = train_gpt.main(sys.argv[3:]); "
+            "json.dump(m, open(sys.argv[2], 'w')) if m['log_path'] else None")
+    script = out.parent / "dump_metrics.py"
+    script.write_text(code.replace("; ", "\n"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launcher + [str(script), str(ROOT), str(out)] + argv, capture_output=True, text=True,
+                            env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_training_as_one_with_accumulation(shard_dir, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) against one process accumulating over 2x the micro-steps, fp32."""
+    argv = tiny_run_argv(shard_dir, tmp_path, num_iterations=8, val_every=4, use_normuon=True)
+    one = run_dumping_metrics([sys.executable], argv, tmp_path / "one.json")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = run_dumping_metrics(torchrun, argv, tmp_path / "two.json")
+    assert one["val_losses"].keys() == two["val_losses"].keys() == {"0", "4", "8"}
+    for step, loss in one["val_losses"].items():
+        assert abs(two["val_losses"][step] - loss) / loss < 1e-5, (step, loss, two["val_losses"][step])
+    assert one["val_losses"]["8"] < one["val_losses"]["0"] - 0.5
+
+
+# ----------------------------------------------------------------------------- GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fp8_head_matches_the_plain_head():
+    x, w, *scales = fp8_inputs()
+    x, w = x.cuda(), w.cuda()
+    out = tg.fp8_mm(x, w, *scales)[0].float()
+    ref = x.float() @ w.T
+    assert (out - ref).norm() / ref.norm() < 0.06
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_compiled_model_equals_the_eager_cpu_model():
+    args = tiny_args(use_flex_attention=True)
+    cpu = randomized_model(args, seed=3)
+    gpu = randomized_model(args, seed=3).cuda()
+    seq = document_sequence(128, [0, 40, 41, 100])
+    ref = cpu(seq, seq.roll(-1), torch.tensor(3))
+    out = torch.compile(gpu, dynamic=False, fullgraph=True)(seq.cuda(), seq.roll(-1).cuda(), torch.tensor(3).cuda())
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_loss_is_a_sum_in_training_and_a_mean_in_evaluation():
+    args = tiny_args()
+    model = randomized_model(args)
+    seq = document_sequence(64, [0, 30])
+    mean = model(seq, seq.roll(-1), torch.tensor(2))
+    total = model.train()(seq, seq.roll(-1), torch.tensor(2))
+    torch.testing.assert_close(total, mean * 64)
+    logits = model.eval().logits(seq, torch.tensor(2))
+    torch.testing.assert_close(F.cross_entropy(logits, seq.roll(-1)), mean)
+    assert logits.min() >= 0 and logits.max() <= args.logit_softcap  # cap * sigmoid lies in (0, cap)
