@@ -96,24 +96,37 @@ def read_file_documents(files: Iterable[Path], text_field: str = "text") -> Iter
 
 
 def read_dataset_documents(name: str, config: str | None, split: str, text_field: str = "text") -> Iterator[Document]:
-    """Streams the documents of a Hugging Face dataset (e.g. HuggingFaceFW/fineweb, config sample-10BT)."""
+    """Streams the documents of a Hugging Face dataset (e.g. HuggingFaceFW/fineweb, config sample-10BT). The dataset
+    is opened here, so that a missing package or a wrong name fails before any shard is touched."""
     try:
         import datasets
     except ImportError:
         raise TokenizeError("reading a Hugging Face dataset needs the `datasets` package. HINT: `pip install datasets`,"
                             " or download the dataset's files and pass them (or their folder) as inputs.") from None
+
+    def failed(e: Exception) -> TokenizeError:  # a wrong name or config, no network, a connection dropped mid-stream
+        return TokenizeError(f"reading dataset {name} (config {config}, split {split}) failed: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}. HINT: check the name, --hf_config and your network "
+                             f"(HF_ENDPOINT, HF_TOKEN); shards written so far are complete, rerun with --overwrite "
+                             f"to start again.")
+
     try:
-        for row in datasets.load_dataset(name, config, split=split, streaming=True):  # streaming: bounded memory
-            text = row.get(text_field)
-            if isinstance(text, str):
-                yield text, len(text.encode("utf-8")), None
-            else:
-                yield None, 0, f"{name}: a row without a string {text_field!r} field"
-    except Exception as e:  # a wrong name or config, no network, the connection dropped mid-stream, ...
-        raise TokenizeError(f"reading dataset {name} (config {config}, split {split}) failed: {type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:300]}. HINT: check the name, --hf_config and your network "
-                            f"(HF_ENDPOINT, HF_TOKEN); shards written so far are complete, rerun with --overwrite "
-                            f"to start again.") from None
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)  # streaming: bounded memory
+    except Exception as e:
+        raise failed(e) from None
+
+    def documents() -> Iterator[Document]:
+        try:
+            for row in rows:
+                text = row.get(text_field)
+                if isinstance(text, str):
+                    yield text, len(text.encode("utf-8")), None
+                else:
+                    yield None, 0, f"{name}: a row without a string {text_field!r} field"
+        except Exception as e:
+            raise failed(e) from None
+
+    return documents()
 
 
 # -----------------------------------------------------------------------------

@@ -295,10 +295,14 @@ def test_tokenize_reads_a_hugging_face_dataset(enc, tmp_path, monkeypatch):
 
 
 def test_tokenize_unreadable_dataset(tmp_path, monkeypatch, capsys):
+    """A dataset that cannot be opened fails with one message, before --overwrite deletes anything."""
+    write_shard(tmp_path / "x_val_000000.bin", np.array([BOS_ID, 1, 2], dtype=np.uint16))
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(rows=None))
-    assert tokenize_text.main(["--hf_dataset", "HuggingFaceFW/fineweb", "--out", str(tmp_path), "--name", "x"]) == 1
+    args = ["--hf_dataset", "HuggingFaceFW/fineweb", "--out", str(tmp_path), "--name", "x", "--overwrite"]
+    assert tokenize_text.main(args) == 1
     err = capsys.readouterr().err
     assert "reading dataset HuggingFaceFW/fineweb" in err and "ConnectionError" in err and "HINT" in err
+    assert read_shard_header(tmp_path / "x_val_000000.bin") == 3
 
 
 # -----------------------------------------------------------------------------
