@@ -418,7 +418,8 @@ class HubStandIn:
             threading.Thread(target=lambda: (server.shutdown(), server.server_close())).start()
 
     def fetched(self) -> list[str]:
-        return [name for method, name in self.requests if method == "GET"]
+        """The files downloaded, in order (other requests huggingface_hub may make are not files)."""
+        return [name for method, name in self.requests if method == "GET" and not name.startswith("/")]
 
 
 def fineweb_files(tmp_path: Path, num_train: int, prefix: str = "fineweb") -> dict[str, bytes]:
@@ -526,6 +527,21 @@ def test_download_offline_mode_and_bad_arguments(hub, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         cached_fineweb.main(["104"])
     assert usage.value.code == 2 and "103 train shards" in capsys.readouterr().err
+
+
+def test_download_reuses_the_hf_cache(hub, tmp_path):
+    """A shard already in HF_HOME's cache (from an earlier hf_hub_download) is copied from there, not downloaded."""
+    files = fineweb_files(tmp_path, 1)
+    server = hub(files)
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1"}
+    code = "import huggingface_hub as h; h.hf_hub_download('kjj0/fineweb10B-gpt2', 'fineweb_val_000000.bin', " \
+           "repo_type='dataset')"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    server.requests.clear()
+    result = download(server.url, tmp_path, 1)
+    assert result.returncode == 0, result.stderr
+    assert server.fetched() == ["fineweb_train_000001.bin"]
+    assert (tmp_path / "fineweb10B" / "fineweb_val_000000.bin").read_bytes() == files["fineweb_val_000000.bin"]
 
 
 def test_download_sibling_dataset_through_its_entry_point(hub, tmp_path):
