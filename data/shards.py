@@ -32,7 +32,7 @@ def shard_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def inspect_shard(path: Path) -> dict:
+def inspect_shard(path: Path, head_tokens: int = 48) -> dict:
     """Validates one shard and measures it; raises ShardError (naming the file, with a HINT) if it is invalid."""
     tokens = load_shard(path).numpy()  # checks magic, version and exact file size
     if len(tokens) == 0:
@@ -46,8 +46,9 @@ def inspect_shard(path: Path) -> dict:
     documents = int(np.count_nonzero(is_bos))
     # A shard may start inside a document that began in the previous shard: those tokens belong to no counted document.
     lead = int(np.argmax(is_bos)) if documents else len(tokens)
-    return {"tokens": len(tokens), "documents": documents, "lead": lead, "largest": largest,
-            "mean_length": (len(tokens) - lead) / documents if documents else float("nan"), "head": tokens[:4096]}
+    mean_length = (len(tokens) - lead) / documents if documents else float("nan")
+    return {"tokens": len(tokens), "documents": documents, "lead": lead, "mean_length": mean_length,
+            "largest": largest, "head": tokens[:head_tokens]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     valid, invalid, total_tokens, total_documents = 0, 0, 0, 0
     for path in paths:
         try:
-            info = inspect_shard(path)
+            info = inspect_shard(path, head_tokens=max(args.decode, 0))
         except ShardError as e:
             print(f"{path}: INVALID: {str(e).split(' HINT:')[0]}")  # the HINT comes once, at the end
             invalid += 1
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  (cannot decode: {e})")
                 args.decode = 0
         if args.decode > 0:
-            head = info["head"][:args.decode].tolist()
+            head = info["head"].tolist()
             print(f"  first {len(head)} tokens: {encoding.decode(head)!r}")
     if len(paths) > 1:
         print(f"{len(paths)} shards: {valid} valid, {invalid} invalid; the valid ones hold {total_tokens:,} tokens in "
