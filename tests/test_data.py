@@ -31,7 +31,7 @@ import make_sample  # noqa: E402
 import shards  # noqa: E402
 import tokenize_text  # noqa: E402
 
-from train_gpt import BOS_ID, load_shard, read_shard_header, write_shard  # noqa: E402
+from train_gpt import BOS_ID, SHARD_HEADER_BYTES, load_shard, read_shard_header, write_shard  # noqa: E402
 
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any https request fails fast
 
@@ -322,9 +322,9 @@ def test_inspect_good_and_bad_shards(tmp_path, tokenizer_cache, enc, capsys):
     bad = {}
     bad["truncated"] = good.read_bytes()[:-1]
     bad["magic"] = b"\0" * 4 + good.read_bytes()[4:]
-    header = np.frombuffer(good.read_bytes()[:1024], dtype="<i4").copy()
+    header = np.frombuffer(good.read_bytes()[:SHARD_HEADER_BYTES], dtype="<i4").copy()  # magic, version, count, 0...
     header[1] = 2
-    bad["version"] = header.tobytes() + good.read_bytes()[1024:]
+    bad["version"] = header.tobytes() + good.read_bytes()[SHARD_HEADER_BYTES:]
     bad["short"] = b"tiny"
     for name, content in bad.items():
         (tmp_path / f"{name}.bin").write_bytes(content)
