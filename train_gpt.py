@@ -177,10 +177,10 @@ PRESETS = {
     "speedrun": {},  # the 2025-08-23 record: 1695 steps of 393,216 tokens on 8xH100
     "smoke": dict(  # a 4-layer model on the shipped sample text, fp32 on a CPU in seconds
         train_files=str(SAMPLE_DATA / "sample_train_*.bin"), val_files=str(SAMPLE_DATA / "sample_val_*.bin"),
-        val_tokens=16_384, train_seq_len=256, val_seq_len=1024, windows_per_step=4,
+        val_tokens=8192, train_seq_len=256, val_seq_len=1024, windows_per_step=4,
         num_layers=4, model_dim=128, num_heads=2, head_dim=64, mlp_hidden=512, attn_pattern="LS-L",
         value_embed_pattern="01-0", max_window_tokens=384, block_size=64, fp8_x_scale=128**0.5 / 448,
-        num_iterations=30, val_every=10, warmup_steps=2, muon_momentum_warmup_steps=20,
+        num_iterations=20, val_every=5, warmup_steps=2, muon_momentum_warmup_steps=20,
         dtype="float32", use_fp8=False, use_compile=False, use_flex_attention=False,
     ),
 }

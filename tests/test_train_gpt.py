@@ -682,9 +682,10 @@ SAMPLE = ROOT / "data" / "sample"
 def test_smoke_preset_loss_falls(tmp_path):
     result = tg.main(["--preset=smoke", f"--log_dir={tmp_path}"])
     losses = result["val_losses"]
-    assert list(losses) == [0, 10, 20, 30]
+    assert list(losses) == [0, 5, 10, 15, 20]
     assert losses[0] == pytest.approx(math.log(50304), abs=1e-3)
-    assert losses[10] < losses[0] - 2 and losses[30] < losses[10]
+    assert all(a > b for a, b in zip(losses.values(), list(losses.values())[1:]))  # falls at every validation
+    assert losses[20] < 6
 
 
 def run_dumping_metrics(launcher: list[str], argv: list[str], out: Path) -> dict:
