@@ -275,6 +275,18 @@ def keep_freed_memory():
     libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
 
 
+def adapt_to_device(args: Hyperparameters, device: torch.device) -> tuple[Hyperparameters, list[str]]:
+    """Turns off the fast paths this device cannot run (their plain twins compute the same function); says so."""
+    notes = []
+    if args.use_fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        notes.append("FP8 needs compute capability 8.9+: the LM head runs in plain bf16 (use_fp8=False)")
+        args = dataclasses.replace(args, use_fp8=False)
+    if args.use_flex_attention and device.type == "cpu":
+        notes.append("FlexAttention has no backward pass on a CPU: the dense reference attention runs instead")
+        args = dataclasses.replace(args, use_flex_attention=False)
+    return args, notes
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -377,11 +389,6 @@ def _fp8_mm_backward(ctx, grad_out, *_):
 fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 
 
-def fp8_available(device: torch.device) -> bool:
-    """_scaled_mm needs FP8 tensor cores (compute capability 8.9+) on a GPU; the CPU build emulates it."""
-    return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 # -----------------------------------------------------------------------------
 # Optimizers: Muon for the hidden matrices, Adam for embeddings, head and scalars (RECIPE §3(a)). Both shard their work
 # across ranks and communicate in explicit phases (launch all reductions, update each shard, gather); at world size 1
@@ -471,9 +478,11 @@ class Muon(torch.optim.Optimizer):
                     buf.lerp_(g_i, 1 - momentum)
                 g = g.lerp(torch.stack(bufs), momentum)  # Nesterov: look ahead along the momentum
                 V = self.orthogonalize(g)
-                if self.normuon_beta2 is not None:
-                    moments = [self.state[p].setdefault("second_moment", torch.zeros_like(V[0, ..., :1] if
-                               V.size(-2) >= V.size(-1) else V[0, ..., :1, :], dtype=torch.float32)) for p in owned]
+                if self.normuon_beta2 is not None:  # one statistic per row (tall) or per column (wide)
+                    rows, cols = V.shape[-2:]
+                    shape = (*V.shape[1:-2], rows, 1) if rows >= cols else (*V.shape[1:-2], 1, cols)
+                    moments = [self.state[p].setdefault("second_moment", V.new_zeros(shape, dtype=torch.float32))
+                               for p in owned]
                     stacked = torch.stack(moments)
                     V = normuon_normalize(V, stacked, self.normuon_beta2)
                     for m, s in zip(moments, stacked):
@@ -751,10 +760,10 @@ def read_shard_header(path: str | os.PathLike) -> int:
     return num_tokens
 
 
-def load_shard(path: str | os.PathLike, pin_memory: bool = False) -> torch.Tensor:
-    """Reads a validated shard straight into a (pinned) uint16 tensor: no bytes->array or pinning copies."""
+def load_shard(path: str | os.PathLike) -> torch.Tensor:
+    """Reads a validated shard straight into a uint16 tensor, with no intermediate bytes object."""
     num_tokens = read_shard_header(path)
-    tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin_memory)
+    tokens = torch.empty(num_tokens, dtype=torch.uint16)
     with open(path, "rb", buffering=0) as f:
         f.seek(SHARD_HEADER_BYTES)
         num_bytes = f.readinto(tokens.numpy())
@@ -772,10 +781,13 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2").tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write (a full disk, say): no half file left behind
 
 
 def find_shards(pattern: str) -> list[Path]:
@@ -812,7 +824,7 @@ class TrainLoader:
         self._next_shard()
 
     def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        tokens = load_shard(path, pin_memory=self.device.type == "cuda").numpy()
+        tokens = load_shard(path).numpy()
         return tokens, np.flatnonzero(tokens == BOS_ID)
 
     def _next_shard(self):
@@ -918,11 +930,11 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     return [adam, muon]
 
 
-def train_step(model, optimizers, batches, step: int, windows: Tensor, args: Hyperparameters) -> float:
+def train_step(model, optimizers, batches, step: int, window: Tensor, args: Hyperparameters) -> float:
     """One optimizer step over this rank's micro-batches; returns the mean training loss per token (all ranks)."""
-    loss_sum = torch.zeros((), device=windows.device)
+    loss_sum = torch.zeros((), device=window.device)
     for inputs, targets in batches:
-        loss = model(inputs, targets, windows[step])
+        loss = model(inputs, targets, window)
         loss.backward()  # gradients accumulate as a sum; the optimizers scale and reduce them
         loss_sum += loss.detach()
     for opt in optimizers:
@@ -968,12 +980,9 @@ def main(argv: list[str] | None = None) -> dict:
         for line in describe_machine(rt.device):
             log(line, console=False)
         log("=" * 100, console=False)
-    if args.use_fp8 and not fp8_available(rt.device):
-        log("FP8 needs compute capability 8.9+; this GPU runs the LM head in plain bf16 (use_fp8=False)")
-        args = dataclasses.replace(args, use_fp8=False)
-    if args.use_flex_attention and rt.device.type == "cpu":
-        log("FlexAttention has no backward pass on a CPU: the dense reference attention runs instead")
-        args = dataclasses.replace(args, use_flex_attention=False)
+    args, notes = adapt_to_device(args, rt.device)
+    for note in notes:
+        log(note)
     log("hyperparameters: " + json.dumps(dataclasses.asdict(args)), console=False)
     if rt.is_master:
         print(f"log: {log.path}  (world size {rt.world_size}, device {rt.device})", flush=True)
@@ -990,7 +999,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = GPT(args).to(rt.device)  # built on the CPU from the seed: the same weights on every rank and machine
     optimizers = build_optimizers(model, args, rt)
-    windows = torch.tensor([window_blocks(s, args) for s in range(args.num_iterations + 1)], device=rt.device)
+    window = torch.ones((), dtype=torch.int64, device=rt.device)  # a tensor, so a new size does not recompile
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
     new_loader = lambda: TrainLoader(train_files, args.train_seq_len, args.windows_per_step, rt.rank,
                                      rt.world_size, rt.device)
@@ -1000,7 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
         initial_state = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
         loader = new_loader()
         for step in range(args.warmup_steps):
-            train_step(step_model, optimizers, loader.next_step(), step, windows, args)
+            train_step(step_model, optimizers, loader.next_step(), step, window.fill_(window_blocks(step, args)), args)
         model.load_state_dict(initial_state[0])
         for opt, state in zip(optimizers, initial_state[1]):
             opt.load_state_dict(state)
@@ -1014,10 +1023,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for step in range(args.num_iterations + 1):
             last_step = step == args.num_iterations
+            window.fill_(window_blocks(step, args))
             if last_step or step % (args.val_every or args.num_iterations) == 0:
                 synchronize()
                 training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
-                val_loss = evaluate(step_model, val_tokens, windows[step], args, rt)
+                val_loss = evaluate(step_model, val_tokens, window, args, rt)
                 val_losses[step] = val_loss
                 log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                     f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
@@ -1027,7 +1037,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.perf_counter()
             if last_step:
                 break
-            train_loss = train_step(step_model, optimizers, loader.next_step(), step, windows, args)
+            train_loss = train_step(step_model, optimizers, loader.next_step(), step, window, args)
             elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
             log(f"step:{step + 1}/{args.num_iterations} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms train_loss:{train_loss:.4f}")

@@ -1,0 +1,42 @@
+"""The benchmark entry point: its FLOP count and a CPU smoke run (the figures that count come from a GPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import benchmark  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+
+def test_model_flops_count_the_dense_weights_and_the_attended_keys():
+    args = tg.parse_args([])
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    dense = 11 * (4 * 768**2 + 6 * 12) + 12 * 2 * 768 * 3072 + 50304 * 768  # RECIPE §2(a); embeddings are lookups
+    assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense
+    # each attended key costs q.k and p.v (2 x 2 FLOPs per channel), forward and twice that backward, in 11 layers
+    assert benchmark.flops_per_token(model, args, 1000.0) - 6 * dense == 3 * 4 * 768 * 11 * 1000
+
+
+def test_attended_keys_follow_the_window():
+    args = tg.parse_args(["--preset=smoke", "--attn_pattern=LLLL"])
+    model = tg.GPT(args)
+    inputs = torch.full((256,), 7)
+    inputs[0] = tg.BOS_ID  # one document: query t sees min(t + 1, window) keys, counted in whole 64-token blocks
+    keys = [benchmark.mean_attended_keys(model, [(inputs, None)], torch.tensor(w), args) for w in (1, 2, 4)]
+    assert keys == [64, 64 * (1 + 2 + 2 + 2) / 4, 64 * (1 + 2 + 3 + 4) / 4]
+
+
+def test_benchmark_prints_one_json_line_on_a_cpu():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--preset=smoke", "--steps=2", "--warmup=1"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["device"] == "cpu" and report["steps"] == 2 and report["tokens_per_step"] == 1024
+    assert report["ms_per_step"] > 0 and report["tokens_per_s"] > 0 and report["mfu"] is None
+    assert report["model_flops_per_token"] > 6 * 12 * 128**2 and report["peak_memory_allocated_mib"] > 0
