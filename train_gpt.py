@@ -310,6 +310,10 @@ class RunLog:
         self.file.write(text + "\n")
         self.file.flush()
 
+    def close(self):
+        if self.path is not None:
+            self.file.close()
+
 
 def describe_machine(device: torch.device) -> list[str]:
     lines = [f"Running Python {sys.version}",
@@ -324,7 +328,7 @@ def describe_machine(device: torch.device) -> list[str]:
         try:
             lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip())
         except (OSError, subprocess.SubprocessError):
-            lines.append(f"nvidia-smi: not available; GPU: {torch.cuda.get_device_name(device)}")
+            lines.append(f"nvidia-smi: not available; GPU: {torch.cuda.device_count()}x {torch.cuda.get_device_name()}")
     else:
         cpu = platform.processor() or platform.machine()
         if Path("/proc/cpuinfo").exists():
@@ -967,13 +971,7 @@ def peak_memory_line(device: torch.device) -> str:
     return f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Trains with the given settings (command-line style); returns the final metrics."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    rt = setup_runtime(args)
-    run_id = args.run_id or str(uuid.uuid4())
-    log_dir = Path(args.log_dir) if args.log_dir else Path(__file__).resolve().parent / "records" / "logs"
-    log = RunLog(log_dir / f"{run_id}.txt" if rt.is_master else None)
+def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
     if rt.is_master:
         log(Path(__file__).read_text(), console=False)
         log("=" * 100, console=False)
@@ -1004,7 +1002,7 @@ def main(argv: list[str] | None = None) -> dict:
     new_loader = lambda: TrainLoader(train_files, args.train_seq_len, args.windows_per_step, rt.rank,
                                      rt.world_size, rt.device)
 
-    # Untimed warm-up: compile and run real steps, then restore the initial weights and optimizer state.
+    # Untimed warm-up: compile and run real steps, then restore the initial weights, optimizer state and data order.
     if args.warmup_steps:
         initial_state = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
         loader = new_loader()
@@ -1017,41 +1015,55 @@ def main(argv: list[str] | None = None) -> dict:
 
     loader = new_loader()
     synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
-    training_time_ms, val_losses, step = 0.0, {}, 0
+    training_time_ms, val_losses = 0.0, {}
     synchronize()
     t0 = time.perf_counter()
-    try:
-        for step in range(args.num_iterations + 1):
-            last_step = step == args.num_iterations
-            window.fill_(window_blocks(step, args))
-            if last_step or step % (args.val_every or args.num_iterations) == 0:
-                synchronize()
-                training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
-                val_loss = evaluate(step_model, val_tokens, window, args, rt)
-                val_losses[step] = val_loss
-                log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
-                    f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
-                if not math.isfinite(val_loss):
-                    raise FloatingPointError(f"validation loss is {val_loss} at step {step}")
-                synchronize()
-                t0 = time.perf_counter()
-            if last_step:
-                break
-            train_loss = train_step(step_model, optimizers, loader.next_step(), step, window, args)
-            elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-            log(f"step:{step + 1}/{args.num_iterations} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{elapsed_ms / (step + 1):.2f}ms train_loss:{train_loss:.4f}")
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss is {train_loss} at step {step + 1}")
-    except FloatingPointError as e:
-        log(f"stopped: {e}. HINT: lower the learning rates, or check the data with `python data/shards.py inspect`.")
-        raise
-    except KeyboardInterrupt:
-        log(f"stopped: interrupted at step {step}")
-        raise
+    for step in range(args.num_iterations + 1):
+        last_step = step == args.num_iterations
+        window.fill_(window_blocks(step, args))
+        if last_step or step % (args.val_every or args.num_iterations) == 0:
+            synchronize()
+            training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
+            val_losses[step] = val_loss = evaluate(step_model, val_tokens, window, args, rt)
+            log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
+                f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
+            if not math.isfinite(val_loss):
+                raise FloatingPointError(f"validation loss is {val_loss} at step {step}. {NAN_HINT}")
+            synchronize()
+            t0 = time.perf_counter()
+        if last_step:
+            break
+        train_loss = train_step(step_model, optimizers, loader.next_step(), step, window, args)
+        elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
+        log(f"step:{step + 1}/{args.num_iterations} train_time:{elapsed_ms:.0f}ms "
+            f"step_avg:{elapsed_ms / (step + 1):.2f}ms train_loss:{train_loss:.4f}")
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss is {train_loss} at step {step + 1}. {NAN_HINT}")
     log(peak_memory_line(rt.device))
     return dict(val_loss=val_losses[args.num_iterations], val_losses=val_losses, train_time_ms=training_time_ms,
                 steps=args.num_iterations, log_path=str(log.path) if log.path else None)
+
+
+NAN_HINT = "HINT: lower the learning rates, or check the data with `python data/shards.py inspect`"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Trains with the given settings (command-line style); returns the final metrics. Whatever stops a run early
+    (bad data, a NaN loss, Ctrl-C) is written as the last line of its log."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rt = setup_runtime(args)
+    log_dir = Path(args.log_dir) if args.log_dir else Path(__file__).resolve().parent / "records" / "logs"
+    log = RunLog(log_dir / f"{args.run_id or uuid.uuid4()}.txt" if rt.is_master else None)
+    try:
+        return train(args, rt, log)
+    except (ValueError, FloatingPointError) as e:
+        log(f"stopped: {e}", console=False)
+        raise
+    except KeyboardInterrupt:
+        log("stopped: interrupted")
+        raise
+    finally:
+        log.close()
 
 
 if __name__ == "__main__":

@@ -668,6 +668,13 @@ def test_nan_loss_stops_the_run_at_once_and_keeps_the_log(shard_dir, tmp_path, m
     assert STEP_LINE.match(lines[-3]) and not any(s.startswith("step:4/") for s in lines)
 
 
+def test_bad_data_stops_the_run_with_the_reason_in_its_log(shard_dir, tmp_path):
+    with pytest.raises(tg.ShardError, match="no shards match"):
+        tg.main(tiny_run_argv(shard_dir, tmp_path, run_id="nodata", train_files=str(tmp_path / "none_*.bin")))
+    lines = (tmp_path / "nodata.txt").read_text().splitlines()
+    assert lines[-2].startswith("hyperparameters: ") and lines[-1].startswith("stopped: no shards match")
+
+
 def test_the_same_log_is_never_overwritten(shard_dir, tmp_path):
     (tmp_path / "taken.txt").write_text("an earlier run\n")
     with pytest.raises(FileExistsError):
