@@ -434,6 +434,26 @@ def test_model_with_flex_attention_equals_model_with_dense_attention():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_flex", [False, True])
+def test_model_and_orthogonalizer_trace_as_one_graph(use_flex):
+    """torch.compile(fullgraph=True) on the GPU needs a model with no graph breaks: trace it here with the aot_eager
+    backend (no code generation), FP8 head and block-mask construction included, and compare with eager."""
+    args = tiny_args(use_flex_attention=use_flex, use_fp8=True)
+    model = randomized_model(args).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    seq = document_sequence(128, [0, 40, 41, 100])
+    with torch.set_grad_enabled(not use_flex):  # FlexAttention has no backward on a CPU
+        loss = compiled(seq, seq.roll(-1), torch.tensor(3))
+        torch.testing.assert_close(loss, model(seq, seq.roll(-1), torch.tensor(3)))
+        if not use_flex:
+            loss.backward()
+            assert model.lm_head_w.grad is not None
+    ortho = torch.compile(lambda G: tg.orthogonalize(G, "polar_express", 5, torch.bfloat16), backend="aot_eager",
+                          fullgraph=True)
+    G = torch.randn(3, 32, 64)
+    torch.testing.assert_close(ortho(G), tg.orthogonalize(G, "polar_express", 5, torch.bfloat16))
+
+
 def test_rotary_is_relative_and_half_of_the_pairs_stay_put():
     rotary = tg.Rotary(32, 1024.0)
     cos, sin = rotary(40)
