@@ -43,17 +43,19 @@ def flops_per_token(model: tg.GPT, args: tg.Hyperparameters, attended_keys: floa
     return 6 * dense + 3 * 4 * args.num_heads * args.head_dim * attention_layers * attended_keys
 
 
-def mean_attended_keys(model: tg.GPT, batches, window: torch.Tensor, args: tg.Hyperparameters) -> float:
-    """Keys each query may attend to, averaged over layers (long or short window) and tokens of these batches."""
+def mean_attended_keys(batches, window: torch.Tensor, args: tg.Hyperparameters) -> float:
+    """Keys each query may attend to, averaged over attention layers and tokens, counted in whole mask blocks (what
+    FlexAttention computes: exact for full blocks, an upper bound for partial ones). One mask per window kind."""
+    kinds = args.attn_pattern.replace("-", "")
+    windows = {"L": window.cpu(), "S": (window.cpu() // 2).clamp_min(1)}
     total = 0.0
     for inputs, _ in batches:
         docs = tg.document_ids(inputs.cpu())
-        for c in args.attn_pattern.replace("-", ""):
-            w = window.cpu() if c == "L" else (window.cpu() // 2).clamp_min(1)
-            mask = tg.flex_block_mask(docs, w, args.block_size)  # counted per block: exact for full blocks,
-            blocks = (mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()).item()  # an upper bound otherwise
-            total += blocks * args.block_size * args.block_size / len(inputs)
-    return total / (len(batches) * len(args.attn_pattern.replace("-", "")))
+        for kind, w in windows.items():
+            mask = tg.flex_block_mask(docs, w, args.block_size)
+            blocks = (mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()).item()
+            total += kinds.count(kind) * blocks * args.block_size**2 / len(inputs)
+    return total / (len(batches) * len(kinds))
 
 
 def main(argv: list[str]) -> dict:
@@ -87,7 +89,7 @@ def main(argv: list[str]) -> dict:
         for step in range(steps):
             batches = loader.next_step()
             if step == options["warmup"]:
-                attended.append(mean_attended_keys(model, batches, window, args))
+                attended.append(mean_attended_keys(batches, window, args))
             synchronize()
             t0 = time.perf_counter()
             tg.train_step(step_model, optimizers, batches, step, window, args)

@@ -25,11 +25,13 @@ def test_model_flops_count_the_dense_weights_and_the_attended_keys():
 
 def test_attended_keys_follow_the_window():
     args = tg.parse_args(["--preset=smoke", "--attn_pattern=LLLL"])
-    model = tg.GPT(args)
     inputs = torch.full((256,), 7)
     inputs[0] = tg.BOS_ID  # one document: query t sees min(t + 1, window) keys, counted in whole 64-token blocks
-    keys = [benchmark.mean_attended_keys(model, [(inputs, None)], torch.tensor(w), args) for w in (1, 2, 4)]
+    keys = [benchmark.mean_attended_keys([(inputs, None)], torch.tensor(w), args) for w in (1, 2, 4)]
     assert keys == [64, 64 * (1 + 2 + 2 + 2) / 4, 64 * (1 + 2 + 3 + 4) / 4]
+    mixed = tg.parse_args(["--preset=smoke", "--attn_pattern=LS-S"])  # one long layer, two short (half window)
+    expected = (64 * (1 + 2 + 3 + 4) / 4 + 2 * 64 * (1 + 2 + 2 + 2) / 4) / 3
+    assert benchmark.mean_attended_keys([(inputs, None)], torch.tensor(4), mixed) == expected
 
 
 def test_benchmark_prints_one_json_line_on_a_cpu():
