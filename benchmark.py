@@ -20,8 +20,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: reading a scalar (.item(), bool(t), ...), ops
+    whose output size depends on the data (nonzero, boolean indexing, unique) and copies from the device to the host.
+    Code compiled with fullgraph=True cannot contain any of them, so this watches the eager parts of a step: the
+    optimizers, the data loader, the bookkeeping between them. On a CPU, device-to-host copies cannot be told apart."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+               "unique_dim", "is_nonzero", "equal", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING and not (name == "repeat_interleave" and "output_size" in kwargs):
+            self.events.append(name)
+        elif name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device") or src.device
+            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and torch.device(dst).type == "cpu":
+                self.events.append(f"{name} to host")
+        return func(*args, **kwargs)
 
 
 def synthetic_shards(folder: Path, num_tokens: int, seed: int = 0) -> str:
@@ -76,7 +103,7 @@ def main(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         steps = options["steps"] + options["warmup"]
         files = args.train_files if options["real"] else synthetic_shards(
-            Path(tmp), (steps + 4) * args.windows_per_step * args.train_seq_len * 2)
+            Path(tmp), (steps + 5) * args.windows_per_step * args.train_seq_len * 2)
         loader = tg.TrainLoader(tg.find_shards(files), args.train_seq_len, args.windows_per_step, rt.rank,
                                 rt.world_size, rt.device)
         torch.manual_seed(args.seed)
@@ -85,7 +112,7 @@ def main(argv: list[str]) -> dict:
         step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
         window = torch.full((), tg.window_blocks(args.num_iterations, args), device=rt.device)  # the widest window
         synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
-        times, attended = [], []
+        times, attended, syncs = [], [], HostSyncCounter()
         for step in range(steps):
             batches = loader.next_step()
             if step == options["warmup"]:
@@ -96,6 +123,8 @@ def main(argv: list[str]) -> dict:
             synchronize()
             if step >= options["warmup"]:
                 times.append(time.perf_counter() - t0)
+        with syncs:  # one more step, untimed (the counting itself is slow): its data, its update
+            tg.train_step(step_model, optimizers, loader.next_step(), steps, window, args)
     ms = 1000 * statistics.median(times)
     tokens_per_step = args.windows_per_step * args.train_seq_len
     flops = flops_per_token(model, args, attended[0])
@@ -107,7 +136,8 @@ def main(argv: list[str]) -> dict:
         ms_per_step=round(ms, 3), ms_per_step_min=round(1000 * min(times), 3),
         tokens_per_s=round(tokens_per_step / ms * 1000), tokens_per_s_per_device=round(tokens_per_step / ms * 1000 /
                                                                                         rt.world_size),
-        model_flops_per_token=round(flops), attended_keys_per_token=round(attended[0], 1),
+        host_syncs_per_step=len(syncs.events), model_flops_per_token=round(flops),
+        attended_keys_per_token=round(attended[0], 1),
         mfu=round(flops * tokens_per_step / (ms / 1000) / rt.world_size / (peak * 1e12), 4) if peak else None,
         peak_tflops=peak, peak_memory_allocated_mib=int(memory[3]), peak_memory_reserved_mib=int(memory[6]),
         settings={k: v for k, v in vars(args).items() if k in ("use_fp8", "use_compile", "use_flex_attention",

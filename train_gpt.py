@@ -112,6 +112,7 @@ class Hyperparameters:
     dtype: str = setting("bfloat16", "activation and orthogonalization precision: bfloat16 or float32")
     use_compile: bool = setting(True, "torch.compile the model and the orthogonalizer")
     use_flex_attention: bool = setting(True, "FlexAttention with a block-sparse mask; off: dense masked softmax")
+    eval_chunk_tokens: int = setting(8192, "evaluation computes head, soft-cap and loss this many tokens at a time")
     log_dir: str = setting("", "folder of run logs; empty: records/logs beside this file")
     run_id: str = setting("", "log name; empty: a fresh uuid4")
 
@@ -125,7 +126,8 @@ class Hyperparameters:
             if f.type is int:
                 require(value >= 0, f"{f.name}={value} must not be negative")
         for name in ("train_seq_len", "val_seq_len", "windows_per_step", "num_layers", "model_dim", "num_heads",
-                     "head_dim", "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps"):
+                     "head_dim", "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
+                     "eval_chunk_tokens"):
             require(getattr(self, name) > 0, f"{name} must be positive")
         require(self.num_heads * self.head_dim == self.model_dim,
                 f"num_heads*head_dim = {self.num_heads}*{self.head_dim} must equal model_dim={self.model_dim}")
@@ -135,6 +137,10 @@ class Hyperparameters:
             n = getattr(self, name)
             require(n % self.block_size == 0, f"{name}={n} must be a multiple of block_size={self.block_size} "
                     f"(the attention mask works in blocks); try {max(1, round(n / self.block_size)) * self.block_size}")
+        if self.use_fp8:  # torch._scaled_mm takes only matrices whose sides are multiples of 16
+            for name in ("train_seq_len", "model_dim", "vocab_size"):
+                require(getattr(self, name) % 16 == 0, f"{name}={getattr(self, name)} must be a multiple of 16 for "
+                        "the FP8 head (torch._scaled_mm's rule); change it or set --use_fp8=false")
         windows = self.val_tokens // self.val_seq_len
         require(self.val_tokens % self.val_seq_len == 0 and windows % self.windows_per_step == 0 and windows > 0,
                 f"val_tokens={self.val_tokens} must be a positive multiple of val_seq_len*windows_per_step = "
@@ -370,14 +376,15 @@ def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: floa
     # _scaled_mm wants its first operand row-major and its second column-major
     grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=scale(grad_s),
                               scale_b=scale(w_s), use_fast_accum=False)
-    grad_w = torch._scaled_mm(g_f8.T.contiguous(), x_f8.T.contiguous().T, out_dtype=torch.float32,
-                              scale_a=scale(grad_s), scale_b=scale(x_s), use_fast_accum=False)
+    # grad_w as (x^T g)^T: the orientation record #19 found faster for a (50304, 768) weight
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=scale(x_s), scale_b=scale(grad_s), use_fast_accum=False).T
     return grad_x, grad_w
 
 
 @fp8_mm_backward.register_fake
 def _(g, x_f8, w_f8, x_s, w_s, grad_s):
-    return torch.empty_like(x_f8, dtype=torch.bfloat16), torch.empty_like(w_f8, dtype=torch.float32)
+    return torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=torch.float32).T
 
 
 def _fp8_mm_setup_context(ctx, inputs, output):
@@ -539,9 +546,9 @@ class DistAdam(torch.optim.Optimizer):
             grad = grad * self.grad_scale
             state["exp_avg"].lerp_(grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias_correction1, bias_correction2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-            denom = (state["exp_avg_sq"].sqrt() / bias_correction2**0.5).add_(group["eps"])
-            p_shard.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction1)
+            # both bias corrections folded into the step size, eps added to the raw sqrt(v) (as record #28 does)
+            step_size = group["lr"] * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
+            p_shard.addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(group["eps"]), value=-step_size)
             if W > 1:
                 gathers.append(dist.all_gather_into_tensor(p.data, p_shard.clone(), async_op=True))
         for handle in gathers:  # phase 3
@@ -696,11 +703,20 @@ class GPT(nn.Module):
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """Loss of one packed sequence: summed over tokens in training, mean in evaluation."""
-        logits = self.logits(input_seq, window_blocks)
-        return F.cross_entropy(logits, target_seq, reduction="sum" if self.training else "mean")
+        x = self.hidden(input_seq, window_blocks)
+        if self.training:
+            return F.cross_entropy(self.head(x), target_seq, reduction="sum")
+        # Evaluation: head, soft-cap and cross-entropy chunk by chunk, so that memory does not depend on the compiler
+        # fusing them (262,144 tokens of fp32 logits alone are 49 GiB).
+        chunks = zip(x.split(self.args.eval_chunk_tokens), target_seq.split(self.args.eval_chunk_tokens))
+        return sum(F.cross_entropy(self.head(x_c), t_c, reduction="sum") for x_c, t_c in chunks) / len(target_seq)
 
     def logits(self, input_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """Soft-capped fp32 logits (T, vocab) of a packed sequence of documents, each starting with BOS."""
+        return self.head(self.hidden(input_seq, window_blocks))
+
+    def hidden(self, input_seq: Tensor, window_blocks: Tensor) -> Tensor:
+        """The final normed residual stream (T, model_dim)."""
         args, L = self.args, self.args.num_layers
         docs = document_ids(input_seq)
         masks = {"L": self.make_mask(docs, window_blocks, args.block_size),  # short windows are half the long ones
@@ -718,7 +734,11 @@ class GPT(nn.Module):
                       cos, sin)
             if i < num_skips:
                 skips.append(x)
-        x = norm(x).flatten(end_dim=1)
+        return norm(x).flatten(end_dim=1)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Soft-capped fp32 logits of final hidden states: FP8 in training when use_fp8, else plain."""
+        args = self.args
         if self.training and args.use_fp8:
             logits = fp8_mm(x, self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale)[0]
         else:
@@ -809,7 +829,10 @@ def find_shards(pattern: str) -> list[Path]:
 
 def to_device(window: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
     """A window of L+1 tokens -> (inputs int32, targets int64), each of L tokens."""
-    buf = torch.from_numpy(window.astype(np.int32)).to(device, non_blocking=True)
+    buf = torch.from_numpy(window.astype(np.int32))
+    if device.type == "cuda":  # a copy from pageable memory would wait for the GPU's queue to drain
+        buf = buf.pin_memory()
+    buf = buf.to(device, non_blocking=True)
     return buf[:-1], buf[1:].to(torch.int64)
 
 
@@ -850,7 +873,8 @@ class TrainLoader:
                 return None
             starts.append(int(self.bos[i]))
             pos = starts[-1] + self.seq_len
-        self.pos = pos
+        i = np.searchsorted(self.bos, pos)  # as record #28: continue from the first BOS after the last window
+        self.pos = int(self.bos[i]) if i < len(self.bos) else len(self.tokens)
         return starts
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
@@ -934,8 +958,9 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     return [adam, muon]
 
 
-def train_step(model, optimizers, batches, step: int, window: Tensor, args: Hyperparameters) -> float:
-    """One optimizer step over this rank's micro-batches; returns the mean training loss per token (all ranks)."""
+def train_step(model, optimizers, batches, step: int, window: Tensor, args: Hyperparameters) -> Tensor:
+    """One optimizer step over this rank's micro-batches; returns the mean training loss per token (all ranks) as a
+    device scalar: reading it here would make the host wait for the GPU every step."""
     loss_sum = torch.zeros((), device=window.device)
     for inputs, targets in batches:
         loss = model(inputs, targets, window)
@@ -948,7 +973,7 @@ def train_step(model, optimizers, batches, step: int, window: Tensor, args: Hype
                 group["momentum"] = muon_momentum(step, args)
         opt.step()
     model.zero_grad(set_to_none=True)
-    return all_reduce_sum(loss_sum).item() / (args.windows_per_step * args.train_seq_len)
+    return all_reduce_sum(loss_sum) / (args.windows_per_step * args.train_seq_len)
 
 
 @torch.no_grad()
@@ -959,6 +984,23 @@ def evaluate(model, val_tokens: np.ndarray, window: Tensor, args: Hyperparameter
         loss_sum += model(inputs, targets, window)
     model.train()
     return all_reduce_sum(loss_sum).item() / (args.val_tokens // args.val_seq_len)
+
+
+class DeferredScalar:
+    """A device scalar read on the host later without a full synchronization: on a GPU it is copied to pinned memory
+    behind an event, so reading it waits only for the work queued before it, not for the step queued after it."""
+
+    def __init__(self, value: Tensor):
+        self.value, self.event = value, None
+        if value.device.type == "cuda":
+            self.value = torch.empty((), dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def get(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.value.item()
 
 
 def peak_memory_line(device: torch.device) -> str:
@@ -1015,7 +1057,18 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
 
     loader = new_loader()
     synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
-    training_time_ms, val_losses = 0.0, {}
+    training_time_ms, val_losses, pending = 0.0, {}, None
+
+    def log_pending_step():
+        """Writes the previous step's line once its loss is on the host: one step late, so no step waits for it."""
+        nonlocal pending
+        if pending is not None:
+            (text, step, loss), pending = pending, None
+            train_loss = loss.get()
+            log(f"{text} train_loss:{train_loss:.4f}")
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss is {train_loss} at step {step}. {NAN_HINT}")
+
     synchronize()
     t0 = time.perf_counter()
     for step in range(args.num_iterations + 1):
@@ -1024,6 +1077,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
         if last_step or step % (args.val_every or args.num_iterations) == 0:
             synchronize()
             training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
+            log_pending_step()
             val_losses[step] = val_loss = evaluate(step_model, val_tokens, window, args, rt)
             log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                 f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
@@ -1035,10 +1089,9 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
             break
         train_loss = train_step(step_model, optimizers, loader.next_step(), step, window, args)
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-        log(f"step:{step + 1}/{args.num_iterations} train_time:{elapsed_ms:.0f}ms "
-            f"step_avg:{elapsed_ms / (step + 1):.2f}ms train_loss:{train_loss:.4f}")
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at step {step + 1}. {NAN_HINT}")
+        log_pending_step()  # the previous step's loss: this step is already queued behind it
+        pending = (f"step:{step + 1}/{args.num_iterations} train_time:{elapsed_ms:.0f}ms "
+                   f"step_avg:{elapsed_ms / (step + 1):.2f}ms", step + 1, DeferredScalar(train_loss))
     log(peak_memory_line(rt.device))
     return dict(val_loss=val_losses[args.num_iterations], val_losses=val_losses, train_time_ms=training_time_ms,
                 steps=args.num_iterations, log_path=str(log.path) if log.path else None)

@@ -127,6 +127,10 @@ def test_parse_overrides_presets_and_types():
     (["--dtype=float16"], "choose bfloat16 or float32"),
     (["--cooldown_frac=1.5"], "must lie in [0, 1]"),
     (["--warmup_steps=-1"], "must not be negative"),
+    (["--preset=smoke", "--use_fp8=true", "--model_dim=120", "--head_dim=60"], "model_dim=120 must be a multiple "
+     "of 16 for the FP8 head"),
+    (["--preset=smoke", "--use_fp8=true", "--train_seq_len=200", "--block_size=8"], "train_seq_len=200 must be a "
+     "multiple of 16"),
 ])
 def test_bad_settings_say_what_to_do(argv, message):
     with pytest.raises(ValueError) as e:
@@ -204,6 +208,18 @@ def test_fp8_op_registration_passes_torch_opcheck_and_traces_in_one_graph():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+def test_fp8_weight_gradient_is_computed_as_x_transposed_times_g():
+    """grad_w = (x_f8^T g_f8)^T, the orientation of record #19 (faster for a wide vocabulary): the op returns the
+    transposed view of a (model_dim, vocab) product, and its values are the dequantized product."""
+    x, w, x_s, w_s, grad_s = fp8_inputs(seed=4)
+    _, x_f8, w_f8 = tg.fp8_mm(x, w, x_s, w_s, grad_s)
+    g = torch.randn(256, 512, generator=torch.Generator().manual_seed(5)).bfloat16() * 0.01
+    _, grad_w = torch.ops.nanogpt.fp8_mm_backward(g, x_f8, w_f8, x_s, w_s, grad_s)
+    assert grad_w.shape == w.shape and grad_w.stride() == (1, w.size(0))
+    g_q = (g / grad_s).to(torch.float8_e5m2).float() * grad_s
+    torch.testing.assert_close(grad_w, g_q.T @ (x_f8.float() * x_s), rtol=1e-5, atol=1e-6)
+
+
 def test_model_trains_through_the_fp8_head():
     args = tiny_args(use_fp8=True)
     model = randomized_model(args).train()
@@ -257,22 +273,33 @@ def test_normuon_equalizes_neurons_and_keeps_the_norm(shape):
     assert torch.allclose(moment, 0.9 * previous + 0.1 * V.square().mean(dim=-1 if tall else -2, keepdim=True))
 
 
-def test_our_adam_equals_torch_adam():
+def test_our_adam_is_the_records_adam():
+    """Record #28's Adam: both bias corrections folded into the step size and eps added to the raw sqrt(v), which
+    differs from torch.optim.Adam's placement (eps after dividing by sqrt(1 - beta2^t)) for tiny gradients."""
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(8, 5, generator=gen), torch.randn(16, generator=gen), torch.randn(4, 3, generator=gen)]
-    ref = [p.clone() for p in ours]
-    groups = lambda ps: [dict(params=ps[:2], lr=0.01), dict(params=ps[2:], lr=0.3)]
-    betas, eps = (0.8, 0.95), 1e-10
-    opt = tg.DistAdam(groups(ours), lr=0.01, betas=betas, eps=eps, grad_scale=1.0)
-    ref_opt = torch.optim.Adam(groups(ref), lr=0.01, betas=betas, eps=eps, foreach=False)
-    for _ in range(5):
-        for a, b in zip(ours, ref):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
+    start = [p.clone() for p in ours]
+    lrs, (beta1, beta2), eps = [0.01, 0.01, 0.3], (0.8, 0.95), 1e-10
+    opt = tg.DistAdam([dict(params=ours[:2], lr=0.01), dict(params=ours[2:], lr=0.3)], lr=0.01, betas=(beta1, beta2),
+                      eps=eps, grad_scale=0.5)
+    grads = [[torch.randn(p.shape, generator=gen) * 1e-9 for p in ours] for _ in range(5)]  # tiny: eps matters
+    for step_grads in grads:
+        for p, g in zip(ours, step_grads):
+            p.grad = g.clone()
         opt.step()
-        ref_opt.step()
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for i, p in enumerate(ours):  # by hand, in float64
+        x, m, v = start[i].double(), 0.0, 0.0
+        for t, step_grads in enumerate(grads, start=1):
+            g = step_grads[i].double() * 0.5
+            m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+            x = x - lrs[i] * (1 - beta2**t) ** 0.5 / (1 - beta1**t) * m / (v.sqrt() + eps)
+        torch.testing.assert_close(p.double(), x, rtol=1e-5, atol=1e-7)
+    torch_style = start[0].clone()  # torch's placement moves these weights measurably differently
+    ref = torch.optim.Adam([torch_style], lr=0.01, betas=(beta1, beta2), eps=eps)
+    for step_grads in grads:
+        torch_style.grad = step_grads[0] * 0.5
+        ref.step()
+    assert (torch_style - ours[0]).abs().max() > 1e-4
 
 
 def test_muon_step_is_nesterov_momentum_then_orthogonalization():
@@ -596,6 +623,31 @@ def test_every_world_size_trains_on_the_same_windows(tmp_path):
         assert len(set(offsets)) == 4  # ranks read disjoint windows
 
 
+def test_loader_continues_from_the_first_bos_after_the_last_window(tmp_path):
+    """As record #28: after a step, the position is the first BOS at or after (last start + seq_len), and the
+    shard changes when that position is within 2 * windows * seq_len of the end."""
+    files = positional_shards(tmp_path)
+    loader = make_loader(files)
+    stream = tg.load_shard(files[0]).numpy()
+    bos = np.flatnonzero(stream == BOS)
+    for _ in range(20):
+        last_start = window_offset(loader.next_step()[-1][0])
+        assert loader.pos == bos[np.searchsorted(bos, last_start + 64)]
+    # Documents of 100 tokens, 2 windows of 64 per step: a step takes 2 documents. The first-BOS rule puts step k at
+    # position 200k; the window-end rule would put it at 200k - 36. A shard of 2040 tokens switches once the position
+    # reaches 2040 - (2*2*64 + 1) = 1783: after 9 planned steps (1600 < 1783 <= 1800), where the window-end rule would
+    # plan a 10th step at 1764. Counting the call that switches: 10 calls while the first shard is current.
+    doc = np.concatenate([[BOS], np.arange(1, 100)])
+    for i in (1, 2):
+        tg.write_shard(tmp_path / f"d_{i:06d}.bin", np.tile(doc, 21)[:2040])
+    loader = make_loader([tmp_path / "d_000001.bin", tmp_path / "d_000002.bin"], seq_len=64, windows=2)
+    calls_on_first = 0
+    while loader.next_index == 1:
+        loader.next_step()
+        calls_on_first += 1
+    assert calls_on_first == 10
+
+
 def test_loader_moves_to_the_next_shard_and_reports_running_out(tmp_path):
     tg.write_shard(tmp_path / "t_000001.bin", learnable_documents(2000, seed=4))
     tg.write_shard(tmp_path / "t_000002.bin", learnable_documents(2000, seed=5))
@@ -654,6 +706,29 @@ def test_tiny_run_writes_a_valid_log_and_returns_its_metrics(shard_dir, tmp_path
     assert float(val[-1][3]) == pytest.approx(result["val_loss"], abs=5e-5)
     assert re.fullmatch(r"peak memory allocated: \d+ MiB reserved: \d+ MiB", lines[-1])
     assert len(lines) == 1 + 3 + 6 + 1  # settings, val lines, step lines, peak memory: nothing unexpected
+
+
+def test_training_steps_never_wait_for_the_device(shard_dir, tmp_path):
+    """No .item(), data-dependent shape or device-to-host copy in a step that does not validate: the host can queue
+    the next step while the device works. The loss is logged one step late."""
+    import benchmark
+
+    args = tiny_args(use_normuon=True)
+    model = tg.GPT(args)
+    rt = tg.Runtime(0, 1, torch.device("cpu"))
+    optimizers = tg.build_optimizers(model, args, rt)
+    loader = tg.TrainLoader(tg.find_shards(str(shard_dir / "tiny_train_*.bin")), args.train_seq_len,
+                            args.windows_per_step, 0, 1, rt.device)
+    window = torch.ones((), dtype=torch.int64)
+    counter = benchmark.HostSyncCounter()
+    with counter:
+        for step in range(3):
+            loss = tg.train_step(model, optimizers, loader.next_step(), step, window.fill_(2), args)
+    assert counter.events == [] and loss.ndim == 0
+    with counter:  # the counter sees a sync when there is one
+        loss.item()
+        torch.arange(5).nonzero()
+    assert counter.events == ["_local_scalar_dense", "nonzero"]
 
 
 def test_same_seed_same_data_gives_the_same_losses(shard_dir, tmp_path):
@@ -764,6 +839,17 @@ def test_gpu_compiled_model_equals_the_eager_cpu_model():
     ref = cpu(seq, seq.roll(-1), torch.tensor(3))
     out = torch.compile(gpu, dynamic=False, fullgraph=True)(seq.cuda(), seq.roll(-1).cuda(), torch.tensor(3).cuda())
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_evaluation_in_chunks_gives_the_mean_over_the_whole_sequence():
+    seq = document_sequence(96, [0, 30, 31, 70])
+    losses = []
+    for chunk in (96, 32, 7, 1):  # 7: chunks of unequal length
+        model = randomized_model(tiny_args(eval_chunk_tokens=chunk), seed=2)
+        losses.append(model(seq, seq.roll(-1), torch.tensor(2)))
+    full = F.cross_entropy(model.logits(seq, torch.tensor(2)), seq.roll(-1))
+    for loss in losses:
+        torch.testing.assert_close(loss, full, rtol=1e-6, atol=0)
 
 
 def test_loss_is_a_sum_in_training_and_a_mean_in_evaluation():
