@@ -180,8 +180,8 @@ class Hyperparameters:
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"
 PRESETS = {
-    "speedrun": {},  # the 2025-08-23 record: 1695 steps of 393,216 tokens on 8xH100
-    "smoke": dict(  # a 4-layer model on the shipped sample text, fp32 on a CPU in seconds
+    "record_2025_08_23": {},  # record #28 (2025-08-23 SparseAttnGate): 1695 steps of 393,216 tokens on 8xH100
+    "smoke_2025_08_23": dict(  # a 4-layer model of that recipe on the shipped sample text, fp32 on a CPU
         train_files=str(SAMPLE_DATA / "sample_train_*.bin"), val_files=str(SAMPLE_DATA / "sample_val_*.bin"),
         val_tokens=8192, train_seq_len=256, val_seq_len=1024, windows_per_step=4,
         num_layers=4, model_dim=128, num_heads=2, head_dim=64, mlp_hidden=512, attn_pattern="LS-L",
@@ -190,6 +190,7 @@ PRESETS = {
         dtype="float32", use_fp8=False, use_compile=False, use_flex_attention=False,
     ),
 }
+PRESETS["speedrun"], PRESETS["smoke"] = PRESETS["record_2025_08_23"], PRESETS["smoke_2025_08_23"]
 
 
 def parse_value(f: dataclasses.Field, text: str):
