@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 benchmark.py --steps=50
     python benchmark.py --real --steps=50 --train_files=... # real shards instead of synthetic ones
     python benchmark.py --preset=smoke --steps=3            # the CPU smoke check
+    python benchmark.py --step=0                          # time the schedule's first step (default: its last)
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
 runs --warmup untimed steps (compilation), then --steps timed steps, and reports tokens/s, ms/step, model FLOPs per
@@ -11,6 +12,7 @@ token, MFU against --peak_tflops (default: 989, the H100 SXM dense bf16 figure, 
 memory. Figures that count come from a GPU; the CPU run only shows that the benchmark works.
 """
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -61,32 +63,40 @@ def synthetic_shards(folder: Path, num_tokens: int, seed: int = 0) -> str:
     return str(folder / "synthetic_train_*.bin")
 
 
+MATMUL_WEIGHTS = ("qkvo_w", "c_fc", "c_proj", "attn_gate", "ve_gate", "lm_head_w", "smear_gate")
+
+
 def flops_per_token(model: tg.GPT, args: tg.Hyperparameters, attended_keys: float) -> float:
-    """6 x the dense weights each token touches (attention projections, gates, MLP, LM head; embeddings are lookups)
-    plus the attention score and value products actually computed: 4 * head_dim * heads per attended key, x3 for
-    forward and backward."""
-    dense = sum(p.numel() for p in model.blocks.parameters()) + model.lm_head_w.numel()
+    """6 x the dense weights each token touches (attention projections, gates, MLP, LM head, the gate and MUDD MLPs;
+    embeddings are lookups) plus the attention score and value products actually computed: 4 * head_dim * heads
+    per attended key and attention layer, x3 for forward and backward."""
+    dense = sum(p.numel() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in MATMUL_WEIGHTS)
+    for mlp in (getattr(model, "gate", None), getattr(model, "mudd", None)):
+        if mlp is not None and not mlp.static:  # the second matrix's rows that are used
+            dense += mlp.w1.numel() + sum(mlp.sizes) * mlp.w1.size(1)
     attention_layers = sum(c != "-" for c in args.attn_pattern)
     return 6 * dense + 3 * 4 * args.num_heads * args.head_dim * attention_layers * attended_keys
 
 
-def mean_attended_keys(batches, window: torch.Tensor, args: tg.Hyperparameters) -> float:
+def mean_attended_keys(batches, model: tg.GPT, args: tg.Hyperparameters) -> float:
     """Keys each query may attend to, averaged over attention layers and tokens, counted in whole mask blocks (what
-    FlexAttention computes: exact for full blocks, an upper bound for partial ones). One mask per window kind."""
-    kinds = args.attn_pattern.replace("-", "")
-    windows = {"L": window.cpu(), "S": (window.cpu() // 2).clamp_min(1)}
+    FlexAttention computes: exact for full blocks, an upper bound for partial ones), with the model's windows.
+    Paired-head layers attend over 2 slots per token with half the heads: the same count per token, in slots."""
+    layers = [(b.attn.kind, b.attn.paired) for b in model.blocks if b.attn is not None]
+    windows = {"S": model.windows[0].cpu(), "L": model.windows[1].cpu()}
     total = 0.0
     for inputs, _ in batches:
         docs = tg.document_ids(inputs.cpu())
-        for kind, w in windows.items():
-            mask = tg.flex_block_mask(docs, w, args.block_size)
+        for kind, paired in set(layers):
+            seq_docs = docs[:, None].expand(-1, 2).reshape(-1) if paired else docs
+            mask = tg.flex_block_mask(seq_docs, windows[kind], args.block_size, args.token_windows)
             blocks = (mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()).item()
-            total += kinds.count(kind) * blocks * args.block_size**2 / len(inputs)
-    return total / (len(batches) * len(kinds))
+            total += layers.count((kind, paired)) * blocks * args.block_size**2 / len(seq_docs)
+    return total / (len(batches) * len(layers))
 
 
 def main(argv: list[str]) -> dict:
-    options = dict(steps=20, warmup=5, real=False, peak_tflops=None)
+    options = dict(steps=20, warmup=5, real=False, peak_tflops=None, step=None)
     settings = []
     for arg in argv:
         name = arg.removeprefix("--").partition("=")[0]
@@ -100,39 +110,47 @@ def main(argv: list[str]) -> dict:
     args, notes = tg.adapt_to_device(args, rt.device)
     for note in notes if rt.is_master else []:
         print(f"note: {note}", file=sys.stderr)
+    total = args.num_iterations + args.extension_iterations
+    first = total - 1 if options["step"] is None else options["step"]  # default: the last stage's largest batch
+    plans = [tg.plan_step(min(first + i, total - 1), args) for i in range(options["steps"] + options["warmup"] + 1)]
+    plans = [dataclasses.replace(p, adam_step=(first + i) % args.adam_every == args.adam_every - 1, untie=False)
+             for i, p in enumerate(plans)]
     with tempfile.TemporaryDirectory() as tmp:
         steps = options["steps"] + options["warmup"]
         files = args.train_files if options["real"] else synthetic_shards(
-            Path(tmp), (steps + 5) * args.windows_per_step * args.train_seq_len * 2)
-        loader = tg.TrainLoader(tg.find_shards(files), args.train_seq_len, args.windows_per_step, rt.rank,
+            Path(tmp), (steps + 5) * args.windows_per_step * plans[0].seq_len * 2)
+        loader = tg.TrainLoader(tg.find_shards(files), plans[0].seq_len, args.windows_per_step, rt.rank,
                                 rt.world_size, rt.device)
         torch.manual_seed(args.seed)
         model = tg.GPT(args).to(rt.device)
         optimizers = tg.build_optimizers(model, args, rt)
         step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
-        window = torch.full((), tg.window_blocks(args.num_iterations, args), device=rt.device)  # the widest window
         synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
         times, attended, syncs = [], [], HostSyncCounter()
-        for step in range(steps):
-            batches = loader.next_step()
+        for step, plan in enumerate(plans[:-1]):
+            batches = loader.next_step(plan.seq_len, plan.max_doc_len)
+            model.set_step(plan)
             if step == options["warmup"]:
-                attended.append(mean_attended_keys(batches, window, args))
+                attended.append(mean_attended_keys(batches, model, args))
             synchronize()
             t0 = time.perf_counter()
-            tg.train_step(step_model, optimizers, batches, step, window, args)
+            tg.train_step(step_model, optimizers, batches, plan, args)
             synchronize()
             if step >= options["warmup"]:
                 times.append(time.perf_counter() - t0)
         with syncs:  # one more step, untimed (the counting itself is slow): its data, its update
-            tg.train_step(step_model, optimizers, loader.next_step(), steps, window, args)
+            batches = loader.next_step(plans[-1].seq_len, plans[-1].max_doc_len)
+            model.set_step(plans[-1])
+            tg.train_step(step_model, optimizers, batches, plans[-1], args)
     ms = 1000 * statistics.median(times)
-    tokens_per_step = args.windows_per_step * args.train_seq_len
+    tokens_per_step = plans[0].tokens
     flops = flops_per_token(model, args, attended[0])
     peak = options["peak_tflops"] or (989.0 if rt.device.type == "cuda" else None)
     memory = tg.peak_memory_line(rt.device).split()
     result = dict(
         device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
-        world_size=rt.world_size, torch=torch.__version__, steps=options["steps"], tokens_per_step=tokens_per_step,
+        world_size=rt.world_size, torch=torch.__version__, steps=options["steps"], schedule_step=first,
+        tokens_per_step=tokens_per_step,
         ms_per_step=round(ms, 3), ms_per_step_min=round(1000 * min(times), 3),
         tokens_per_s=round(tokens_per_step / ms * 1000), tokens_per_s_per_device=round(tokens_per_step / ms * 1000 /
                                                                                         rt.world_size),

@@ -26,6 +26,7 @@ import ctypes
 import dataclasses
 import difflib
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,8 @@ BOS_ID = 50256  # GPT-2's <|endoftext|>, prepended to every document: the docume
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: everything that changes results, in one frozen dataclass. `--field=value` overrides any of them.
+# Defaults are the 2026-08 recipe; PRESETS holds the 2025-08-23 record and the CPU smoke versions of both. Fields
+# marked "per stage" take a comma-separated value per training stage (one value: the same in every stage).
 
 
 def setting(default, help: str):
@@ -60,52 +64,112 @@ class Hyperparameters:
     train_files: str = setting("data/fineweb10B/fineweb_train_*.bin", "glob of training shards, read in sorted order")
     val_files: str = setting("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
     val_tokens: int = setting(10_485_760, "tokens of validation, the same for every world size")
-    train_seq_len: int = setting(48 * 1024, "tokens in one BOS-aligned training window (one rank, one micro-step)")
     val_seq_len: int = setting(4 * 64 * 1024, "tokens in one validation window")
     windows_per_step: int = setting(8, "training windows per step; the world size must divide it (accumulation)")
-    # model
+    train_seq_len: str = setting("16384,32768,49152", "per stage: tokens in one training window (one rank, one "
+                                 "micro-step)")
+    max_doc_len: str = setting("896,2048,2048", "per stage: documents are cut to this many tokens and packed into "
+                               "windows (#29, #72); empty: BOS-aligned windows of uncut documents (#26)")
+    # model: shape
     vocab_size: int = setting(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128")
-    num_layers: int = setting(12, "transformer blocks")
+    num_layers: int = setting(11, "transformer blocks")
     model_dim: int = setting(768, "residual stream width")
     num_heads: int = setting(6, "attention heads")
     head_dim: int = setting(128, "channels per head; num_heads * head_dim must equal model_dim")
     mlp_hidden: int = setting(3072, "MLP hidden width")
-    attn_pattern: str = setting("LSSSLSS-SSSL", "per layer: L long window, S short window, - no attention")
-    value_embed_pattern: str = setting("012------012", "per layer: value embedding table mixed into V, -: none")
-    attn_scale: float = setting(0.12, "fixed softmax scale (not 1/sqrt(head_dim))")
-    attn_gate_dim: int = setting(12, "residual channels that feed the sparse attention gate")
+    attn_pattern: str = setting("SSSLSS-SSSL", "per layer: L long window, S short window, - no attention")
+    # model: techniques (an empty layer list turns a technique off)
+    value_embed_pattern: str = setting("-01-----234", "per layer: value embedding table mixed into V, -: none")
+    value_embed_init_std: float = setting(0.01, "init std of the value embeddings (#70; the 2025 recipe: 1)")
+    ve_gate_dim: int = setting(6, "value embeddings enter V through per-head gates 2*sigmoid(w.[x[:n]; ve[:n]]) and "
+                               "the attention lambdas scale W_qkv and W_o (#47, #55, #70); 0: a lambda scales each")
+    attn_gate_dim: int = setting(0, "sparse attention gate: sigmoid of the first n residual channels (#28); 0: off")
+    gated_attn_layers: str = setting("3,10", "layers whose heads are scaled by per-token gates (#85)")
+    residual: str = setting("sublayer", "sublayer: per-sublayer residual and output lambdas, x0 added after "
+                            "attention (#45, #77); block: x <- a*x + b*x0 before each block (#9)")
+    skip_connections: str = setting("3>6", "skips src>dst: layer src's output joins layer dst's input (#11, #45)")
+    skip_gated: bool = setting(True, "skips weighted sigmoid(lambda) * per-token gate (#32, #85); off: raw weights")
+    attn_input_layer: int = setting(7, "later layers take their attention input from this layer's output (#77); "
+                                    "-1: off")
+    use_smear: bool = setting(True, "smear: each embedding adds a gated share of the previous one (#34)")
+    bigram_vocab_size: int = setting(377_280, "rows of the hashed bigram embedding added to the stream (#62, #85); 0: "
+                                     "off")
+    bigram_sign_rows: int = setting(8192, "rows of the fixed random sign table of the bigram embedding (#83); 0: off")
+    use_mudd: bool = setting(True, "MUDD dense dynamic connections in the last layer and after it, with the backout "
+                             "as a -0.5 bias (#40, #81)")
+    use_mudd_gate: bool = setting(True, "per-token gates (XSA, attention, x0, bigram, skip, DC) from two small MLPs "
+                                  "(#85); off: learned per-layer constants")
+    mudd_gate_layer: int = setting(4, "the second gate MLP reads the stream entering this layer")
+    mudd_hidden: int = setting(64, "hidden width of the MUDD and gate MLPs")
+    xsa_layers: str = setting("1,3,4,7", "layers that remove the part of each head's output along its own value "
+                              "(XSA, #82, #86)")
+    paired_head_layers: str = setting("0,2,5,9", "layers whose heads attend in pairs over a doubled sequence (#58)")
+    key_offset_layers: str = setting("3,10", "layers whose keys' stationary half comes from the previous token "
+                                     "(#49)")
+    dc_layers: str = setting("10", "layers with the lightweight dynamically composable attention correction (#85)")
+    dc_window: int = setting(112, "tokens the DC correction looks back over")
+    zero_init_attn_out: bool = setting(False, "zero-init the attention output projection (#5; the 2026 recipe: "
+                                       "uniform, #64)")
+    head_init_std: float = setting(0.005, "init std of the LM head (#51; 0: zero-init, #5)")
     rope_base: float = setting(1024.0, "rotary frequencies run from 1 to 1/rope_base rad/token")
-    logit_softcap: float = setting(30.0, "logits become cap * sigmoid(z / (cap / 4)) = cap/2 * (tanh(z / (cap/2)) + 1)")
+    rope_interleaved: bool = setting(True, "rotary pairs are adjacent dims (#58); off: dims j and j + head_dim/2")
+    attn_scale: float = setting(0.1, "softmax scale (not 1/sqrt(head_dim))")
+    use_yarn: bool = setting(True, "YaRN: adjust rotary frequencies and attention scale when the window grows (#31)")
     block_size: int = setting(128, "tokens per attention mask block; windows are counted in blocks")
-    max_window_tokens: int = setting(1728, "long window at the end of training; it grows linearly from one block")
-    use_fp8: bool = setting(True, "LM head in FP8 (e4m3 forward, e5m2 gradient) during training")
-    fp8_x_scale: float = setting(768**0.5 / 448, "FP8 head: activation scale")
-    fp8_w_scale: float = setting(2.0**-9, "FP8 head: weight scale")
-    fp8_grad_scale: float = setting(1 / 448, "FP8 head: gradient scale")
+    token_windows: bool = setting(True, "sliding windows exact to the token (#29); off: in whole mask blocks (#20)")
+    window_blocks: str = setting("1/3,3/7,5/11,6/13", "per stage (then the extension): short/long window in blocks; "
+                                 "empty: the long window grows linearly to max_window_tokens, short = long/2 (#28)")
+    max_window_tokens: int = setting(1728, "long window at the end of training when window_blocks is empty")
+    final_window_blocks: int = setting(20, "long window of the final validation (#33, #35); 0: unchanged")
+    logit_softcap: float = setting(23.0, "logits z become cap * sigmoid((z + offset) / temperature) (#9, #54)")
+    logit_offset: float = setting(5.0, "soft-cap offset")
+    logit_temperature: float = setting(7.5, "soft-cap temperature")
+    use_fp8: bool = setting(True, "LM head in FP8 (e4m3 forward, e5m2 gradient) during training (#19)")
+    fp8_x_scale: float = setting(100 / 448, "FP8 head: activation scale")
+    fp8_w_scale: float = setting(1.6 / 448, "FP8 head: weight scale")
+    fp8_grad_scale: float = setting(0.75 / 448, "FP8 head: gradient scale")
+    use_fp8_mlp: bool = setting(True, "MLP forward in FP8 during training (#84, #89)")
+    weights_bf16: bool = setting(True, "with dtype=bfloat16, keep weights in bf16; the hidden matrices keep 16 more "
+                                 "mantissa bits in the optimizer (#57)")
+    mtp_weights: str = setting("1,0.5,0.25>0;1,0.5>0;1", "per stage (;-separated): loss weights of the next, 2nd, "
+                               "3rd... token (multi-token prediction, #53); a>b: linear from a to b over the stage")
+    prefix_loss_weight: str = setting("0.25;0.25>0;0", "per stage (;-separated): weight of predicting the longest "
+                                      "token that is a prefix of the next one (#88)")
     # optimization
-    num_iterations: int = setting(1695, "training steps")
-    cooldown_frac: float = setting(0.45, "fraction of the steps over which the LR falls linearly to final_lr_frac")
-    final_lr_frac: float = setting(0.1, "LR multiplier at the last step")
-    muon_lr: float = setting(0.05, "Muon learning rate (hidden matrices)")
+    num_iterations: int = setting(1270, "scheduled training steps (stages split them evenly)")
+    extension_iterations: int = setting(15, "steps after the schedule at the final LR and the extension window (#35)")
+    stage_lr_mul: str = setting("1.0,1.52,1.73", "per stage: LR multiplier (#46)")
+    cooldown_frac: float = setting(0.6, "fraction of the scheduled steps over which the LR falls to final_lr_frac")
+    final_lr_frac: float = setting(0.15, "LR multiplier at the end of the schedule and in the extension")
+    muon_lr: float = setting(0.023, "Muon learning rate (hidden matrices)")
     muon_momentum: float = setting(0.95, "Muon momentum after warm-up")
-    muon_momentum_start: float = setting(0.85, "Muon momentum at step 0")
+    muon_momentum_start: float = setting(0.85, "Muon momentum at step 0, and again at the last step")
     muon_momentum_warmup_steps: int = setting(300, "steps over which Muon momentum rises linearly")
-    muon_weight_decay: float = setting(0.0, "Muon decoupled weight decay (multiplied by the LR)")
-    orthogonalizer: str = setting("newton_schulz", "newton_schulz (the 2025-08-23 recipe) or polar_express")
+    muon_momentum_cooldown_steps: int = setting(50, "last steps over which Muon momentum falls back (#39)")
+    muon_weight_decay: float = setting(1.2, "Muon weight decay; each step decays by weight_decay * lr^2 (#43)")
+    cautious_weight_decay: bool = setting(True, "decay only where the update moves a weight toward zero (#43, #50)")
+    orthogonalizer: str = setting("polar_express", "polar_express (#38) or newton_schulz (the 2025-08-23 recipe)")
     orthogonalizer_steps: int = setting(5, "iterations of the orthogonalizer (polar_express has 5 tuned steps)")
-    use_normuon: bool = setting(False, "NorMuon: normalize Muon updates per neuron by an EMA of their second moment")
+    use_normuon: bool = setting(True, "NorMuon: normalize Muon updates per neuron by an EMA of their second moment")
     normuon_beta2: float = setting(0.9, "NorMuon second-moment EMA decay")
-    adam_lr: float = setting(0.008, "Adam base learning rate (embeddings, head, scalars)")
-    adam_beta1: float = setting(0.8, "Adam beta1")
-    adam_beta2: float = setting(0.95, "Adam beta2")
+    qk_heads_per_matrix: int = setting(2, "Muon orthogonalizes Q and K in blocks of this many heads (#80); 0: whole")
+    mlp_lr_mul: float = setting(2.0, "Muon LR multiplier of the MLP matrices: sqrt(hidden/dim) (#47)")
+    c_proj_lr_mul: float = setting(2.0, "extra Muon LR multiplier of the MLP output matrix (#42)")
+    adam_lr: float = setting(0.008, "Adam base learning rate")
     adam_eps: float = setting(1e-10, "Adam epsilon")
-    embed_lr_mul: float = setting(75.0, "Adam LR multiplier: token embedding")
-    value_embed_lr_mul: float = setting(75.0, "Adam LR multiplier: value embeddings")
-    head_lr_mul: float = setting(1.0, "Adam LR multiplier: LM head")
-    scalar_lr_mul: float = setting(5.0, "Adam LR multiplier: skip weights and lambdas")
+    adam_weight_decay: float = setting(0.005, "Adam weight decay; each step decays by weight_decay * wd_mul * lr^2")
+    adam_every: int = setting(2, "Adam steps every n-th step on the gradients summed since its last step (#39)")
+    adam_table: str = setting(
+        "scalars:5:0.9:0.99:0 smear_gate:0.01:0.9:0.99:0 ve_gates:1:0.9:0.99:1 lm_head:1:0.5:0.95:150 "
+        "embed:1:0.5:0.95:150 bigram_embed:75:0.75:0.95:5 value_embeds:75:0.75:0.95:5 post_lambdas:1:0.9:0.95:0 "
+        "resid_lambdas:5:0.9:0.95:0 mudd:0.25:0.9:0.99:1 mudd_bias:0.25:0.9:0.99:0 gate:0.1:0.9:0.99:1 "
+        "gate_bias:0.1:0.9:0.99:0", "Adam rows name:lr_mul:beta1:beta2:wd_mul, one per parameter group (#52, #57)")
+    tie_embed_stages: int = setting(2, "the embedding is the LM head for this many stages, then a copy of it (#51, "
+                                    "#53); 0: untied")
     # evaluation and run
-    val_every: int = setting(125, "steps between validations (0: only at the start and the end)")
-    warmup_steps: int = setting(10, "untimed steps that compile and warm up kernels; the model is then reset")
+    val_every: int = setting(250, "steps between validations (0: only at the start and the end)")
+    warmup_steps: int = setting(2, "untimed steps that compile and warm up kernels (plus 4 around each stage "
+                                "change); the model is then reset")
     seed: int = setting(0, "seed of the model's initialization")
     # system (never changes the math, only where and how fast it runs)
     device: str = setting("auto", "cuda, cpu, or auto (cuda when available)")
@@ -121,26 +185,33 @@ class Hyperparameters:
             if not ok:
                 raise ValueError(message)
 
+        for name in ("train_seq_len", "max_doc_len", "stage_lr_mul"):  # per-stage lists may be given as numbers
+            object.__setattr__(self, name, str(getattr(self, name)))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type is int:
+            if f.type is int and f.name != "attn_input_layer":
                 require(value >= 0, f"{f.name}={value} must not be negative")
-        for name in ("train_seq_len", "val_seq_len", "windows_per_step", "num_layers", "model_dim", "num_heads",
-                     "head_dim", "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
-                     "eval_chunk_tokens"):
+        for name in ("val_seq_len", "windows_per_step", "num_layers", "model_dim", "num_heads", "head_dim",
+                     "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
+                     "eval_chunk_tokens", "adam_every", "mudd_hidden"):
             require(getattr(self, name) > 0, f"{name} must be positive")
         require(self.num_heads * self.head_dim == self.model_dim,
                 f"num_heads*head_dim = {self.num_heads}*{self.head_dim} must equal model_dim={self.model_dim}")
         require(self.head_dim % 4 == 0, f"head_dim={self.head_dim} must be a multiple of 4 (rotary pairs, half frozen)")
-        require(self.attn_gate_dim <= self.model_dim, "attn_gate_dim cannot exceed model_dim")
-        for name in ("train_seq_len", "val_seq_len"):
-            n = getattr(self, name)
-            require(n % self.block_size == 0, f"{name}={n} must be a multiple of block_size={self.block_size} "
+        require(max(self.attn_gate_dim, self.ve_gate_dim) <= self.model_dim,
+                "attn_gate_dim and ve_gate_dim cannot exceed model_dim")
+        require(self.dc_window <= self.block_size or not self.dc_layers, f"dc_window={self.dc_window} cannot exceed "
+                f"block_size ({self.block_size}): the DC correction works block by block")
+        stages = self.num_stages  # parses every per-stage field
+        require(stages <= self.num_iterations, f"{stages} stages need at least as many steps")
+        for n in (*self.seq_lens, self.val_seq_len):
+            require(n % self.block_size == 0, f"sequence length {n} must be a multiple of block_size={self.block_size} "
                     f"(the attention mask works in blocks); try {max(1, round(n / self.block_size)) * self.block_size}")
-        if self.use_fp8:  # torch._scaled_mm takes only matrices whose sides are multiples of 16
-            for name in ("train_seq_len", "model_dim", "vocab_size"):
-                require(getattr(self, name) % 16 == 0, f"{name}={getattr(self, name)} must be a multiple of 16 for "
-                        "the FP8 head (torch._scaled_mm's rule); change it or set --use_fp8=false")
+        if self.use_fp8 or self.use_fp8_mlp:  # torch._scaled_mm takes only matrices whose sides are multiples of 16
+            for name, value in (("train_seq_len", self.train_seq_len), ("model_dim", self.model_dim),
+                                ("vocab_size", self.vocab_size), ("mlp_hidden", self.mlp_hidden)):
+                require(all(int(v) % 16 == 0 for v in str(value).split(",")), f"{name}={value} must be a multiple of "
+                        "16 for FP8 (torch._scaled_mm's rule); change it or set --use_fp8=false --use_fp8_mlp=false")
         windows = self.val_tokens // self.val_seq_len
         require(self.val_tokens % self.val_seq_len == 0 and windows % self.windows_per_step == 0 and windows > 0,
                 f"val_tokens={self.val_tokens} must be a positive multiple of val_seq_len*windows_per_step = "
@@ -157,40 +228,136 @@ class Hyperparameters:
                 f"value_embed_pattern={self.value_embed_pattern!r} may only use digits (table ids) and -")
         require(all(a != "-" or v == "-" for a, v in zip(self.attn_pattern, self.value_embed_pattern)),
                 "a layer without attention (- in attn_pattern) cannot take a value embedding")
+        attention = {i for i, c in enumerate(self.attn_pattern) if c != "-"}
+        for name in ("gated_attn_layers", "xsa_layers", "paired_head_layers", "key_offset_layers", "dc_layers"):
+            require(set(self.layers(name)) <= attention, f"{name}={getattr(self, name)!r} names layers without "
+                    f"attention; attention layers are {sorted(attention)}")
+        paired = set(self.layers("paired_head_layers"))
+        for name in ("xsa_layers", "key_offset_layers", "dc_layers"):
+            require(not paired & set(self.layers(name)), f"{name} cannot include paired-head layers {sorted(paired)}")
+        require(not paired or self.num_heads % 2 == 0, "paired-head attention needs an even num_heads")
+        for src, dst in self.skips:
+            require(0 <= src < dst < self.num_layers, f"skip {src}>{dst} must go forward between existing layers")
+        require(self.attn_input_layer < self.num_layers, f"attn_input_layer={self.attn_input_layer} is not a layer")
+        require(self.residual in ("sublayer", "block"), f"residual={self.residual!r}: choose sublayer or block")
+        require(not self.use_mudd or (self.residual == "sublayer" and self.attn_input_layer >= 0 and self.skips
+                                      and self.value_embed_count and self.num_layers - 1 in attention),
+                "use_mudd mixes the layer attn_input_layer stream, the first skip's source, value embedding 0 and "
+                "the stream entering the last layer, which must have attention: it needs residual=sublayer, "
+                "attn_input_layer >= 0, a skip connection and value embeddings (or set --use_mudd=false)")
+        require(self.residual == "sublayer" or not (self.use_mudd or self.gated_attn_layers or self.xsa_layers or
+                                                    self.dc_layers or self.bigram_vocab_size or self.skip_gated),
+                "residual=block (the 2025-08-23 form) takes no per-token gates: turn off MUDD, gated attention, XSA, "
+                "DC, gated skips and the bigram embedding")
         require(self.orthogonalizer in ("newton_schulz", "polar_express"),
                 f"orthogonalizer={self.orthogonalizer!r}: choose newton_schulz or polar_express")
         require(self.orthogonalizer != "polar_express" or self.orthogonalizer_steps <= 5,
                 "polar_express has 5 tuned steps; set orthogonalizer_steps <= 5")
+        require(self.qk_heads_per_matrix == 0 or self.num_heads % self.qk_heads_per_matrix == 0,
+                f"qk_heads_per_matrix={self.qk_heads_per_matrix} must divide num_heads={self.num_heads}")
         require(self.dtype in ("bfloat16", "float32"), f"dtype={self.dtype!r}: choose bfloat16 or float32")
         require(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: choose auto, cuda or cpu")
         require(0 <= self.cooldown_frac <= 1, f"cooldown_frac={self.cooldown_frac} must lie in [0, 1]")
         require(0 <= self.muon_momentum < 1 and 0 <= self.muon_momentum_start < 1, "Muon momenta must lie in [0, 1)")
-        require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must lie in [0, 1)")
+        require(self.tie_embed_stages < stages or self.tie_embed_stages == 0,
+                f"tie_embed_stages={self.tie_embed_stages} must be below the number of stages ({stages})")
+        assert self.adam_rows is not None  # parses the table
 
+    # Parsed views of the string settings.
     @property
     def value_embed_count(self) -> int:
         return 1 + max((int(c) for c in self.value_embed_pattern if c != "-"), default=-1)
 
+    def layers(self, name: str) -> tuple[int, ...]:
+        return tuple(int(i) for i in getattr(self, name).split(",") if i.strip())
+
     @property
-    def num_scalars(self) -> int:
-        """Skip weights (L), block lambdas (2L), attention lambdas (2L), padded so Adam can shard it by rank."""
-        n = 5 * self.num_layers
-        return n + (-n) % self.windows_per_step
+    def skips(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(int(i) for i in s.split(">")) for s in self.skip_connections.split(",") if s.strip())
+
+    def per_stage(self, name: str, cast, separator: str = ",") -> tuple:
+        text = getattr(self, name)
+        try:
+            return tuple(cast(v.strip()) for v in text.split(separator)) if text.strip() else ()
+        except ValueError:
+            raise ValueError(f"{name}={text!r}: cannot read its values (see --help)") from None
+
+    @property
+    def num_stages(self) -> int:
+        lists = {name: self.per_stage(name, cast, sep) for name, cast, sep in (
+            ("train_seq_len", int, ","), ("max_doc_len", int, ","), ("stage_lr_mul", float, ","),
+            ("mtp_weights", str, ";"), ("prefix_loss_weight", str, ";"))}
+        stages = max(map(len, lists.values()))
+        for name, values in lists.items():
+            if len(values) not in (0 if name == "max_doc_len" else 1, 1, stages):
+                raise ValueError(f"{name}={getattr(self, name)!r} gives {len(values)} values for {stages} stages: "
+                                 "give one value, or one per stage")
+        windows = self.per_stage("window_blocks", str)
+        if len(windows) not in (0, 1, stages, stages + 1):
+            raise ValueError(f"window_blocks={self.window_blocks!r}: give one short/long pair per stage, and "
+                             f"optionally one more for the extension ({stages} stages)")
+        return stages
+
+    @property
+    def seq_lens(self) -> tuple[int, ...]:
+        return self.per_stage("train_seq_len", int)
+
+    @property
+    def adam_rows(self) -> dict[str, tuple[float, tuple[float, float], float]]:
+        """{name: (lr_mul, (beta1, beta2), wd_mul)} from adam_table."""
+        rows = {}
+        for row in self.adam_table.split():
+            parts = row.split(":")
+            try:
+                lr_mul, beta1, beta2, wd_mul = map(float, parts[1:])
+            except ValueError:
+                raise ValueError(f"adam_table row {row!r}: write name:lr_mul:beta1:beta2:wd_mul") from None
+            if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+                raise ValueError(f"adam_table row {row!r}: betas must lie in [0, 1)")
+            rows[parts[0]] = (lr_mul, (beta1, beta2), wd_mul)
+        return rows
 
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"
+RECORD_2025_08_23 = dict(  # record #28 (2025-08-23 SparseAttnGate): 1695 steps of 393,216 tokens on 8xH100
+    train_seq_len="49152", max_doc_len="", num_layers=12, attn_pattern="LSSSLSS-SSSL",
+    value_embed_pattern="012------012", value_embed_init_std=1.0, ve_gate_dim=0, attn_gate_dim=12,
+    gated_attn_layers="", residual="block", skip_connections="5>6,4>7,3>8,2>9,1>10,0>11", skip_gated=False,
+    attn_input_layer=-1, use_smear=False, bigram_vocab_size=0, bigram_sign_rows=0, use_mudd=False,
+    use_mudd_gate=False, xsa_layers="", paired_head_layers="", key_offset_layers="", dc_layers="",
+    zero_init_attn_out=True, head_init_std=0.0, rope_interleaved=False, attn_scale=0.12, use_yarn=False,
+    token_windows=False, window_blocks="", final_window_blocks=0, logit_softcap=30.0, logit_offset=0.0,
+    fp8_x_scale=768**0.5 / 448, fp8_w_scale=2.0**-9, fp8_grad_scale=1 / 448, use_fp8_mlp=False, weights_bf16=False,
+    mtp_weights="1", prefix_loss_weight="0", num_iterations=1695, extension_iterations=0, stage_lr_mul="1.0",
+    cooldown_frac=0.45, final_lr_frac=0.1, muon_lr=0.05, muon_momentum_cooldown_steps=0, muon_weight_decay=0.0,
+    cautious_weight_decay=False, orthogonalizer="newton_schulz", use_normuon=False, qk_heads_per_matrix=0,
+    mlp_lr_mul=1.0, c_proj_lr_mul=1.0, adam_weight_decay=0.0, adam_every=1,
+    adam_table="embed:75:0.8:0.95:0 value_embeds:75:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0",
+    tie_embed_stages=0, val_every=125, warmup_steps=10,
+)
+SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipped in data/sample/
+    train_files=str(SAMPLE_DATA / "sample_train_*.bin"), val_files=str(SAMPLE_DATA / "sample_val_*.bin"),
+    val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
+    mlp_hidden=512, block_size=64, dtype="float32", use_fp8=False, use_fp8_mlp=False, use_compile=False,
+    use_flex_attention=False,
+)
 PRESETS = {
-    "record_2025_08_23": {},  # record #28 (2025-08-23 SparseAttnGate): 1695 steps of 393,216 tokens on 8xH100
-    "smoke_2025_08_23": dict(  # a 4-layer model of that recipe on the shipped sample text, fp32 on a CPU
-        train_files=str(SAMPLE_DATA / "sample_train_*.bin"), val_files=str(SAMPLE_DATA / "sample_val_*.bin"),
-        val_tokens=8192, train_seq_len=256, val_seq_len=1024, windows_per_step=4,
-        num_layers=4, model_dim=128, num_heads=2, head_dim=64, mlp_hidden=512, attn_pattern="LS-L",
-        value_embed_pattern="01-0", max_window_tokens=384, block_size=64, fp8_x_scale=128**0.5 / 448,
-        num_iterations=20, val_every=5, warmup_steps=2, muon_momentum_warmup_steps=20,
-        dtype="float32", use_fp8=False, use_compile=False, use_flex_attention=False,
+    "speedrun": {},  # the 2026-08 recipe: 1285 steps, 338,821,120 tokens
+    "smoke": dict(  # the 2026-08 recipe at 6 layers on a CPU
+        SMOKE, train_seq_len="128,256,256", max_doc_len="128,256,256", num_layers=6, attn_pattern="SSL-SL",
+        value_embed_pattern="-01-01", gated_attn_layers="2,5", skip_connections="1>3", attn_input_layer=3,
+        mudd_gate_layer=3, xsa_layers="1,2,4", paired_head_layers="0", key_offset_layers="2,5", dc_layers="5",
+        dc_window=48, bigram_vocab_size=16384, bigram_sign_rows=1024, window_blocks="1/2,1/3,2/4,2/4",
+        final_window_blocks=6, num_iterations=24, extension_iterations=2, val_every=6, warmup_steps=0,
+        muon_momentum_warmup_steps=12, muon_momentum_cooldown_steps=4,
+    ),
+    "record_2025_08_23": RECORD_2025_08_23,
+    "smoke_2025_08_23": dict(  # the 2025-08-23 recipe at 4 layers on a CPU
+        RECORD_2025_08_23, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LS-L", value_embed_pattern="01-0",
+        skip_connections="1>2,0>3", max_window_tokens=384, fp8_x_scale=128**0.5 / 448, num_iterations=20, val_every=5,
+        warmup_steps=2, muon_momentum_warmup_steps=20,
     ),
 }
-PRESETS["speedrun"], PRESETS["smoke"] = PRESETS["record_2025_08_23"], PRESETS["smoke_2025_08_23"]
 
 
 def parse_value(f: dataclasses.Field, text: str):
@@ -234,6 +401,113 @@ def usage() -> str:
         lines.append(f"  --{f.name}={f.default!s:<36} {f.metadata['help']}")
     lines.append("\nenvironment: DATA_PATH (root of relative shard globs); torchrun's RANK, WORLD_SIZE, LOCAL_RANK")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Schedules: pure functions of the step. The scheduled steps are split evenly into stages (the length of the
+# per-stage settings); the extension steps after them keep the last stage's batch at the final LR.
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    stage: int  # 0-based; num_stages in the extension (and at the final validation)
+    seq_len: int  # tokens per window
+    max_doc_len: int | None  # None: BOS-aligned windows of uncut documents
+    tokens: int  # global tokens of the step
+    window_short: int  # blocks
+    window_long: int
+    lr: float  # multiplier of every base learning rate
+    muon_momentum: float
+    loss_weights: tuple[float, ...]  # next token, 2nd next, ...
+    prefix_weight: float
+    use_prefix: bool  # the stage has a prefix-token term
+    validate: bool  # validation runs before this step's update
+    adam_step: bool  # Adam updates at this step (with the gradients summed since its last update)
+    tied: bool  # the embedding is the head during this step's update
+    untie: bool  # after this step's update the embedding and the head part
+
+
+def stage_starts(args: Hyperparameters) -> list[int]:
+    """First step of every stage, then of the extension."""
+    S, N = args.num_stages, args.num_iterations
+    return [round(N * k / S) for k in range(S)] + [N]
+
+
+def ramp(spec: str, frac: float) -> float:
+    """'a' is a constant; 'a>b' goes linearly from a to b as frac goes from 0 to 1."""
+    start, _, end = spec.partition(">")
+    return float(start) + (float(end or start) - float(start)) * frac
+
+
+def untie_step(args: Hyperparameters) -> int | None:
+    """The first step of stage tie_embed_stages + 1, moved to the next Adam step (#53: step 847, odd)."""
+    if not args.tie_embed_stages:
+        return None
+    step = stage_starts(args)[args.tie_embed_stages]
+    return step + (-(step + 1)) % args.adam_every
+
+
+def plan_step(step: int, args: Hyperparameters) -> StepPlan:
+    S, N = args.num_stages, args.num_iterations
+    total = N + args.extension_iterations
+    starts = stage_starts(args)
+    stage = next((k for k in range(S) if step < starts[k + 1]), S)
+    k = min(stage, S - 1)  # the extension takes the last stage's values
+    value = lambda values: values[k] if len(values) > 1 else values[0]
+    frac = 1.0 if stage == S else (step - starts[k]) / (starts[k + 1] - starts[k])
+    seq_len = value(args.seq_lens)
+    doc_lens = args.per_stage("max_doc_len", int)
+    window_pairs = args.per_stage("window_blocks", str)
+    if window_pairs:  # per stage, then optionally the extension
+        short, long = map(int, window_pairs[min(stage, len(window_pairs) - 1)].split("/"))
+    else:  # #28: grows linearly to max_window_tokens, rounded up to blocks; short is half of it
+        long = max(1, -(-args.max_window_tokens * step // (N * args.block_size)))
+        short = max(1, long // 2)
+    if step == total and args.final_window_blocks:  # the final validation looks further back (#33, #35)
+        long = args.final_window_blocks
+    mtp = value(args.per_stage("mtp_weights", str, ";"))
+    prefix = value(args.per_stage("prefix_loss_weight", str, ";"))
+    untie = untie_step(args)
+    return StepPlan(
+        step=step, stage=stage, seq_len=seq_len, max_doc_len=value(doc_lens) if doc_lens else None,
+        tokens=args.windows_per_step * seq_len, window_short=short, window_long=long,
+        lr=lr_multiplier(step, args), muon_momentum=muon_momentum(step, args),
+        loss_weights=tuple(ramp(w, frac) for w in mtp.split(",")), prefix_weight=ramp(prefix, frac),
+        use_prefix=prefix.strip() not in ("0", "0.0"), validate=step == total or step % (args.val_every or total) == 0,
+        adam_step=step % args.adam_every == args.adam_every - 1, tied=untie is not None and step <= untie,
+        untie=step == untie,
+    )
+
+
+def lr_multiplier(step: int, args: Hyperparameters) -> float:
+    """The stage's multiplier, then a linear cooldown over the last cooldown_frac of the scheduled steps down to
+    final_lr_frac, which the extension keeps."""
+    muls = args.per_stage("stage_lr_mul", float)
+    starts = stage_starts(args)
+    mul = muls[min(next((k for k in range(len(starts) - 1) if step < starts[k + 1]), len(muls) - 1),
+                   len(muls) - 1)]
+    x = step / args.num_iterations
+    if args.cooldown_frac == 0 or x < 1 - args.cooldown_frac:
+        return mul
+    w = max(0.0, (1 - x) / args.cooldown_frac)
+    return mul * w + (1 - w) * args.final_lr_frac
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    """Rises linearly from muon_momentum_start over the warm-up steps, falls back to it over the last steps (#39)."""
+    frac = min(step / args.muon_momentum_warmup_steps, 1) if args.muon_momentum_warmup_steps else 1
+    momentum = (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
+    cooldown, total = args.muon_momentum_cooldown_steps, args.num_iterations + args.extension_iterations
+    if cooldown and step > total - cooldown:
+        frac = (step - (total - cooldown)) / cooldown
+        momentum = (1 - frac) * momentum + frac * args.muon_momentum_start
+    return momentum
+
+
+def full_schedule(args: Hyperparameters) -> list[StepPlan]:
+    """Every step's plan; the last entry is the final validation (no update)."""
+    return [plan_step(step, args) for step in range(args.num_iterations + args.extension_iterations + 1)]
 
 
 # -----------------------------------------------------------------------------
@@ -402,12 +676,12 @@ fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 
 
 # -----------------------------------------------------------------------------
-# Optimizers: Muon for the hidden matrices, Adam for embeddings, head and scalars (RECIPE §3(a)). Both shard their work
-# across ranks and communicate in explicit phases (launch all reductions, update each shard, gather); at world size 1
-# the communication steps are skipped and the same update code runs.
+# Optimizers: Muon (NorMuon) for the hidden matrices, Adam for embeddings, head, gates and scalars. Both are tables
+# built from the model's parameter names, shard their work across ranks and communicate in explicit phases (launch
+# all reductions, update each shard, gather); at world size 1 the communication is skipped and the same code runs.
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic tuned to push singular values into ~[0.7, 1.2] fast
-POLAR_EXPRESS_COEFFS = (  # one (a, b, c) per iteration, for 5 iterations (Amsel et al. 2025, RECIPE §3(b))
+POLAR_EXPRESS_COEFFS = (  # one (a, b, c) per iteration, for 5 iterations (Amsel et al. 2025, arXiv 2505.16932)
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -435,7 +709,6 @@ def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype) -> Ten
     return X.mT if transposed else X
 
 
-
 def normuon_normalize(V: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     """NorMuon (arXiv 2510.05491): give every neuron (row; column when the matrix is wide) the same update scale,
     using an EMA of its mean squared update, then restore the matrix's Frobenius norm. Updates second_moment."""
@@ -447,117 +720,225 @@ def normuon_normalize(V: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     return V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
-class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024). Parameters of one shape form a group; rank r
-    owns a contiguous share of each group: it receives that share's summed gradient (reduce-scatter), applies
-    Nesterov momentum, orthogonalizes the share as one batch, updates it, and all-gathers the result."""
+def join_mantissa(weight: Tensor, mantissa: Tensor) -> Tensor:
+    """fp32 from a bf16 weight (its high 16 bits) and the low 16 bits kept beside it (#57)."""
+    high = weight.view(torch.int16).to(torch.int32) << 16
+    return (high | (mantissa.to(torch.int32) & 0xFFFF)).view(torch.float32)
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, orthogonalize, normuon_beta2,
+
+def split_mantissa(x: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 -> (bf16 weight by truncation, low 16 bits): join_mantissa undoes it exactly."""
+    bits = x.view(torch.int32)
+    return (bits >> 16).to(torch.int16).view(torch.bfloat16), (bits & 0xFFFF).to(torch.int16)
+
+
+def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Callable[[Tensor], Tensor], float]]:
+    """How Muon sees one block parameter: views (n, rows, cols) of it and their LR multipliers. Q, K, V, O are
+    separate matrices; Q and K in blocks of qk_heads_per_matrix heads (#80); the MLP matrices get the LR of their
+    shape, sqrt(hidden / dim), and the output matrix twice that (#42, #47)."""
+    if name == "qkvo_w":
+        if not args.qk_heads_per_matrix:
+            return [(lambda t: t, 1.0)]
+        rows = args.qk_heads_per_matrix * args.head_dim
+        return [(lambda t: t[:2].reshape(-1, rows, t.size(-1)), 1.0), (lambda t: t[2:], 1.0)]
+    if name == "c_fc":
+        return [(lambda t: t[None], args.mlp_lr_mul)]
+    if name == "c_proj":
+        return [(lambda t: t[None], args.mlp_lr_mul * args.c_proj_lr_mul)]
+    return [(lambda t: t[None], 1.0)]  # the sparse attention gate (#28)
+
+
+MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")
+
+
+class Muon:
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), with NorMuon's per-neuron normalization,
+    cautious weight decay tied to the LR (#43) and, for bf16 weights, 16 extra mantissa bits kept on the owning rank
+    (#57). Matrices of one shape and LR form a group; rank r owns a contiguous share of each group: it receives that
+    share's summed gradient (reduce-scatter), applies Nesterov momentum, orthogonalizes the share as one batch,
+    updates it, and all-gathers the result."""
+
+    def __init__(self, entries: list[tuple[nn.Parameter, Callable, float]], args: Hyperparameters, orthogonalize,
                  grad_scale: float, rank: int = 0, world_size: int = 1):
-        params = list(params)
-        shapes = list(dict.fromkeys(p.shape for p in params))
-        groups = [dict(params=[p for p in params if p.shape == s]) for s in shapes]
-        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.orthogonalize, self.normuon_beta2, self.grad_scale = orthogonalize, normuon_beta2, grad_scale
+        self.groups: dict[tuple, list[tuple[nn.Parameter, Callable]]] = {}
+        for p, view, lr_mul in entries:
+            self.groups.setdefault((tuple(view(p.data).shape[1:]), lr_mul, p.dtype), []).append((p, view))
+        self.params = list(dict.fromkeys(p for p, _, _ in entries))
+        self.args, self.orthogonalize, self.grad_scale = args, orthogonalize, grad_scale
         self.rank, self.world_size = rank, world_size
+        self.state: dict[int, dict[str, Tensor]] = {}
 
     @torch.no_grad()
-    def step(self):
-        W, r = self.world_size, self.rank
+    def step(self, plan: StepPlan):
+        args, W = self.args, self.world_size
+        lr, momentum = args.muon_lr * plan.lr, plan.muon_momentum
         reduced = []
-        for group in self.param_groups:  # phase 1: launch every reduction
-            params = group["params"]
-            share = -(-len(params) // W)
-            grads = torch.stack([p.grad for p in params] + [torch.zeros_like(params[0])] * (share * W - len(params)))
+        for entries in self.groups.values():  # phase 1: launch every reduction
+            grads = torch.cat([view(p.grad) for p, view in entries])
+            share = -(-grads.size(0) // W)
+            grads = torch.cat([grads, grads.new_zeros(share * W - grads.size(0), *grads.shape[1:])])
             if W == 1:
                 reduced.append((grads, None))
             else:
                 mine = grads.new_empty(share, *grads.shape[1:])
                 reduced.append((mine, dist.reduce_scatter_tensor(mine, grads, async_op=True)))
         gathers = []
-        for group, (grads, handle) in zip(self.param_groups, reduced):  # phase 2: update my share, launch its gather
+        for index, ((_, lr_mul, _), entries) in enumerate(self.groups.items()):  # phase 2: update, launch gathers
+            grads, handle = reduced[index]
             if handle is not None:
                 handle.wait()
-            params = group["params"]
-            share = grads.size(0)
-            owned = params[r * share:(r + 1) * share]
-            updated = torch.stack([p.data for p in owned] + [torch.zeros_like(params[0])] * (share - len(owned)))
-            if owned:
-                g = grads[:len(owned)].float() * self.grad_scale
-                momentum = group["momentum"]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g[0])) for p in owned]
-                for buf, g_i in zip(bufs, g):
-                    buf.lerp_(g_i, 1 - momentum)
-                g = g.lerp(torch.stack(bufs), momentum)  # Nesterov: look ahead along the momentum
-                V = self.orthogonalize(g)
-                if self.normuon_beta2 is not None:  # one statistic per row (tall) or per column (wide)
-                    rows, cols = V.shape[-2:]
-                    shape = (*V.shape[1:-2], rows, 1) if rows >= cols else (*V.shape[1:-2], 1, cols)
-                    moments = [self.state[p].setdefault("second_moment", V.new_zeros(shape, dtype=torch.float32))
-                               for p in owned]
-                    stacked = torch.stack(moments)
-                    V = normuon_normalize(V, stacked, self.normuon_beta2)
-                    for m, s in zip(moments, stacked):
-                        m.copy_(s)
-                lr = group["lr"] * max(1, owned[0].size(-2) / owned[0].size(-1)) ** 0.5  # RMS of a tall update
-                updated[:len(owned)].mul_(1 - group["lr"] * group["weight_decay"]).add_(V.to(updated.dtype), alpha=-lr)
+            weights = torch.cat([view(p.data) for p, view in entries])
+            share, total = grads.size(0), weights.size(0)
+            start = min(self.rank * share, total)
+            owned = weights[start:start + share]
+            updated = torch.cat([owned, owned.new_zeros(share - len(owned), *owned.shape[1:])])
+            if len(owned):
+                updated[:len(owned)] = self.update(index, grads[:len(owned)], owned, lr, lr_mul, momentum)
             if W == 1:
-                gathers.append((params, updated, None))
+                gathers.append((entries, updated, None))
             else:
                 full = updated.new_empty(share * W, *updated.shape[1:])
-                gathers.append((params, full, dist.all_gather_into_tensor(full, updated, async_op=True)))
-        for params, full, handle in gathers:  # phase 3: everyone receives every updated matrix
+                gathers.append((entries, full, dist.all_gather_into_tensor(full, updated, async_op=True)))
+        for entries, full, handle in gathers:  # phase 3: everyone receives every updated matrix
             if handle is not None:
                 handle.wait()
-            for p, new in zip(params, full):
-                p.data.copy_(new)
+            offset = 0
+            for p, view in entries:
+                target = view(p.data)
+                target.copy_(full[offset:offset + len(target)])
+                offset += len(target)
+        for p in self.params:
+            p.grad = None
+
+    def update(self, index: int, grads: Tensor, weights: Tensor, lr: float, lr_mul: float, momentum: float) -> Tensor:
+        """The new value of the owned matrices (n, rows, cols) from their summed gradients."""
+        args = self.args
+        state = self.state.setdefault(index, {})
+        g = grads.float() * self.grad_scale
+        buf = state.setdefault("momentum", torch.zeros_like(g))
+        buf.lerp_(g, 1 - momentum)
+        g = g.lerp(buf, momentum)  # Nesterov: look ahead along the momentum
+        V = self.orthogonalize(g)
+        if args.use_normuon:  # one statistic per row (tall) or per column (wide)
+            rows, cols = V.shape[-2:]
+            shape = (len(V), rows, 1) if rows >= cols else (len(V), 1, cols)
+            V = normuon_normalize(V, state.setdefault("second_moment", V.new_zeros(shape, dtype=torch.float32)),
+                                  args.normuon_beta2)
+        keep_mantissa = weights.dtype == torch.bfloat16
+        if keep_mantissa:
+            mantissa = state.setdefault("mantissa", torch.zeros_like(weights, dtype=torch.int16))
+            p = join_mantissa(weights, mantissa)
+        else:
+            p = weights.clone()
+        lr_eff = lr * lr_mul
+        if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
+            decay = lr_eff * args.muon_weight_decay * lr * p
+            p.sub_(decay * (V * p >= 0) if args.cautious_weight_decay else decay)
+        p.add_(V.to(p.dtype), alpha=-lr_eff)
+        if keep_mantissa:
+            p, state["mantissa"] = split_mantissa(p)
+        return p
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def load_state_dict(self, state: dict):
+        self.state = copy.deepcopy(state)
 
 
-class DistAdam(torch.optim.Optimizer):
-    """Adam (Kingma & Ba, with torch.optim.Adam's bias correction), sharded by rows: rank r keeps state for and
-    updates rows [r*n/W, (r+1)*n/W) of every tensor, then all ranks gather the updated rows."""
+class DistAdam:
+    """Adam (Kingma & Ba) as record #28 computes it (bias corrections folded into the step size, eps added to the
+    raw sqrt(v)), with cautious weight decay tied to the LR (#50), every adam_every steps on the gradients summed
+    since (#39). A tensor whose first dimension the world size divides is sharded by rows: rank r keeps state for
+    and updates rows [r*n/W, (r+1)*n/W), then all ranks gather them; other tensors are reduced whole and every rank
+    updates them. While the embedding is tied to the head, the embedding's gradient is added to the head's, the
+    head is updated, and the embedding becomes a copy of it (#51); at the untie step the head's moments are copied
+    to the embedding (#53)."""
 
-    def __init__(self, param_groups, lr: float, betas: tuple[float, float], eps: float, grad_scale: float,
-                 rank: int = 0, world_size: int = 1):
-        super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps))
-        self.grad_scale, self.rank, self.world_size = grad_scale, rank, world_size
+    def __init__(self, rows: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]],
+                 args: Hyperparameters, grad_scale: float, rank: int = 0, world_size: int = 1,
+                 tied: tuple[nn.Parameter, nn.Parameter] | None = None):
+        self.work = [(p, lr_mul, betas, wd_mul) for _, params, lr_mul, betas, wd_mul in rows for p in params]
+        self.args, self.grad_scale, self.rank, self.world_size, self.tied = args, grad_scale, rank, world_size, tied
+        self.state: dict[int, dict] = {}
+        self.fp32_state = args.weights_bf16  # bf16 weights, fp32 moments (#56); else moments in the weight's dtype
 
     @torch.no_grad()
-    def step(self):
-        W, r = self.world_size, self.rank
-        work = [(group, p) for group in self.param_groups for p in group["params"]]
+    def step(self, plan: StepPlan):
+        if not plan.adam_step:  # gradients keep accumulating until the next Adam step
+            return
+        args, W, r = self.args, self.world_size, self.rank
+        head, embed = self.tied if self.tied else (None, None)
+        if plan.tied:
+            head.grad += embed.grad
+        work = [(i, *w) for i, w in enumerate(self.work) if not (plan.tied and w[0] is embed)]
         reduced = []
-        for _, p in work:  # phase 1
+        work = [w for w in work if w[1].grad is not None]  # unused: e.g. the last layer's VE gate under MUDD
+        for _, p, *_ in work:  # phase 1
+            sharded = W > 1 and p.size(0) % W == 0
             if W == 1:
                 reduced.append((p.grad, None))
-            else:
+            elif sharded:
                 shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
                 reduced.append((shard, dist.reduce_scatter_tensor(shard, p.grad, async_op=True)))
+            else:
+                reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
         gathers = []
-        for (group, p), (grad, handle) in zip(work, reduced):  # phase 2
-            beta1, beta2 = group["betas"]
+        for (index, p, lr_mul, (beta1, beta2), wd_mul), (grad, handle) in zip(work, reduced):  # phase 2
             if handle is not None:
                 handle.wait()
-            rows = p.size(0) // W
-            p_shard = p.data[r * rows:(r + 1) * rows]
-            state = self.state[p]
+            sharded = W > 1 and p.size(0) % W == 0
+            rows = p.size(0) // W if sharded else p.size(0)
+            p_shard = p.data[r * rows:(r + 1) * rows] if sharded else p.data
+            state = self.state.setdefault(index, {})
             if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p_shard), exp_avg_sq=torch.zeros_like(p_shard))
+                dtype = torch.float32 if self.fp32_state else p.dtype
+                state.update(step=0, exp_avg=torch.zeros_like(p_shard, dtype=dtype),
+                             exp_avg_sq=torch.zeros_like(p_shard, dtype=dtype))
             state["step"] += 1
-            grad = grad * self.grad_scale
-            state["exp_avg"].lerp_(grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # both bias corrections folded into the step size, eps added to the raw sqrt(v) (as record #28 does)
-            step_size = group["lr"] * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
-            p_shard.addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(group["eps"]), value=-step_size)
-            if W > 1:
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            grad = grad.to(m.dtype) * self.grad_scale
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            lr = args.adam_lr * lr_mul * plan.lr  # this order keeps record #28's rounding
+            work_p = p_shard.to(m.dtype)  # the weight itself when the dtypes agree
+            decay = None
+            if args.adam_weight_decay and wd_mul:  # decays by (lr * lr_mul)^2 * wd * wd_mul per step (#50)
+                decay = lr**2 * args.adam_weight_decay * wd_mul * work_p
+                if args.cautious_weight_decay:  # only where the update moves the weight toward zero
+                    decay = decay * (m * work_p > 0)
+            step_size = lr * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
+            work_p.addcdiv_(m, v.sqrt().add_(args.adam_eps), value=-step_size)
+            if decay is not None:
+                work_p.sub_(decay)
+            if work_p.data_ptr() != p_shard.data_ptr():
+                p_shard.copy_(work_p)
+            if sharded:
                 gathers.append(dist.all_gather_into_tensor(p.data, p_shard.clone(), async_op=True))
+            elif W > 1:
+                pass  # every rank applied the same update to the whole tensor
         for handle in gathers:  # phase 3
             handle.wait()
+        if plan.tied:
+            embed.data.copy_(head.data)
+            embed.grad = None
+        if plan.untie:  # from now on the embedding has its own moments, starting from the head's
+            ids = {id(w[0]): i for i, w in enumerate(self.work)}
+            self.state[ids[id(embed)]] = copy.deepcopy(self.state[ids[id(head)]])
+        for p, *_ in self.work:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def load_state_dict(self, state: dict):
+        self.state = copy.deepcopy(state)
 
 
 # -----------------------------------------------------------------------------
-# Model (RECIPE §2(a)). A pure function of its Hyperparameters: no globals, no environment, no process group.
+# Model: a pure function of its Hyperparameters (no globals, no environment, no process group). Per-step schedule
+# values (windows, loss weights, YaRN stage, FP8 bootstrap) live in small buffers that set_step() fills, so a new
+# value never recompiles; what changes the graph's structure (the number of predicted tokens) is a plain attribute.
 
 
 def norm(x: Tensor) -> Tensor:
@@ -565,36 +946,65 @@ def norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Half-truncated RoPE: head_dim/4 frequencies from 1 to 1/base rad/token rotate dims (j, j + head_dim/2) for
-    j < head_dim/4; the other half of the pairs get frequency 0 and stay put, free for position-independent use."""
+    """Half-truncated RoPE (#17): head_dim/4 frequencies from 1 to 1/base rad/token rotate one pair of dims each; the
+    other head_dim/4 pairs get frequency 0 and stay put, free for position-independent use. A pair is dims (j,
+    j + head_dim/2) (#17) or, interleaved, (2j, 2j+1) (#58). With YaRN (#31) every stage has its own frequencies and
+    attention scale: when the long window grows from `old` to `new` tokens, dims that turn fewer than once over
+    `old` are slowed by old/new, dims that turn 32 times or more keep their speed, and the scale grows by
+    1 + 0.2 ln(new/old)."""
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, args: Hyperparameters, long_windows: list[int]):
         super().__init__()
-        n = head_dim // 4
-        freqs = (1 / base) ** torch.linspace(0, 1, n, dtype=torch.float32)
-        self.register_buffer("freqs", torch.cat([freqs, freqs.new_zeros(n)]), persistent=False)
+        n = args.head_dim // 4
+        freqs = torch.cat([(1 / args.rope_base) ** torch.linspace(0, 1, n, dtype=torch.float32), torch.zeros(n)])
+        tables, scales, scale = [freqs], [args.attn_scale], args.attn_scale
+        for old, new in zip(long_windows, long_windows[1:]):
+            if args.use_yarn and new != old:
+                turns = old * freqs / (2 * math.pi)
+                ramp = ((turns - 1) / 31).clamp(0, 1)
+                freqs = freqs * (old / new + ramp * (1 - old / new))
+                scale *= 1 + 0.2 * math.log(new / old)
+            tables.append(freqs)
+            scales.append(scale)
+        self.register_buffer("freqs", torch.stack(tables), persistent=False)  # (stages, head_dim / 2)
+        self.register_buffer("scales", torch.tensor(scales), persistent=False)
+        self.interleaved = args.rope_interleaved
 
-    def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
-        theta = torch.arange(seq_len, device=self.freqs.device, dtype=torch.float32)[:, None] * self.freqs
-        return theta.cos()[None, :, None, :], theta.sin()[None, :, None, :]
+    def forward(self, positions: Tensor, stage: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin for positions (T,) or (T, heads), broadcastable against (1, T, heads, head_dim / 2)."""
+        theta = positions.float()[..., None] * self.freqs.index_select(0, stage.view(1))[0]
+        theta = theta[None, :, None] if positions.ndim == 1 else theta[None]
+        return theta.cos(), theta.sin()
 
+    def rotate(self, x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.interleaved:
+            x1, x2 = x_BTHD.float().unflatten(-1, (-1, 2)).unbind(-1)
+            return torch.stack((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).flatten(-2).type_as(x_BTHD)
+        x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x_BTHD)
 
-def apply_rotary(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x_BTHD.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x_BTHD)
+    def stationary(self, head_dim: int) -> Tensor:
+        """Mask of the head dims that never rotate (frequency 0)."""
+        still = self.freqs[0] == 0
+        return still.repeat_interleave(2) if self.interleaved else still.repeat(2)
 
 
 def document_ids(input_seq: Tensor) -> Tensor:
     return (input_seq == BOS_ID).cumsum(0)  # every document starts with BOS
 
 
-def may_attend(q_idx: Tensor, kv_idx: Tensor, docs: Tensor, window_blocks: Tensor, block_size: int) -> Tensor:
-    """The attention rule: causal, within the document, and at most window_blocks - 1 mask blocks back."""
-    near = q_idx // block_size - kv_idx // block_size < window_blocks
+def may_attend(q_idx: Tensor, kv_idx: Tensor, docs: Tensor, window_blocks: Tensor, block_size: int,
+               token_windows: bool) -> Tensor:
+    """The attention rule: causal, within the document, and within the sliding window: at most window_blocks *
+    block_size tokens back (#29), or fewer than window_blocks mask blocks back (#20, #28)."""
+    if token_windows:
+        near = q_idx - kv_idx <= window_blocks * block_size
+    else:
+        near = q_idx // block_size - kv_idx // block_size < window_blocks
     return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & near
 
 
-def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int) -> BlockMask:
+def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_windows: bool = False) -> BlockMask:
     """The same rule as block-sparse lists for FlexAttention: per query block, the KV blocks that are fully visible
     (no mask needed) and the partially visible ones (mask_mod decides per token). Built from block-level document
     ranges, which is much cheaper than evaluating the rule on every token pair."""
@@ -602,8 +1012,12 @@ def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int) -> Blo
     blocks = docs.view(n, block_size)
     first, last = blocks[:, 0], blocks[:, -1]
     q, kv = torch.arange(n, device=docs.device)[:, None], torch.arange(n, device=docs.device)[None, :]
-    near = (kv <= q) & (q - kv < window_blocks)
-    full = near & (kv < q) & (last[:, None] == first[None, :])  # both blocks lie inside one document
+    if token_windows:  # nearest pair (q_first - kv_last) within the window; farthest (q_last - kv_first) for full
+        near = (kv <= q) & ((q - kv - 1) * block_size + 1 <= window_blocks * block_size)
+        all_near = (q - kv + 1) * block_size - 1 <= window_blocks * block_size
+    else:
+        near = all_near = (kv <= q) & (q - kv < window_blocks)
+    full = near & all_near & (kv < q) & (last[:, None] == first[None, :])  # both blocks lie inside one document
     partial = near & (first[:, None] <= last[None, :]) & ~full  # they share a document (docs are sorted)
 
     def as_lists(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -611,22 +1025,23 @@ def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int) -> Blo
         return mask.sum(dim=-1, dtype=torch.int32)[None, None].contiguous(), indices.to(torch.int32)[None, None]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return may_attend(q_idx, kv_idx, docs, window_blocks, block_size)
+        return may_attend(q_idx, kv_idx, docs, window_blocks, block_size, token_windows)
 
     return BlockMask.from_kv_blocks(*as_lists(partial), *as_lists(full), BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
-def flex_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: BlockMask, scale: float) -> Tensor:
+def flex_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: BlockMask, scale: Tensor) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
-    return flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
+    y = flex_attention(q, k, v, block_mask=mask, scale=1.0, score_mod=lambda s, b, h, q_idx, kv_idx: s * scale)
+    return y.transpose(1, 2)
 
 
-def dense_mask(docs: Tensor, window_blocks: Tensor, block_size: int) -> Tensor:
+def dense_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_windows: bool = False) -> Tensor:
     idx = torch.arange(docs.size(0), device=docs.device)
-    return may_attend(idx[:, None], idx[None, :], docs, window_blocks, block_size)
+    return may_attend(idx[:, None], idx[None, :], docs, window_blocks, block_size, token_windows)
 
 
-def dense_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: Tensor, scale: float) -> Tensor:
+def dense_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
     """The reference twin of flex_attend: an explicit (T, T) mask and softmax. Memory grows as T^2: tests and CPU."""
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
     scores = (q @ k.mT).float() * scale
@@ -634,108 +1049,285 @@ def dense_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: Tensor, s
     return (probs.type_as(v) @ v).transpose(1, 2)
 
 
+def dc_correction(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, w1: Tensor, w2: Tensor, scale: Tensor,
+                  window: int, block: int) -> Tensor:
+    """Lightweight dynamically composable attention (#85), post-only: every head h adds
+    w2_h * sum_s A[t, s] v_h[s] with A = sum_g w1_g P_g, where P_g is head g's softmax over the last `window` keys of
+    the same document. Plain PyTorch, one query block at a time against its own and the previous key block.
+    q, k, v: (1, T, H, D); w1, w2: (1, T, H)."""
+    T, H, D = q.shape[1:]
+    n = T // block
+    pad = lambda t, value: torch.cat([t.new_full((block, *t.shape[1:]), value), t])  # a block before the start
+    keys = pad(k[0], 0).unfold(0, 2 * block, block)  # (n, H, D, 2 * block): keys of the previous and own block
+    values = pad(v[0], 0).unfold(0, 2 * block, block)
+    key_docs = pad(docs, -1).unfold(0, 2 * block, block)  # (n, 2 * block)
+    scores = torch.einsum("nchd,nhds->nhcs", q[0].view(n, block, H, D), keys).float() * scale
+    t = torch.arange(block, device=q.device)[:, None] + block  # query position within the 2-block window
+    s = torch.arange(2 * block, device=q.device)[None, :]
+    visible = (t - s >= 0) & (t - s < window) & (docs.view(n, block)[:, :, None] == key_docs[:, None, :])
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)  # (n, H, block, 2 * block)
+    mixed = torch.einsum("nhcs,nch->ncs", probs, w1[0].float().view(n, block, H))
+    out = torch.einsum("ncs,nhds->nchd", mixed.type_as(v), values)
+    return out.reshape(1, T, H, D) * w2[..., None].type_as(v)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, layer: int, wdtype: torch.dtype):
         super().__init__()
-        self.num_heads, self.head_dim, self.scale = args.num_heads, args.head_dim, args.attn_scale
-        bound = 3**0.5 * 0.5 * args.model_dim**-0.5  # uniform with std 0.5/sqrt(dim)
-        self.qkvo_w = nn.Parameter(torch.empty(4, args.model_dim, args.model_dim).uniform_(-bound, bound))
-        self.qkvo_w.data[3].zero_()  # zero-init output projection
-        self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_dim))  # gate 0.5 at init
+        D, H = args.model_dim, args.num_heads
+        self.num_heads, self.head_dim, self.block_size, self.token_windows = H, args.head_dim, args.block_size, \
+            args.token_windows
+        self.kind = args.attn_pattern[layer]
+        self.paired = layer in args.layers("paired_head_layers")
+        self.key_offset = layer in args.layers("key_offset_layers")
+        self.xsa = layer in args.layers("xsa_layers")
+        self.dc_window = args.dc_window if layer in args.layers("dc_layers") else 0
+        self.folded_lambdas = args.ve_gate_dim > 0  # the attention lambdas scale W_qkv and W_o (#47, #48)
+        bound = 3**0.5 * 0.5 * D**-0.5  # uniform with std 0.5/sqrt(dim)
+        self.qkvo_w = nn.Parameter(torch.empty(4, D, D).uniform_(-bound, bound).to(wdtype))
+        if args.zero_init_attn_out:
+            self.qkvo_w.data[3].zero_()
+        if args.attn_gate_dim:  # sparse attention gate (#28): gate 0.5 at init
+            self.attn_gate = nn.Parameter(torch.zeros(H, args.attn_gate_dim))
+        if args.ve_gate_dim and args.value_embed_pattern[layer] != "-":  # value-embedding gate (#55): 1 at init
+            self.ve_gate = nn.Parameter(torch.zeros(H, 2 * args.ve_gate_dim, dtype=wdtype))
         self.attend = flex_attend if args.use_flex_attention else dense_attend
 
-    def forward(self, x: Tensor, ve: Tensor | None, sa_lambdas: Tensor, mask, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, sa_lambdas: Tensor, ctx: dict, gates: dict) -> Tensor:
+        """x: the normed attention input (1, T, D); ve: this layer's value embedding or None; gates: per-token values
+        of this layer {name: (1, T, H or 1)}."""
         B, T = x.shape[:2]
-        qkv = F.linear(x, self.qkvo_w[:3].flatten(end_dim=1).type_as(x))
-        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
-        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)  # QK-norm
-        v = sa_lambdas[0] * v + (sa_lambdas[1] * ve.view_as(v) if ve is not None else 0)
-        y = self.attend(q, k, v, mask, self.scale)
-        # sparse attention gate: each head is scaled by a sigmoid of the first attn_gate_dim input channels
-        gate = torch.sigmoid(F.linear(x[..., :self.attn_gate.size(-1)], self.attn_gate.type_as(x)))
-        y = (y * gate[..., None]).reshape(B, T, -1)
-        return F.linear(y, self.qkvo_w[3].type_as(y))
+        H, hd = self.num_heads, self.head_dim
+        w = self.qkvo_w.type_as(x)
+        w_qkv, w_o = w[:3].flatten(end_dim=1), w[3]
+        if self.folded_lambdas:
+            w_qkv, w_o = w_qkv * sa_lambdas[0], w_o * sa_lambdas[1]
+        q, k, v = F.linear(x, w_qkv).view(B, T, 3 * H, hd).chunk(3, dim=-2)
+        q, k = norm(q), norm(k)  # QK-norm
+        cos, sin = ctx["rope_paired"] if self.paired else ctx["rope"]
+        q, k = ctx["rotary"].rotate(q, cos, sin), ctx["rotary"].rotate(k, cos, sin)
+        if self.key_offset:  # the stationary half of each key comes from the previous token (#49)
+            k = torch.where(ctx["stationary"], torch.cat([k[:, :1], k[:, :-1]], dim=1), k)
+        if not self.folded_lambdas:
+            v = sa_lambdas[0] * v + (sa_lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        elif ve is not None:
+            gate = gates.get("ve")
+            if gate is None:  # 2 * sigmoid of the attention input's and the value embedding's first channels
+                n = self.ve_gate.size(-1) // 2
+                gate = 2 * torch.sigmoid(F.linear(torch.cat([x[..., :n], ve[..., :n]], -1), self.ve_gate.type_as(x)))
+            v = v + gate[..., None] * ve.view_as(v)
+        if "v" in gates:  # MUDD's mixture of earlier streams, added to V
+            v = v + gates["v"].view_as(v)
+        scale = ctx["attn_scale"]
+        if self.paired:  # heads j and j + H/2 become one head over a sequence of 2T slots (#58)
+            y = self.attend(*(t.reshape(B, 2 * T, H // 2, hd) for t in (q, k, v)), ctx["masks"]["P" + self.kind],
+                            scale).reshape(B, T, H, hd)
+        else:
+            y = self.attend(q, k, v, ctx["masks"][self.kind], scale)
+        if self.dc_window:
+            y = y + dc_correction(q, k, v, ctx["docs"], norm_heads(gates["dc_w1"]), gates["dc_w2"], scale,
+                                  self.dc_window, self.block_size)
+        if self.xsa:  # remove the part of each head's output along the token's own value (#82)
+            along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
+            y = y - torch.tanh(gates["xsa"])[..., None] * along * v
+        if "attn" in gates:  # multiplicative per-token gates (#85)
+            y = y * gates["attn"][..., None]
+        if hasattr(self, "attn_gate"):  # sparse attention gate (#28): a sigmoid of the first channels
+            y = y * torch.sigmoid(F.linear(x[..., :self.attn_gate.size(-1)], self.attn_gate.type_as(x)))[..., None]
+        return F.linear(y.reshape(B, T, -1), w_o)
+
+
+def norm_heads(w: Tensor) -> Tensor:
+    return F.rms_norm(w.float(), (w.size(-1),), eps=1e-6)
 
 
 class MLP(nn.Module):
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, wdtype: torch.dtype):
         super().__init__()
         bound = 3**0.5 * 0.5 * args.model_dim**-0.5
         # both stored as (model_dim, hidden) so that Muon handles them as one batch of equal shapes
-        self.c_fc = nn.Parameter(torch.empty(args.model_dim, args.mlp_hidden).uniform_(-bound, bound))
-        self.c_proj = nn.Parameter(torch.zeros(args.model_dim, args.mlp_hidden))  # zero-init output projection
+        self.c_fc = nn.Parameter(torch.empty(args.model_dim, args.mlp_hidden).uniform_(-bound, bound).to(wdtype))
+        self.c_proj = nn.Parameter(torch.zeros(args.model_dim, args.mlp_hidden, dtype=wdtype))  # zero-init
+        self.use_fp8 = args.use_fp8_mlp
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fp8=None) -> Tensor:
         return F.linear(F.relu(x @ self.c_fc.type_as(x)).square(), self.c_proj.type_as(x))  # ReLU^2
 
 
 class Block(nn.Module):
-    def __init__(self, args: Hyperparameters, has_attention: bool):
+    def __init__(self, args: Hyperparameters, layer: int, wdtype: torch.dtype):
         super().__init__()
-        self.attn = CausalSelfAttention(args) if has_attention else None
-        self.mlp = MLP(args)
+        self.attn = CausalSelfAttention(args, layer, wdtype) if args.attn_pattern[layer] != "-" else None
+        self.mlp = MLP(args, wdtype)
+        self.residual = args.residual
 
-    def forward(self, x, x0, ve, lambdas, sa_lambdas, mask, cos, sin):
-        x = lambdas[0] * x + lambdas[1] * x0  # x0 shortcut: every block sees the normed embedding
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, sa_lambdas: Tensor, mix, ctx: dict, gates: dict,
+                attn_in: Tensor | None = None, bigram: Tensor | None = None, fp8=None) -> Tensor:
+        if self.residual == "block":  # x <- a * x + b * x0 before the block (#9); mix = (a, b)
+            x = mix[0] * x + mix[1] * x0
+            if self.attn is not None:
+                x = x + self.attn(norm(x), ve, sa_lambdas, ctx, gates)
+            return x + self.mlp(norm(x))
+        # per-sublayer residual and output lambdas (#45, #77), x0 and the bigram embedding added after attention with
+        # per-token gates (#85); mix = (residual_attn, residual_mlp, out_attn, out_mlp)
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, sa_lambdas, mask, cos, sin)
-        return x + self.mlp(norm(x))
+            y = self.attn(norm(x) if attn_in is None else attn_in, ve, sa_lambdas, ctx, gates)
+            x = mix[0] * x + mix[2] * y + gates["x0"] * x0
+            if bigram is not None:
+                x = x + gates["bigram"] * bigram
+        return mix[1] * x + mix[3] * self.mlp(norm(x), fp8)
+
+
+class GateMLP(nn.Module):
+    """Two small MLPs, coef_j(x) = (GELU(x W1_j^T) W2_j^T + b_j) * scale, W2 zero-init, so every output starts at
+    its bias (MUDD #81 with scale 0.1; the gate of #85 with a learned scale). Off (`static`), the outputs are
+    learned constants that start at the same values."""
+
+    def __init__(self, dim: int, hidden: int, inits: list[list[float]], scale: float, learned_scale: bool,
+                 static: bool, wdtype: torch.dtype):
+        super().__init__()
+        width = max(map(len, inits))
+        bias = torch.tensor([row + [0.0] * (width - len(row)) for row in inits]) / scale  # outputs start at inits
+        self.sizes, self.static = [len(row) for row in inits], static
+        if static:
+            self.values = nn.Parameter(bias * scale)
+            return
+        bound = dim**-0.5  # nn.Linear's default (Kaiming-uniform, a = sqrt(5)): U(+-1/sqrt(fan_in))
+        self.w1 = nn.Parameter(torch.empty(len(inits), hidden, dim).uniform_(-bound, bound).to(wdtype))
+        self.w2 = nn.Parameter(torch.zeros(len(inits), width, hidden, dtype=wdtype))
+        self.b2 = nn.Parameter(bias.to(wdtype))
+        if learned_scale:
+            self.scale = nn.Parameter(torch.tensor(scale))
+        else:
+            self.register_buffer("scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, j: int, x: Tensor) -> Tensor:
+        n = self.sizes[j]
+        if self.static:
+            return self.values[j, :n].expand(*x.shape[:-1], n)
+        h = F.gelu(F.linear(x, self.w1[j].type_as(x)))
+        return (F.linear(h, self.w2[j, :n].type_as(x)) + self.b2[j, :n].type_as(x)) * self.scale.type_as(x)
+
+
+def gate_layout(args: Hyperparameters) -> tuple[list[dict[str, slice]], list[list[float]]]:
+    """Which per-token gate values each layer reads (#85), and the initial values: layers before mudd_gate_layer
+    read the MLP fed with x0, the others the MLP fed with the stream entering mudd_gate_layer."""
+    H, last = args.num_heads, args.num_layers - 1
+    slots, inits = [], [[], []]
+    for layer, kind in enumerate(args.attn_pattern):
+        j = 0 if layer < args.mudd_gate_layer else 1
+        wanted = []
+        if layer in args.layers("xsa_layers"):
+            wanted.append(("xsa", H, 0.0))
+        if layer in args.layers("gated_attn_layers"):
+            wanted.append(("attn", H, 0.25))
+        if args.residual == "sublayer" and kind != "-" and not (args.use_mudd and layer == last):
+            wanted.append(("x0", 1, 0.0))
+            if args.bigram_vocab_size:
+                wanted.append(("bigram", 1, 0.05))
+        if args.skip_gated:
+            wanted += [(f"skip{src}", 1, 0.5) for src, dst in args.skips if dst == layer]
+        if layer in args.layers("dc_layers"):
+            wanted += [("dc_w1", H, 1.0), ("dc_w2", H, 0.0)]
+        layer_slots = {}
+        for name, n, value in wanted:
+            layer_slots[name] = (j, slice(len(inits[j]), len(inits[j]) + n))
+            inits[j] += [value] * n
+        slots.append(layer_slots)
+    return slots, inits
 
 
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.args = args
+        L, D = args.num_layers, args.model_dim
         dtype = getattr(torch, args.dtype)
-        self.embed = nn.Embedding(args.vocab_size, args.model_dim, dtype=dtype)
-        self.value_embeds = nn.ModuleList(nn.Embedding(args.vocab_size, args.model_dim, dtype=dtype)
+        wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
+        self.embed = nn.Embedding(args.vocab_size, D, dtype=dtype)
+        self.value_embeds = nn.ModuleList(nn.Embedding(args.vocab_size, D, dtype=dtype)
                                           for _ in range(args.value_embed_count))
-        self.blocks = nn.ModuleList(Block(args, c != "-") for c in args.attn_pattern)
-        self.rotary = Rotary(args.head_dim, args.rope_base)
-        self.lm_head_w = nn.Parameter(torch.zeros(args.vocab_size, args.model_dim))  # zero-init, untied from embed
-        L = args.num_layers
-        self.scalars = nn.Parameter(torch.cat([
-            torch.ones(L),  # U-Net skip weights (the first L//2 are used)
-            torch.tensor([1.0, 0.0]).repeat(L),  # block lambdas: (residual, x0)
-            torch.tensor([0.5, 0.5]).repeat(L),  # attention lambdas: (v, value embedding)
-            torch.ones(args.num_scalars - 5 * L),  # padding, so that Adam can shard by rank
-        ]))
+        for ve in self.value_embeds:
+            ve.weight.data.mul_(args.value_embed_init_std)  # nn.Embedding starts at N(0, 1)
+        self.blocks = nn.ModuleList(Block(args, i, wdtype) for i in range(L))
+        self.rotary = Rotary(args, [plan_step(s, args).window_long * args.block_size for s in stage_starts(args)])
+        head = torch.randn(args.vocab_size, D) * args.head_init_std if args.head_init_std else torch.zeros(
+            args.vocab_size, D)
+        self.lm_head_w = nn.Parameter(head.to(wdtype))
+        if args.tie_embed_stages:  # the embedding starts as the head (#51); the optimizer keeps them tied
+            self.embed.weight.data.copy_(head)
+        # scalars, one fp32 vector for Adam: skip weights, block lambdas, attention lambdas, smear lambda, padding
+        skip_init, n_skips = (-1.5, len(args.skips)) if args.skip_gated else (1.0, L)  # #28: one per layer
+        parts = {"skip": torch.full((n_skips,), skip_init)}
+        if args.residual == "block":
+            parts["block"] = torch.tensor([1.0, 0.0]).repeat(L)  # (residual, x0)
+        parts["attn"] = torch.tensor([0.5, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
+        if args.use_smear:
+            parts["smear"] = torch.zeros(1)
+        n = sum(map(len, parts.values()))
+        fill = 1.0 if args.residual == "block" else 0.0
+        parts["pad"] = torch.full(((-n) % args.windows_per_step,), fill)  # so that Adam can shard it by rank
+        self.scalars = nn.Parameter(torch.cat(list(parts.values())))
+        offsets = np.cumsum([0] + [len(v) for v in parts.values()])
+        self.scalar_slices = {k: slice(int(a), int(b)) for k, a, b in zip(parts, offsets, offsets[1:])}
+        if args.residual == "sublayer":  # residual decay sqrt(1.1) per sublayer (#45, #77)
+            self.resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1**0.5))
+            self.post_lambdas = nn.Parameter(torch.ones(L, 2))
+        if args.use_smear:  # smear (#34): gate from the first 12 channels, zero-init
+            self.smear_gate = nn.Parameter(torch.zeros(1, 12, dtype=wdtype))
+        if args.bigram_vocab_size:  # hashed bigram embedding (#62), zero-init
+            self.bigram_embed = nn.Embedding(args.bigram_vocab_size, D, dtype=dtype)
+            self.bigram_embed.weight.data.zero_()
+            if args.bigram_sign_rows:  # a fixed random sign per (row, channel) (#83)
+                signs = torch.randn(args.bigram_sign_rows, D, generator=torch.Generator().manual_seed(args.seed))
+                self.register_buffer("bigram_signs", signs.sign().to(dtype), persistent=False)
+        self.gate_slots, inits = gate_layout(args)
+        if any(inits):
+            self.gate = GateMLP(D, args.mudd_hidden, inits, 0.1, True, not args.use_mudd_gate, wdtype)
+        if args.use_mudd:  # MUDD (#81): 14 coefficients in the last layer, 5 after it (-0.5: the backout, #40)
+            mix = [0.0] * 6 + [2.0, 2.0, 1.1**0.5, 1.0, 0.0, 0.05, 1.1**0.5, 1.0]
+            self.mudd = GateMLP(D, args.mudd_hidden, [mix, [0.0, -0.5, 0.0, 0.0, 0.0]], 0.1, False, False, wdtype)
+        # per-step state, set by set_step(): no recompilation when a value changes
+        self.register_buffer("stage", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("windows", torch.ones(2, dtype=torch.int64), persistent=False)  # (short, long) blocks
+        predictions = max(len(w.split(",")) for w in args.per_stage("mtp_weights", str, ";"))
+        self.register_buffer("loss_weights", torch.zeros(predictions + 1), persistent=False)
+        self.register_buffer("prefix_table", torch.full((args.vocab_size,), -1), persistent=False)
+        self.num_predictions, self.use_prefix = 1, False
+        self.loss_weights[0] = 1.0
         self.make_mask = flex_block_mask if args.use_flex_attention else dense_mask
 
-    def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
-        """Loss of one packed sequence: summed over tokens in training, mean in evaluation."""
-        x = self.hidden(input_seq, window_blocks)
+    def set_step(self, plan: "StepPlan"):
+        """The schedule's values for this step: fills of tiny buffers, never a host sync or a recompile (only the
+        number of predicted tokens changes the graph, once per stage)."""
+        self.stage.fill_(plan.stage)
+        self.windows[0].fill_(plan.window_short)
+        self.windows[1].fill_(plan.window_long)
+        for i, w in enumerate(plan.loss_weights + (plan.prefix_weight,)):
+            self.loss_weights[i].fill_(w)
+        self.num_predictions, self.use_prefix = len(plan.loss_weights), plan.use_prefix
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor) -> Tensor:
+        """Loss of one packed sequence: summed over tokens in training (with the extra prediction terms of the
+        schedule), the mean next-token loss in evaluation."""
+        x = self.hidden(input_seq)
         if self.training:
-            return F.cross_entropy(self.head(x), target_seq, reduction="sum")
+            z, w = self.head(x), self.loss_weights
+            T = len(target_seq)
+            loss = sum(w[k] * F.cross_entropy(z[:T - k], target_seq[k:], reduction="sum")
+                       for k in range(self.num_predictions))  # multi-token prediction (#53)
+            if self.use_prefix:  # the longest token that is a prefix of the next one (#88)
+                prefixes = self.prefix_table[target_seq]
+                loss = loss + w[self.num_predictions] * F.cross_entropy(z, prefixes, ignore_index=-1, reduction="sum")
+            return loss
         # Evaluation: head, soft-cap and cross-entropy chunk by chunk, so that memory does not depend on the compiler
         # fusing them (262,144 tokens of fp32 logits alone are 49 GiB).
         chunks = zip(x.split(self.args.eval_chunk_tokens), target_seq.split(self.args.eval_chunk_tokens))
         return sum(F.cross_entropy(self.head(x_c), t_c, reduction="sum") for x_c, t_c in chunks) / len(target_seq)
 
-    def logits(self, input_seq: Tensor, window_blocks: Tensor) -> Tensor:
+    def logits(self, input_seq: Tensor) -> Tensor:
         """Soft-capped fp32 logits (T, vocab) of a packed sequence of documents, each starting with BOS."""
-        return self.head(self.hidden(input_seq, window_blocks))
-
-    def hidden(self, input_seq: Tensor, window_blocks: Tensor) -> Tensor:
-        """The final normed residual stream (T, model_dim)."""
-        args, L = self.args, self.args.num_layers
-        docs = document_ids(input_seq)
-        masks = {"L": self.make_mask(docs, window_blocks, args.block_size),  # short windows are half the long ones
-                 "S": self.make_mask(docs, (window_blocks // 2).clamp_min(1), args.block_size), "-": None}
-        cos, sin = self.rotary(input_seq.size(0))
-        ves = [ve(input_seq)[None] for ve in self.value_embeds]
-        skip_weights, lambdas, sa_lambdas = self.scalars[:L], self.scalars[L:3 * L], self.scalars[3 * L:5 * L]
-        x = x0 = norm(self.embed(input_seq)[None])
-        skips, num_skips = [], L // 2
-        for i, block in enumerate(self.blocks):
-            if i >= L - num_skips:  # U-Net: the second half receives the first half's outputs in reverse order
-                x = x + skip_weights[i - (L - num_skips)] * skips.pop()
-            ve = ves[int(args.value_embed_pattern[i])] if args.value_embed_pattern[i] != "-" else None
-            x = block(x, x0, ve, lambdas[2 * i:2 * i + 2], sa_lambdas[2 * i:2 * i + 2], masks[args.attn_pattern[i]],
-                      cos, sin)
-            if i < num_skips:
-                skips.append(x)
-        return norm(x).flatten(end_dim=1)
+        return self.head(self.hidden(input_seq))
 
     def head(self, x: Tensor) -> Tensor:
         """Soft-capped fp32 logits of final hidden states: FP8 in training when use_fp8, else plain."""
@@ -744,8 +1336,111 @@ class GPT(nn.Module):
             logits = fp8_mm(x, self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale)[0]
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x))
-        cap = args.logit_softcap
-        return cap * torch.sigmoid(logits.float() / (cap / 4))
+        logits = logits.float()
+        if args.logit_offset:
+            logits = logits + args.logit_offset
+        return args.logit_softcap * torch.sigmoid(logits / args.logit_temperature)
+
+    def attention_context(self, input_seq: Tensor) -> dict:
+        """What every attention layer of this sequence shares: document ids, masks, rotary tables, the scale."""
+        args, T = self.args, input_seq.size(0)
+        docs = document_ids(input_seq)
+        windows = {"S": self.windows[0], "L": self.windows[1]}
+        kinds = {self.blocks[i].attn.kind: self.blocks[i].attn.paired for i in range(args.num_layers)
+                 if self.blocks[i].attn is not None}
+        masks = {}
+        for kind in set(kinds):
+            masks[kind] = self.make_mask(docs, windows[kind], args.block_size, args.token_windows)
+        positions = torch.arange(T, device=input_seq.device)
+        ctx = dict(docs=docs, masks=masks, rotary=self.rotary, rope=self.rotary(positions, self.stage),
+                   attn_scale=self.rotary.scales.index_select(0, self.stage.view(1))[0])
+        if args.paired_head_layers:  # slot 2t holds heads 0..H/2-1 of token t, slot 2t+1 the others (#58)
+            pair_docs = docs[:, None].expand(T, 2).reshape(-1)
+            for kind in {k for i, k in enumerate(args.attn_pattern) if i in args.layers("paired_head_layers")}:
+                masks["P" + kind] = self.make_mask(pair_docs, windows[kind], args.block_size, args.token_windows)
+            head_offset = torch.arange(args.num_heads, device=input_seq.device) % 2  # rotary: 2t + (h mod 2)
+            ctx["rope_paired"] = self.rotary(2 * positions[:, None] + head_offset, self.stage)
+        if args.key_offset_layers:
+            ctx["stationary"] = self.rotary.stationary(args.head_dim)
+        return ctx
+
+    def hidden(self, input_seq: Tensor) -> Tensor:
+        """The final normed residual stream (T, model_dim)."""
+        args, L = self.args, self.args.num_layers
+        ctx = self.attention_context(input_seq)
+        s = self.scalars
+        skip_weights, sa_lambdas = s[self.scalar_slices["skip"]], s[self.scalar_slices["attn"]]
+        ves = [ve(input_seq)[None] for ve in self.value_embeds]
+        e = self.embed(input_seq)[None]
+        if args.use_smear:  # each embedding adds a gated share of the previous one (#34)
+            gate = torch.sigmoid(F.linear(e[:, 1:, :12], self.smear_gate.type_as(e)))
+            e = torch.cat([e[:, :1], e[:, 1:] + s[self.scalar_slices["smear"]] * gate * e[:, :-1]], dim=1)
+        x = x0 = norm(e)
+        gates = [self.gate(0, x0), None] if hasattr(self, "gate") else None
+        bigram = self.bigram(input_seq) if args.bigram_vocab_size else None
+        if bigram is not None:
+            x = x + self.layer_gates(gates, 0)["bigram"] * bigram
+        cache = {"embed": x}
+        attn_in = None
+        for i, block in enumerate(self.blocks):
+            if gates is not None and i == args.mudd_gate_layer:
+                gates[1] = self.gate(1, x)
+            g = self.layer_gates(gates, i)
+            for k, (src, dst) in enumerate(args.skips):
+                if dst == i:  # U-Net-style skip (#11); sigmoid-weighted and gated (#32, #85)
+                    weight = torch.sigmoid(skip_weights[k]) * g[f"skip{src}"] if args.skip_gated else skip_weights[k]
+                    x = x + weight * cache[src]
+            ve = ves[int(args.value_embed_pattern[i])] if args.value_embed_pattern[i] != "-" else None
+            sa = sa_lambdas[2 * i:2 * i + 2]
+            if args.residual == "block":
+                mix = s[self.scalar_slices["block"]][2 * i:2 * i + 2]
+                x = block(x, x0, ve, sa, mix, ctx, g)
+            elif args.use_mudd and i == L - 1:
+                x = self.mudd_layer(block, x, ve, sa, ctx, g, cache, attn_in, bigram)
+            else:
+                r, p = self.resid_lambdas[i], self.post_lambdas[i]
+                x = block(x, x0, ve, sa, (r[0], r[1], p[0], p[1]), ctx, g, attn_in, bigram if i else None)
+            cache[i] = x
+            if i == args.attn_input_layer:  # later layers' attention reads this stream (#77)
+                attn_in = norm(x)
+        if args.use_mudd:  # mix earlier streams into the final one; nu_1 starts at -0.5, the backout (#40, #81)
+            nu = self.mudd(1, x).unbind(-1)
+            first_skip = args.skips[0][0]
+            x = (x + nu[0][..., None] * cache["embed"] + nu[1][..., None] * cache[args.attn_input_layer]
+                 + nu[2][..., None] * cache[L - 2] + nu[3][..., None] * ves[0] + nu[4][..., None] * cache[first_skip])
+        return norm(x).flatten(end_dim=1)
+
+    def mudd_layer(self, block, x, ve, sa, ctx, g, cache, attn_in, bigram) -> Tensor:
+        """The last layer with MUDD (#81): 14 per-token coefficients from the stream mix earlier streams into V and
+        into the residual, gate the value embedding by halves of the heads, and replace the layer's lambdas."""
+        mu = [m[..., None] for m in self.mudd(0, x).unbind(-1)]
+        embed, mid = cache["embed"], cache[self.args.attn_input_layer]
+        g = dict(g, v=mu[0] * embed + mu[1] * mid + mu[2] * x, x0=mu[10], bigram=mu[11])
+        H = self.args.num_heads
+        g["ve"] = torch.cat([mu[6].expand(*x.shape[:2], H // 2), mu[7].expand(*x.shape[:2], H - H // 2)], dim=-1)
+        x = (1 + mu[5]) * x + mu[3] * embed + mu[4] * mid
+        return block(x, embed, ve, sa, (mu[8], mu[12], mu[9], mu[13]), ctx, g, attn_in, bigram)
+
+    def layer_gates(self, gates: list | None, layer: int) -> dict:
+        if gates is None:
+            return {}
+        return {name: gates[j][..., sl] for name, (j, sl) in self.gate_slots[layer].items()}
+
+    def bigram(self, input_seq: Tensor) -> Tensor:
+        """Hashed bigram embedding (#62): row h_t = ((36313 x_t) xor (27191 x_{t-1})) mod (rows - 1) in int32
+        arithmetic, with the reserved last row for t = 0 and x_0 read as that row for t = 1 (as the record does);
+        times a fixed random sign row (x_{t-1} xor x_t) mod sign_rows (#83)."""
+        x = input_seq.long()
+        M = self.args.bigram_vocab_size - 1
+        wrap = lambda v: ((v + 2**31) % 2**32) - 2**31  # int32 overflow, computed in int64
+        prev = torch.cat([x.new_full((2,), M), x[1:-1]])
+        rows = (wrap(36313 * x) ^ wrap(27191 * prev)) % M
+        rows[0] = M
+        out = self.bigram_embed(rows)[None]
+        if self.args.bigram_sign_rows:
+            sign_rows = torch.cat([x.new_zeros(1), (x[:-1] ^ x[1:]) % self.args.bigram_sign_rows])
+            out = out * self.bigram_signs[sign_rows]
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -878,13 +1573,29 @@ class TrainLoader:
         self.pos = int(self.bos[i]) if i < len(self.bos) else len(self.tokens)
         return starts
 
-    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+    def next_step(self, seq_len=None, max_doc_len=None) -> list[tuple[Tensor, Tensor]]:
         """This rank's (inputs, targets) for each micro-step of the next training step."""
         if self.pos + 2 * self.windows * self.seq_len + 1 >= len(self.tokens):  # the reference's rule for a new shard
             self._next_shard()
         while (starts := self._plan()) is None:  # documents too long to fit: plan again on the next shard
             self._next_shard()
         return [to_device(self.tokens[s:s + self.seq_len + 1], self.device) for s in starts[self.rank::self.world_size]]
+
+
+def prefix_token_table(vocab_size: int) -> np.ndarray:
+    """For every token id, the id of the longest token whose bytes are a proper prefix of its bytes (#88); -1 when
+    there is none: single bytes, <|endoftext|> and the padding ids after GPT-2's 50257. Uses the offline GPT-2
+    tokenizer of data/gpt2_tokenizer.py."""
+    path = Path(__file__).parent / "data" / "gpt2_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("gpt2_tokenizer", path)
+    tokenizer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tokenizer)
+    enc = tokenizer.get_encoding()
+    ids = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != BOS_ID}
+    table = np.full(vocab_size, -1, dtype=np.int64)
+    for token, i in ids.items():
+        table[i] = next((ids[token[:n]] for n in range(len(token) - 1, 0, -1) if token[:n] in ids), -1)
+    return table
 
 
 def load_val_tokens(files: list[Path], num_tokens: int) -> np.ndarray:
@@ -907,82 +1618,67 @@ def val_windows(tokens: np.ndarray, seq_len: int, rank: int, world_size: int, de
 
 
 # -----------------------------------------------------------------------------
-# Schedules: pure functions of the step.
-
-
-def lr_multiplier(step: int, args: Hyperparameters) -> float:
-    """Flat, then linear cooldown over the last cooldown_frac of training down to final_lr_frac."""
-    x = step / args.num_iterations
-    if args.cooldown_frac == 0 or x < 1 - args.cooldown_frac:
-        return 1.0
-    w = (1 - x) / args.cooldown_frac
-    return w + (1 - w) * args.final_lr_frac
-
-
-def muon_momentum(step: int, args: Hyperparameters) -> float:
-    frac = min(step / args.muon_momentum_warmup_steps, 1) if args.muon_momentum_warmup_steps else 1
-    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
-
-
-def window_blocks(step: int, args: Hyperparameters) -> int:
-    """Long attention window in mask blocks: grows linearly to max_window_tokens, rounded up, at least one block."""
-    return max(1, -(-args.max_window_tokens * step // (args.num_iterations * args.block_size)))
-
-
-# -----------------------------------------------------------------------------
 # Training and evaluation
 
+ADAM_ROWS = {"embed.weight": "embed", "lm_head_w": "lm_head", "scalars": "scalars", "smear_gate": "smear_gate",
+             "bigram_embed.weight": "bigram_embed", "resid_lambdas": "resid_lambdas", "post_lambdas": "post_lambdas",
+             "mudd.w1": "mudd", "mudd.w2": "mudd", "mudd.b2": "mudd_bias", "gate.w1": "gate", "gate.w2": "gate",
+             "gate.b2": "gate_bias", "gate.scale": "gate_bias", "gate.values": "gate_bias"}
 
-def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """The optimizer table (RECIPE §3(a)): every parameter in exactly one row."""
-    adam_rows = [  # (parameters, LR multiplier)
-        ([model.embed.weight], args.embed_lr_mul),
-        ([e.weight for e in model.value_embeds], args.value_embed_lr_mul),
-        ([model.lm_head_w], args.head_lr_mul),
-        ([model.scalars], args.scalar_lr_mul),
-    ]
-    muon_params = list(model.blocks.parameters())  # the hidden matrices (and the attention gates)
-    covered = [p for params, _ in adam_rows for p in params] + muon_params
+
+def adam_row(name: str) -> str:
+    if name.startswith("value_embeds."):
+        return "value_embeds"
+    if name.endswith(".ve_gate"):
+        return "ve_gates"
+    return ADAM_ROWS[name]
+
+
+def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list:
+    """The optimizer tables: the block matrices go to Muon, every other parameter to its adam_table row; each
+    parameter in exactly one place."""
+    muon, adam = [], {}
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.startswith("blocks.") and leaf in MUON_PARAMETERS:
+            muon += [(p, view, lr_mul) for view, lr_mul in muon_matrices(leaf, p, args)]
+        else:
+            adam.setdefault(adam_row(name), []).append(p)
+    table = args.adam_rows
+    missing = sorted(set(adam) - set(table))
+    if missing:
+        raise ValueError(f"adam_table has no row for {', '.join(missing)}: add name:lr_mul:beta1:beta2:wd_mul rows")
+    rows = [(name, adam[name], *table[name]) for name in table if name in adam]
+    covered = [p for _, params, *_ in rows for p in params] + list(dict.fromkeys(p for p, _, _ in muon))
     assert len({id(p) for p in covered}) == len(covered) == len(list(model.parameters())), "optimizer table is off"
     grad_scale = 1 / args.windows_per_step  # gradients are summed over windows: this makes them the 8-GPU average
     ortho = lambda G: orthogonalize(G, args.orthogonalizer, args.orthogonalizer_steps, getattr(torch, args.dtype))
     if args.use_compile:
         ortho = torch.compile(ortho, dynamic=False, fullgraph=True)
-    adam = DistAdam([dict(params=params, lr=args.adam_lr * mul, initial_lr=args.adam_lr * mul)
-                     for params, mul in adam_rows], lr=args.adam_lr, betas=(args.adam_beta1, args.adam_beta2),
-                    eps=args.adam_eps, grad_scale=grad_scale, rank=rt.rank, world_size=rt.world_size)
-    muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay,
-                orthogonalize=ortho, normuon_beta2=args.normuon_beta2 if args.use_normuon else None,
-                grad_scale=grad_scale, rank=rt.rank, world_size=rt.world_size)
-    for group in muon.param_groups:
-        group["initial_lr"] = args.muon_lr
-    return [adam, muon]
+    tied = (model.lm_head_w, model.embed.weight) if args.tie_embed_stages else None
+    return [DistAdam(rows, args, grad_scale, rt.rank, rt.world_size, tied),
+            Muon(muon, args, ortho, grad_scale, rt.rank, rt.world_size)]
 
 
-def train_step(model, optimizers, batches, step: int, window: Tensor, args: Hyperparameters) -> Tensor:
+def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters) -> Tensor:
     """One optimizer step over this rank's micro-batches; returns the mean training loss per token (all ranks) as a
     device scalar: reading it here would make the host wait for the GPU every step."""
-    loss_sum = torch.zeros((), device=window.device)
+    loss_sum = torch.zeros((), device=batches[0][0].device)
     for inputs, targets in batches:
-        loss = model(inputs, targets, window)
+        loss = model(inputs, targets)
         loss.backward()  # gradients accumulate as a sum; the optimizers scale and reduce them
         loss_sum += loss.detach()
     for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_multiplier(step, args)
-            if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(step, args)
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return all_reduce_sum(loss_sum) / (args.windows_per_step * args.train_seq_len)
+        opt.step(plan)
+    return all_reduce_sum(loss_sum) / plan.tokens
 
 
 @torch.no_grad()
-def evaluate(model, val_tokens: np.ndarray, window: Tensor, args: Hyperparameters, rt: Runtime) -> float:
+def evaluate(model, val_tokens: np.ndarray, args: Hyperparameters, rt: Runtime) -> float:
     model.eval()
     loss_sum = torch.zeros((), device=rt.device)
     for inputs, targets in val_windows(val_tokens, args.val_seq_len, rt.rank, rt.world_size, rt.device):
-        loss_sum += model(inputs, targets, window)
+        loss_sum += model(inputs, targets)
     model.train()
     return all_reduce_sum(loss_sum).item() / (args.val_tokens // args.val_seq_len)
 
@@ -1014,6 +1710,17 @@ def peak_memory_line(device: torch.device) -> str:
     return f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB"
 
 
+def warmup_steps(args: Hyperparameters) -> list[int]:
+    """The untimed warm-up runs the first warmup_steps steps and the 4 steps around every stage change (#65), so
+    that every compiled variant (batch sizes, windows, tied and untied, Adam and no-Adam steps) exists before the
+    clock starts."""
+    if not args.warmup_steps:
+        return []
+    total = args.num_iterations + args.extension_iterations
+    around = {s + d for s in stage_starts(args)[1:] if s < total for d in (-2, -1, 0, 1)}
+    return sorted(set(range(args.warmup_steps)) | {s for s in around if 0 <= s < total})
+
+
 def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
     if rt.is_master:
         log(Path(__file__).read_text(), console=False)
@@ -1028,33 +1735,40 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
     if rt.is_master:
         print(f"log: {log.path}  (world size {rt.world_size}, device {rt.device})", flush=True)
 
+    plans = full_schedule(args)
+    total = len(plans) - 1
     train_files, val_files = find_shards(args.train_files), find_shards(args.val_files)
-    tokens_per_step = args.windows_per_step * args.train_seq_len
-    available = sum(read_shard_header(f) for f in train_files)
-    if available < args.num_iterations * tokens_per_step:
-        raise ShardError(f"the training shards hold {available:,} tokens but {args.num_iterations} steps need at "
-                         f"least {args.num_iterations * tokens_per_step:,}. HINT: download more shards "
-                         "(python data/cached_fineweb10B.py N) or lower --num_iterations.")
+    needed, available = sum(p.tokens for p in plans[:-1]), sum(read_shard_header(f) for f in train_files)
+    if available < needed:
+        raise ShardError(f"the training shards hold {available:,} tokens but {total} steps need at least "
+                         f"{needed:,}. HINT: download more shards (python data/cached_fineweb10B.py N) or lower "
+                         "--num_iterations.")
     val_tokens = load_val_tokens(val_files, args.val_tokens + 1)
 
     torch.manual_seed(args.seed)
-    model = GPT(args).to(rt.device)  # built on the CPU from the seed: the same weights on every rank and machine
+    model = GPT(args)  # built on the CPU from the seed: the same weights on every rank and machine
+    if any(p.use_prefix for p in plans):
+        model.prefix_table.copy_(torch.from_numpy(prefix_token_table(args.vocab_size)))
+    model = model.to(rt.device)
     optimizers = build_optimizers(model, args, rt)
-    window = torch.ones((), dtype=torch.int64, device=rt.device)  # a tensor, so a new size does not recompile
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
-    new_loader = lambda: TrainLoader(train_files, args.train_seq_len, args.windows_per_step, rt.rank,
-                                     rt.world_size, rt.device)
+    new_loader = lambda: TrainLoader(train_files, plans[0].seq_len, args.windows_per_step, rt.rank, rt.world_size,
+                                     rt.device)
+
+    def run_step(plan: StepPlan, loader: TrainLoader) -> Tensor:
+        model.set_step(plan)
+        return train_step(step_model, optimizers, loader.next_step(plan.seq_len, plan.max_doc_len), plan, args)
 
     # Untimed warm-up: compile and run real steps, then restore the initial weights, optimizer state and data order.
-    if args.warmup_steps:
+    if warmup := warmup_steps(args):
         initial_state = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
         loader = new_loader()
-        for step in range(args.warmup_steps):
-            train_step(step_model, optimizers, loader.next_step(), step, window.fill_(window_blocks(step, args)), args)
+        for step in warmup:
+            run_step(plans[step], loader)
         model.load_state_dict(initial_state[0])
         for opt, state in zip(optimizers, initial_state[1]):
             opt.load_state_dict(state)
-        log(f"warm-up: {args.warmup_steps} untimed steps, then the initial model and optimizer state restored")
+        log(f"warm-up: {len(warmup)} untimed steps {warmup}, then the initial model and optimizer state restored")
 
     loader = new_loader()
     synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
@@ -1072,33 +1786,44 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
 
     synchronize()
     t0 = time.perf_counter()
-    for step in range(args.num_iterations + 1):
-        last_step = step == args.num_iterations
-        window.fill_(window_blocks(step, args))
-        if last_step or step % (args.val_every or args.num_iterations) == 0:
+    for plan in plans:
+        step = plan.step
+        if plan.validate:
             synchronize()
             training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
             log_pending_step()
-            val_losses[step] = val_loss = evaluate(step_model, val_tokens, window, args, rt)
-            log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
+            model.set_step(plan)
+            val_losses[step] = val_loss = evaluate(step_model, val_tokens, args, rt)
+            log(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                 f"step_avg:{training_time_ms / max(step, 1):.2f}ms")
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"validation loss is {val_loss} at step {step}. {NAN_HINT}")
             synchronize()
             t0 = time.perf_counter()
-        if last_step:
+        if step == total:
             break
-        train_loss = train_step(step_model, optimizers, loader.next_step(), step, window, args)
+        train_loss = run_step(plan, loader)
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         log_pending_step()  # the previous step's loss: this step is already queued behind it
-        pending = (f"step:{step + 1}/{args.num_iterations} train_time:{elapsed_ms:.0f}ms "
-                   f"step_avg:{elapsed_ms / (step + 1):.2f}ms", step + 1, DeferredScalar(train_loss))
+        pending = (f"step:{step + 1}/{total} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / (step + 1):.2f}ms",
+                   step + 1, DeferredScalar(train_loss))
     log(peak_memory_line(rt.device))
-    return dict(val_loss=val_losses[args.num_iterations], val_losses=val_losses, train_time_ms=training_time_ms,
-                steps=args.num_iterations, log_path=str(log.path) if log.path else None)
+    return dict(val_loss=val_losses[total], val_losses=val_losses, train_time_ms=training_time_ms, steps=total,
+                log_path=str(log.path) if log.path else None)
 
 
 NAN_HINT = "HINT: lower the learning rates, or check the data with `python data/shards.py inspect`"
+
+
+def print_schedule(args: Hyperparameters):
+    """One JSON object per step: what the schedule does, without touching data or building a model."""
+    for p in full_schedule(args):
+        trains = p.step < args.num_iterations + args.extension_iterations
+        print(json.dumps(dict(
+            step=p.step, stage=p.stage, tokens=p.tokens if trains else 0, seq_len=p.seq_len, lr=p.lr,
+            muon_momentum=p.muon_momentum, window_short_blocks=p.window_short, window_long_blocks=p.window_long,
+            max_doc_len=p.max_doc_len, mtp_weights=list(p.loss_weights), prefix_weight=p.prefix_weight,
+            validate=p.validate, adam_step=p.adam_step and trains, tied=p.tied, train=trains)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1125,7 +1850,10 @@ if __name__ == "__main__":
         print(usage())
         sys.exit(0)
     try:
-        main()
+        if "--print_schedule" in sys.argv[1:]:
+            print_schedule(parse_args([a for a in sys.argv[1:] if a != "--print_schedule"]))
+        else:
+            main()
     except (ValueError, FloatingPointError) as e:  # bad settings or data, NaN: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -14,24 +14,36 @@ import train_gpt as tg  # noqa: E402
 
 
 def test_model_flops_count_the_dense_weights_and_the_attended_keys():
-    args = tg.parse_args([])
+    args = tg.parse_args(["--preset=record_2025_08_23"])
     with torch.device("meta"):
         model = tg.GPT(args)
-    dense = 11 * (4 * 768**2 + 6 * 12) + 12 * 2 * 768 * 3072 + 50304 * 768  # RECIPE §2(a); embeddings are lookups
+    dense = 11 * (4 * 768**2 + 6 * 12) + 12 * 2 * 768 * 3072 + 50304 * 768  # record #28; embeddings are lookups
     assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense
     # each attended key costs q.k and p.v (2 x 2 FLOPs per channel), forward and twice that backward, in 11 layers
     assert benchmark.flops_per_token(model, args, 1000.0) - 6 * dense == 3 * 4 * 768 * 11 * 1000
+    args = tg.parse_args([])  # the 2026-08 recipe adds the value-embedding gates and the two small MLPs
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    dense = 10 * 4 * 768**2 + 11 * 2 * 768 * 3072 + 50304 * 768 + 5 * 6 * 12 + 12
+    dense += 2 * 64 * 768 + (14 + 5) * 64 + 2 * 64 * 768 + (26 + 41) * 64  # MUDD; the gate MLP (26 and 41 outputs)
+    assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense
 
 
 def test_attended_keys_follow_the_window():
-    args = tg.parse_args(["--preset=smoke", "--attn_pattern=LLLL"])
+    args = tg.parse_args(["--preset=smoke_2025_08_23", "--attn_pattern=LLLL", "--value_embed_pattern=0000"])
+    model = tg.GPT(args)
     inputs = torch.full((256,), 7)
     inputs[0] = tg.BOS_ID  # one document: query t sees min(t + 1, window) keys, counted in whole 64-token blocks
-    keys = [benchmark.mean_attended_keys([(inputs, None)], torch.tensor(w), args) for w in (1, 2, 4)]
+    keys = []
+    for w in (1, 2, 4):
+        model.windows.copy_(torch.tensor([max(1, w // 2), w]))
+        keys.append(benchmark.mean_attended_keys([(inputs, None)], model, args))
     assert keys == [64, 64 * (1 + 2 + 2 + 2) / 4, 64 * (1 + 2 + 3 + 4) / 4]
-    mixed = tg.parse_args(["--preset=smoke", "--attn_pattern=LS-S"])  # one long layer, two short (half window)
+    mixed = tg.parse_args(["--preset=smoke_2025_08_23", "--attn_pattern=LS-S"])  # one long layer, two short (half)
+    model = tg.GPT(mixed)
+    model.windows.copy_(torch.tensor([2, 4]))
     expected = (64 * (1 + 2 + 3 + 4) / 4 + 2 * 64 * (1 + 2 + 2 + 2) / 4) / 3
-    assert benchmark.mean_attended_keys([(inputs, None)], torch.tensor(4), mixed) == expected
+    assert benchmark.mean_attended_keys([(inputs, None)], model, mixed) == expected
 
 
 def test_benchmark_prints_one_json_line_on_a_cpu():

@@ -23,12 +23,21 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def tiny_args(**overrides) -> tg.Hyperparameters:
-    """A 3-layer model small enough to run many times in a test, with every kind of layer."""
-    base = dict(num_layers=3, model_dim=64, num_heads=2, head_dim=32, mlp_hidden=128, attn_pattern="L-S",
-                value_embed_pattern="0-0", block_size=16, train_seq_len=64, val_seq_len=64, val_tokens=512,
-                windows_per_step=4, max_window_tokens=48, num_iterations=8, dtype="float32", use_fp8=False,
-                use_compile=False, use_flex_attention=False, fp8_x_scale=64**0.5 / 448)
+    """A 3-layer model of the 2025-08-23 recipe, small enough to run many times in a test, with every kind of
+    layer."""
+    base = dict(tg.RECORD_2025_08_23, num_layers=3, model_dim=64, num_heads=2, head_dim=32, mlp_hidden=128,
+                attn_pattern="L-S", value_embed_pattern="0-0", skip_connections="0>2", block_size=16,
+                train_seq_len=64, val_seq_len=64, val_tokens=512, windows_per_step=4, max_window_tokens=48,
+                num_iterations=8, dtype="float32", use_fp8=False, use_compile=False, use_flex_attention=False,
+                fp8_x_scale=64**0.5 / 448)
     return tg.Hyperparameters(**{**base, **overrides})
+
+
+def set_window(model: tg.GPT, long_blocks: int, short_blocks: int | None = None) -> tg.GPT:
+    """The windows a step of the schedule would set (short: half the long one, at least one block)."""
+    short = max(1, long_blocks // 2) if short_blocks is None else short_blocks
+    model.windows.copy_(torch.tensor([short, long_blocks]))
+    return model
 
 
 def randomized_model(args: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
@@ -92,14 +101,16 @@ def test_import_has_no_side_effects(tmp_path):
     assert sorted(p.name for p in (ROOT / "records").glob("**/*")) == before
 
 
-def test_defaults_are_the_2025_08_23_recipe():
-    args = tg.parse_args([])
-    assert args.windows_per_step * args.train_seq_len == 393_216 and args.num_iterations == 1695
+def test_record_2025_08_23_preset_is_that_recipe():
+    args = tg.parse_args(["--preset=record_2025_08_23"])
+    assert args.windows_per_step * int(args.train_seq_len) == 393_216 and args.num_iterations == 1695
     assert (args.val_tokens, args.val_every, args.cooldown_frac, args.final_lr_frac) == (10_485_760, 125, 0.45, 0.1)
-    assert (args.muon_lr, args.adam_lr, args.adam_beta1, args.adam_beta2) == (0.05, 0.008, 0.8, 0.95)
-    assert (args.adam_eps, args.embed_lr_mul, args.value_embed_lr_mul, args.scalar_lr_mul) == (1e-10, 75, 75, 5)
+    assert (args.muon_lr, args.adam_lr, args.adam_eps, args.extension_iterations) == (0.05, 0.008, 1e-10, 0)
+    assert args.adam_rows == {"embed": (75, (0.8, 0.95), 0), "value_embeds": (75, (0.8, 0.95), 0),
+                              "lm_head": (1, (0.8, 0.95), 0), "scalars": (5, (0.8, 0.95), 0)}
     assert args.attn_pattern == "LSSSLSS-SSSL" and args.value_embed_pattern == "012------012"
-    assert args.orthogonalizer == "newton_schulz" and not args.use_normuon
+    assert args.orthogonalizer == "newton_schulz" and not args.use_normuon and args.residual == "block"
+    assert tg.parse_args(["--preset=speedrun"]) == tg.parse_args([])  # the default is the 2026-08 recipe
 
 
 def test_parse_overrides_presets_and_types():
@@ -118,19 +129,33 @@ def test_parse_overrides_presets_and_types():
     (["--use_fp8=maybe"], "expected true or false"),
     (["num_iterations=5"], "--name=value"),
     (["--train_seq_len=1000"], "multiple of block_size=128"),
+    (["--train_seq_len=x"], "train_seq_len='x': cannot read its values"),
     (["--attn_pattern=LSL"], "one per layer"),
-    (["--attn_pattern=LSSSLSSXSSSL"], "may only use L, S and -"),
-    (["--value_embed_pattern=0123456789-0"], "cannot take a value embedding"),
+    (["--attn_pattern=SSSLSSXSSSL"], "may only use L, S and -"),
+    (["--value_embed_pattern=-01---2-234"], "cannot take a value embedding"),
+    (["--xsa_layers=1,2"], "xsa_layers cannot include paired-head layers [0, 2, 5, 9]"),
+    (["--gated_attn_layers=6"], "names layers without attention"),
+    (["--dc_window=200"], "dc_window=200 cannot exceed block_size (128)"),
+    (["--skip_connections=6>3"], "skip 6>3 must go forward"),
+    (["--residual=parallel"], "choose sublayer or block"),
+    (["--adam_table=embed:1:0.9"], "write name:lr_mul:beta1:beta2:wd_mul"),
+    (["--adam_table=embed:1:0.9:1.5:0"], "betas must lie in [0, 1)"),
+    (["--mtp_weights=1;1"], "gives 2 values for 3 stages"),
+    (["--window_blocks=1/3,3/7"], "give one short/long pair per stage"),
+    (["--tie_embed_stages=3"], "must be below the number of stages (3)"),
+    (["--qk_heads_per_matrix=4"], "must divide num_heads=6"),
+    (["--attn_input_layer=-1"], "use_mudd mixes"),
+    (["--preset=record_2025_08_23", "--xsa_layers=1"], "residual=block (the 2025-08-23 form) takes no per-token"),
     (["--val_tokens=1000000"], "multiple of val_seq_len*windows_per_step"),
     (["--head_dim=100", "--num_heads=6"], "must equal model_dim"),
     (["--orthogonalizer=svd"], "choose newton_schulz or polar_express"),
     (["--dtype=float16"], "choose bfloat16 or float32"),
     (["--cooldown_frac=1.5"], "must lie in [0, 1]"),
     (["--warmup_steps=-1"], "must not be negative"),
-    (["--preset=smoke", "--use_fp8=true", "--model_dim=120", "--head_dim=60"], "model_dim=120 must be a multiple "
-     "of 16 for the FP8 head"),
-    (["--preset=smoke", "--use_fp8=true", "--train_seq_len=200", "--block_size=8"], "train_seq_len=200 must be a "
-     "multiple of 16"),
+    (["--preset=smoke_2025_08_23", "--use_fp8=true", "--model_dim=120", "--head_dim=60"], "model_dim=120 must be a "
+     "multiple of 16 for FP8"),
+    (["--preset=smoke_2025_08_23", "--use_fp8=true", "--train_seq_len=200", "--block_size=8"], "train_seq_len=200 "
+     "must be a multiple of 16"),
 ])
 def test_bad_settings_say_what_to_do(argv, message):
     with pytest.raises(ValueError) as e:
@@ -224,7 +249,7 @@ def test_model_trains_through_the_fp8_head():
     args = tiny_args(use_fp8=True)
     model = randomized_model(args).train()
     seq = document_sequence(64, [0, 30])
-    loss = model(seq, seq.roll(-1), torch.tensor(2))
+    loss = set_window(model, 2)(seq, seq.roll(-1))
     loss.backward()
     assert torch.isfinite(loss) and model.lm_head_w.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0
 
@@ -273,20 +298,27 @@ def test_normuon_equalizes_neurons_and_keeps_the_norm(shape):
     assert torch.allclose(moment, 0.9 * previous + 0.1 * V.square().mean(dim=-1 if tall else -2, keepdim=True))
 
 
+def plan_at(args: tg.Hyperparameters, step: int = 0, **changes) -> tg.StepPlan:
+    return dataclasses.replace(tg.plan_step(step, args), **changes)
+
+
 def test_our_adam_is_the_records_adam():
     """Record #28's Adam: both bias corrections folded into the step size and eps added to the raw sqrt(v), which
     differs from torch.optim.Adam's placement (eps after dividing by sqrt(1 - beta2^t)) for tiny gradients."""
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(8, 5, generator=gen), torch.randn(16, generator=gen), torch.randn(4, 3, generator=gen)]
     start = [p.clone() for p in ours]
-    lrs, (beta1, beta2), eps = [0.01, 0.01, 0.3], (0.8, 0.95), 1e-10
-    opt = tg.DistAdam([dict(params=ours[:2], lr=0.01), dict(params=ours[2:], lr=0.3)], lr=0.01, betas=(beta1, beta2),
-                      eps=eps, grad_scale=0.5)
+    (beta1, beta2), eps = (0.8, 0.95), 1e-10
+    args = tiny_args(adam_lr=0.01)
+    opt = tg.DistAdam([("a", ours[:2], 1.0, (beta1, beta2), 0.0), ("b", ours[2:], 30.0, (beta1, beta2), 0.0)], args,
+                      grad_scale=0.5)
+    lrs = [0.01, 0.01, 0.3]
     grads = [[torch.randn(p.shape, generator=gen) * 1e-9 for p in ours] for _ in range(5)]  # tiny: eps matters
     for step_grads in grads:
         for p, g in zip(ours, step_grads):
             p.grad = g.clone()
-        opt.step()
+        opt.step(plan_at(args, lr=1.0))
+        assert all(p.grad is None for p in ours)
     for i, p in enumerate(ours):  # by hand, in float64
         x, m, v = start[i].double(), 0.0, 0.0
         for t, step_grads in enumerate(grads, start=1):
@@ -308,42 +340,45 @@ def test_muon_step_is_nesterov_momentum_then_orthogonalization():
     q = torch.nn.Parameter(torch.randn(2, 32, 16, generator=gen))
     start_p, start_q = p.detach().clone(), q.detach().clone()
     ortho = lambda G: tg.orthogonalize(G, "newton_schulz", 5, torch.float32)
-    opt = tg.Muon([p, q], lr=0.1, momentum=0.9, weight_decay=0.0, orthogonalize=ortho, normuon_beta2=None,
-                  grad_scale=0.5)
+    args = tiny_args(muon_lr=0.1)
+    opt = tg.Muon([(p, lambda t: t, 1.0), (q, lambda t: t, 1.0)], args, ortho, grad_scale=0.5)
     g1, g2 = torch.randn(2, 32, 16, generator=gen), torch.randn(2, 32, 16, generator=gen)
-    p.grad, q.grad = g1.clone(), g1.clone()
-    opt.step()
-    p.grad, q.grad = g2.clone(), g2.clone()
-    opt.step()
+    for g in (g1, g2):
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step(plan_at(args, lr=1.0, muon_momentum=0.9))
     # by hand: buf = lerp(buf, g, 1 - mu); update = lerp(g, buf, mu), on the scaled gradient
     buf = torch.zeros_like(g1)
     expected = start_p.clone()
     for g in (g1 * 0.5, g2 * 0.5):
         buf = buf.lerp(g, 0.1)
-        expected = expected - 0.1 * 2**0.5 * ortho(g.lerp(buf, 0.9))  # tall: LR * sqrt(rows / cols)
+        expected = expected - 0.1 * ortho(g.lerp(buf, 0.9))
     torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(q.detach() - start_q, p.detach() - start_p)
 
 
 def test_optimizer_table_covers_every_parameter_once():
-    args = tiny_args()
-    model = tg.GPT(args)
-    optimizers = tg.build_optimizers(model, args, tg.Runtime(0, 1, torch.device("cpu")))
-    seen = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
-    assert sorted(seen) == sorted(id(p) for p in model.parameters())
-    adam = optimizers[0]
-    assert [g["lr"] for g in adam.param_groups] == pytest.approx([0.008 * 75, 0.008 * 75, 0.008, 0.008 * 5])
+    for args in (tiny_args(), tg.parse_args(["--preset=smoke"])):
+        model = tg.GPT(args)
+        adam, muon = tg.build_optimizers(model, args, tg.Runtime(0, 1, torch.device("cpu")))
+        seen = [id(w[0]) for w in adam.work] + [id(p) for p in muon.params]
+        assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    with pytest.raises(ValueError, match="adam_table has no row for bigram_embed, gate, gate_bias, lm_head"):
+        tg.build_optimizers(model, dataclasses.replace(args, adam_table="embed:1:0.9:0.9:0"), tg.Runtime(0, 1, "cpu"))
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def test_speedrun_parameter_count_is_the_recipes():
+def test_parameter_counts_are_the_recipes():
     with torch.device("meta"):
-        model = tg.GPT(tg.parse_args([]))
+        model = tg.GPT(tg.parse_args(["--preset=record_2025_08_23"]))
     assert sum(p.numel() for p in model.parameters()) == 275_743_576
     assert model.scalars.numel() == 64
     assert sum(b.attn is not None for b in model.blocks) == 11 and model.blocks[7].attn is None
+    with torch.device("meta"):  # the 2026-08 count without the record's parameter-bank padding
+        model = tg.GPT(tg.parse_args([]))
+    assert sum(p.numel() for p in model.parameters()) == 635_887_015
+    assert model.scalars.numel() == 24 and model.blocks[6].attn is None
 
 
 def test_initial_model_predicts_uniformly():
@@ -352,7 +387,7 @@ def test_initial_model_predicts_uniformly():
     torch.manual_seed(0)
     model = tg.GPT(args).eval()
     seq = document_sequence(64, [0])
-    loss = model(seq, seq.roll(-1), torch.tensor(2))
+    loss = set_window(model, 2)(seq, seq.roll(-1))
     assert loss.item() == pytest.approx(math.log(args.vocab_size), rel=1e-6)
 
 
@@ -362,11 +397,11 @@ def test_changing_a_token_never_changes_earlier_outputs(use_flex):
     args = tiny_args(use_flex_attention=use_flex)
     model = randomized_model(args)
     seq = document_sequence(64, [0, 20, 41])
-    base = model.logits(seq, torch.tensor(4))
+    base = set_window(model, 4).logits(seq)
     for t in (5, 20, 33, 63):
         changed = seq.clone()
         changed[t] = (seq[t] + 7) % 50000
-        out = model.logits(changed, torch.tensor(4))
+        out = set_window(model, 4).logits(changed)
         torch.testing.assert_close(out[:t], base[:t], rtol=0, atol=0)
         assert not torch.allclose(out[t:], base[t:])
 
@@ -375,10 +410,10 @@ def test_no_attention_across_documents():
     args = tiny_args()
     model = randomized_model(args)
     seq = document_sequence(64, [0, 20, 41])
-    base = model.logits(seq, torch.tensor(4))
+    base = set_window(model, 4).logits(seq)
     changed = seq.clone()
     changed[1:20] = (seq[1:20] + 11) % 50000  # rewrite all of document 0 except its BOS
-    out = model.logits(changed, torch.tensor(4))
+    out = set_window(model, 4).logits(changed)
     torch.testing.assert_close(out[20:], base[20:], rtol=0, atol=0)
     assert not torch.allclose(out[:20], base[:20])
 
@@ -387,14 +422,14 @@ def test_window_limits_hold():
     """One attention layer: position t sees position s only when their mask blocks are fewer than W apart."""
     B = 16
     for pattern, window, effective in (("L", 3, 3), ("S", 3, 1), ("S", 6, 3)):
-        args = tiny_args(num_layers=1, attn_pattern=pattern, value_embed_pattern="-", block_size=B)
+        args = tiny_args(num_layers=1, attn_pattern=pattern, value_embed_pattern="-", block_size=B, skip_connections="")
         model = randomized_model(args)
         seq = document_sequence(128, [0])
-        base = model.logits(seq, torch.tensor(window))
+        base = set_window(model, window).logits(seq)
         for s in (3, 40):
             changed = seq.clone()
             changed[s] = (seq[s] + 5) % 50000
-            differs = (model.logits(changed, torch.tensor(window)) - base).abs().amax(dim=-1) > 0
+            differs = (set_window(model, window).logits(changed) - base).abs().amax(dim=-1) > 0
             t = torch.arange(128)
             visible = (t >= s) & (t // B - s // B < effective)
             assert torch.equal(differs, visible), (pattern, window, s)
@@ -457,7 +492,7 @@ def test_model_with_flex_attention_equals_model_with_dense_attention():
     losses = []
     for use_flex in (False, True):
         model = randomized_model(tiny_args(use_flex_attention=use_flex), seed=5)
-        losses.append(model(seq, seq.roll(-1), torch.tensor(3)))
+        losses.append(set_window(model, 3)(seq, seq.roll(-1)))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
 
 
@@ -467,11 +502,11 @@ def test_model_and_orthogonalizer_trace_as_one_graph(use_flex):
     backend (no code generation), FP8 head and block-mask construction included, and compare with eager."""
     args = tiny_args(use_flex_attention=use_flex, use_fp8=True)
     model = randomized_model(args).train()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    compiled = torch.compile(set_window(model, 3), backend="aot_eager", fullgraph=True, dynamic=False)
     seq = document_sequence(128, [0, 40, 41, 100])
     with torch.set_grad_enabled(not use_flex):  # FlexAttention has no backward on a CPU
-        loss = compiled(seq, seq.roll(-1), torch.tensor(3))
-        torch.testing.assert_close(loss, model(seq, seq.roll(-1), torch.tensor(3)))
+        loss = compiled(seq, seq.roll(-1))
+        torch.testing.assert_close(loss, set_window(model, 3)(seq, seq.roll(-1)))
         if not use_flex:
             loss.backward()
             assert model.lm_head_w.grad is not None
@@ -481,26 +516,29 @@ def test_model_and_orthogonalizer_trace_as_one_graph(use_flex):
     torch.testing.assert_close(ortho(G), tg.orthogonalize(G, "polar_express", 5, torch.bfloat16))
 
 
-def test_rotary_is_relative_and_half_of_the_pairs_stay_put():
-    rotary = tg.Rotary(32, 1024.0)
-    cos, sin = rotary(40)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_is_relative_and_half_of_the_pairs_stay_put(interleaved):
+    rotary = tg.Rotary(tiny_args(head_dim=32, rope_interleaved=interleaved), [64, 64])
+    cos, sin = rotary(torch.arange(40), torch.tensor(0))
     x = torch.randn(1, 40, 1, 32)
-    y = tg.apply_rotary(x, cos, sin)
-    torch.testing.assert_close(y[..., 8:16], x[..., 8:16])  # zero frequencies: dims 8-15 and 24-31 do not move
-    torch.testing.assert_close(y[..., 24:], x[..., 24:])
+    y = rotary.rotate(x, cos, sin)
+    still = rotary.stationary(32)
+    assert still.sum() == 16 and (still[16:].all() if interleaved else still[8:16].all() and still[24:].all())
+    torch.testing.assert_close(y[..., still], x[..., still])  # zero frequencies: these dims do not move
+    assert not torch.allclose(y[..., ~still], x[..., ~still])
     # <q_t, k_s> depends on t - s only
     q, k = torch.randn(32), torch.randn(32)
-    rq = tg.apply_rotary(q.expand(1, 40, 1, 32), cos, sin)[0, :, 0]
-    rk = tg.apply_rotary(k.expand(1, 40, 1, 32), cos, sin)[0, :, 0]
+    rq = rotary.rotate(q.expand(1, 40, 1, 32), cos, sin)[0, :, 0]
+    rk = rotary.rotate(k.expand(1, 40, 1, 32), cos, sin)[0, :, 0]
     torch.testing.assert_close(rq[10] @ rk[7], rq[30] @ rk[27], rtol=1e-5, atol=1e-5)
-    assert rotary.freqs[0] == 1 and rotary.freqs[7].item() == pytest.approx(1 / 1024)
+    assert rotary.freqs[0, 0] == 1 and rotary.freqs[0, 7].item() == pytest.approx(1 / 1024)
 
 
 # ----------------------------------------------------------------------------- schedules
 
 
-def test_lr_schedule_boundaries():
-    args = tg.parse_args([])
+def test_lr_schedule_boundaries_of_the_2025_recipe():
+    args = tg.parse_args(["--preset=record_2025_08_23"])
     N = args.num_iterations
     assert tg.lr_multiplier(0, args) == 1.0
     assert tg.lr_multiplier(int(N * 0.55), args) == 1.0  # flat until 55%
@@ -511,17 +549,20 @@ def test_lr_schedule_boundaries():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def test_momentum_and_window_schedules():
-    args = tg.parse_args([])
+def test_momentum_and_window_schedules_of_the_2025_recipe():
+    args = tg.parse_args(["--preset=record_2025_08_23"])
     assert tg.muon_momentum(0, args) == pytest.approx(0.85)
     assert tg.muon_momentum(150, args) == pytest.approx(0.90)
-    assert tg.muon_momentum(300, args) == tg.muon_momentum(1000, args) == pytest.approx(0.95)
-    windows = [tg.window_blocks(s, args) for s in range(args.num_iterations + 1)]
+    assert tg.muon_momentum(300, args) == tg.muon_momentum(1694, args) == pytest.approx(0.95)
+    plans = tg.full_schedule(args)
+    windows = [p.window_long for p in plans]
     assert windows[0] == 1 and windows[-1] == 14  # 128 to 1792 tokens
     assert all(a <= b <= a + 1 for a, b in zip(windows, windows[1:]))
     # ceil(1728 * step / 1695 / 128): the window reaches 2 blocks just after step 125.55
-    assert tg.window_blocks(125, args) == 1
-    assert tg.window_blocks(126, args) == 2
+    assert windows[125] == 1 and windows[126] == 2
+    assert all(p.window_short == max(1, p.window_long // 2) for p in plans)
+    assert [p.step for p in plans if p.validate] == list(range(0, 1695, 125)) + [1695]
+    assert all(p.adam_step and not p.tied and p.loss_weights == (1.0,) and not p.use_prefix for p in plans)
 
 
 # ----------------------------------------------------------------------------- data
@@ -717,13 +758,14 @@ def test_training_steps_never_wait_for_the_device(shard_dir, tmp_path):
     model = tg.GPT(args)
     rt = tg.Runtime(0, 1, torch.device("cpu"))
     optimizers = tg.build_optimizers(model, args, rt)
-    loader = tg.TrainLoader(tg.find_shards(str(shard_dir / "tiny_train_*.bin")), args.train_seq_len,
-                            args.windows_per_step, 0, 1, rt.device)
-    window = torch.ones((), dtype=torch.int64)
+    loader = tg.TrainLoader(tg.find_shards(str(shard_dir / "tiny_train_*.bin")), 64, args.windows_per_step, 0, 1,
+                            rt.device)
     counter = benchmark.HostSyncCounter()
     with counter:
         for step in range(3):
-            loss = tg.train_step(model, optimizers, loader.next_step(), step, window.fill_(2), args)
+            plan = tg.plan_step(step, args)
+            model.set_step(plan)
+            loss = tg.train_step(model, optimizers, loader.next_step(plan.seq_len, plan.max_doc_len), plan, args)
     assert counter.events == [] and loss.ndim == 0
     with counter:  # the counter sees a sync when there is one
         loss.item()
@@ -839,8 +881,8 @@ def test_gpu_compiled_model_equals_the_eager_cpu_model():
     cpu = randomized_model(args, seed=3)
     gpu = randomized_model(args, seed=3).cuda()
     seq = document_sequence(128, [0, 40, 41, 100])
-    ref = cpu(seq, seq.roll(-1), torch.tensor(3))
-    out = torch.compile(gpu, dynamic=False, fullgraph=True)(seq.cuda(), seq.roll(-1).cuda(), torch.tensor(3).cuda())
+    ref = set_window(cpu, 3)(seq, seq.roll(-1))
+    out = torch.compile(set_window(gpu, 3), dynamic=False, fullgraph=True)(seq.cuda(), seq.roll(-1).cuda())
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
 
 
@@ -849,8 +891,8 @@ def test_evaluation_in_chunks_gives_the_mean_over_the_whole_sequence():
     losses = []
     for chunk in (96, 32, 7, 1):  # 7: chunks of unequal length
         model = randomized_model(tiny_args(eval_chunk_tokens=chunk), seed=2)
-        losses.append(model(seq, seq.roll(-1), torch.tensor(2)))
-    full = F.cross_entropy(model.logits(seq, torch.tensor(2)), seq.roll(-1))
+        losses.append(set_window(model, 2)(seq, seq.roll(-1)))
+    full = F.cross_entropy(set_window(model, 2).logits(seq), seq.roll(-1))
     for loss in losses:
         torch.testing.assert_close(loss, full, rtol=1e-6, atol=0)
 
@@ -859,9 +901,9 @@ def test_loss_is_a_sum_in_training_and_a_mean_in_evaluation():
     args = tiny_args()
     model = randomized_model(args)
     seq = document_sequence(64, [0, 30])
-    mean = model(seq, seq.roll(-1), torch.tensor(2))
-    total = model.train()(seq, seq.roll(-1), torch.tensor(2))
+    mean = set_window(model, 2)(seq, seq.roll(-1))
+    total = model.train()(seq, seq.roll(-1))
     torch.testing.assert_close(total, mean * 64)
-    logits = model.eval().logits(seq, torch.tensor(2))
+    logits = model.eval().logits(seq)
     torch.testing.assert_close(F.cross_entropy(logits, seq.roll(-1)), mean)
     assert logits.min() >= 0 and logits.max() <= args.logit_softcap  # cap * sigmoid lies in (0, cap)
