@@ -1533,18 +1533,35 @@ def to_device(window: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]
 
 
 class TrainLoader:
-    """BOS-aligned training windows (RECIPE §1.5). For every step all ranks compute the same plan: windows_per_step
-    windows of seq_len+1 tokens, each starting at a BOS at least seq_len tokens after the previous start, so they hold
-    whole documents back to back and end mid-document. Rank r's micro-step a reads window a*world_size + r, so every
-    world size trains on the same windows. The next shard is read in the background while this one is used."""
+    """Training windows of seq_len+1 tokens that start at a document's BOS, in one of two plans chosen per step:
+      - max_doc_len=None, BOS-aligned windows (#26, as in record #28, 2025-08-23): each window starts at the first BOS
+        at least seq_len tokens after the previous start, so it holds whole documents back to back and ends
+        mid-document.
+      - max_doc_len=int, packed documents (record #29, 2025-09-03, FA3 / max document length): each document gives a
+        piece from its BOS to its end, cut at max_doc_len tokens; pieces fill the window and the last one is cut to
+        fit. What a cut leaves of a document is never used, and the next window starts at the next unused BOS.
+    For every step all ranks compute the same plan of windows_per_step windows; rank r's micro-step a reads window
+    a*world_size + r, so every world size trains on the same windows. When a shard cannot hold a whole step, the step
+    is planned again from the first BOS of the next shard, read in the background while this one is used.
+    The position (shard, pos) is all the state: the next window starts at the first BOS at or after pos."""
 
     def __init__(self, files: list[Path], seq_len: int, windows_per_step: int, rank: int, world_size: int,
-                 device: torch.device):
+                 device: torch.device, state: dict | None = None):
+        assert windows_per_step % world_size == 0, "every rank reads the same number of windows"
         self.files, self.seq_len, self.windows = files, seq_len, windows_per_step
         self.rank, self.world_size, self.device = rank, world_size, device
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.next_index, self.pending = 0, None
+        state = state or dict(shard=0, pos=0)
+        self.next_index, self.pending = state["shard"], None
         self._next_shard()
+        if not 0 <= state["pos"] <= len(self.tokens):
+            raise ValueError(f"loader state {state} is outside {self.files[state['shard']]} ({len(self.tokens):,} "
+                             "tokens). HINT: resume with the same --train_files as the run that saved it.")
+        self.pos = state["pos"]
+
+    def state(self) -> dict:
+        """Where the next step starts; TrainLoader(..., state=loader.state()) continues with the same windows."""
+        return dict(shard=self.next_index - 1, pos=self.pos)
 
     def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         tokens = load_shard(path).numpy()
@@ -1556,30 +1573,60 @@ class TrainLoader:
                                "download more shards (python data/cached_fineweb10B.py N) or lower num_iterations.")
         pending = self.pending or self.executor.submit(self._read, self.files[self.next_index])
         self.tokens, self.bos = pending.result()
+        self.doc_ends = np.append(self.bos[1:], len(self.tokens))  # a document ends at the next BOS or the shard end
+        self.filled = {}  # max_doc_len -> tokens in the first k pieces, for every k (see _plan_packed)
         self.next_index += 1
         self.pos = 0
         self.pending = (self.executor.submit(self._read, self.files[self.next_index])
                         if self.next_index < len(self.files) else None)
 
-    def _plan(self) -> list[int] | None:
-        starts, pos = [], self.pos
+    def _plan_windows(self, seq_len: int) -> tuple[list, int] | None:
+        """Record #28's plan: (one piece per window, the next position), or None if this shard cannot hold it."""
+        windows, pos = [], self.pos
         for _ in range(self.windows):
             i = np.searchsorted(self.bos, pos)
-            if i == len(self.bos) or self.bos[i] + self.seq_len + 1 > len(self.tokens):
+            if i == len(self.bos) or self.bos[i] + seq_len + 1 > len(self.tokens):
                 return None
-            starts.append(int(self.bos[i]))
-            pos = starts[-1] + self.seq_len
+            start = int(self.bos[i])
+            windows.append(([start], [start + seq_len + 1]))
+            pos = start + seq_len
         i = np.searchsorted(self.bos, pos)  # as record #28: continue from the first BOS after the last window
-        self.pos = int(self.bos[i]) if i < len(self.bos) else len(self.tokens)
-        return starts
+        return windows, int(self.bos[i]) if i < len(self.bos) else len(self.tokens)
 
-    def next_step(self, seq_len=None, max_doc_len=None) -> list[tuple[Tensor, Tensor]]:
-        """This rank's (inputs, targets) for each micro-step of the next training step."""
-        if self.pos + 2 * self.windows * self.seq_len + 1 >= len(self.tokens):  # the reference's rule for a new shard
+    def _plan_packed(self, seq_len: int, max_doc_len: int) -> tuple[list, int] | None:
+        """Packed documents: (the pieces of each window, the next position), or None if this shard runs out of BOS."""
+        if max_doc_len not in self.filled:  # filled[k] = tokens in pieces 0..k-1: a window's end is one search away
+            lengths = np.minimum(self.doc_ends - self.bos, max_doc_len)
+            self.filled[max_doc_len] = np.concatenate([[0], np.cumsum(lengths)])
+        filled = self.filled[max_doc_len]
+        windows, i = [], np.searchsorted(self.bos, self.pos)
+        for _ in range(self.windows):
+            k = np.searchsorted(filled, filled[i] + seq_len + 1)  # pieces i..k-1 fill the window
+            if k == len(filled):
+                return None
+            starts = self.bos[i:k]
+            ends = np.minimum(self.doc_ends[i:k], starts + max_doc_len)
+            ends[-1] = starts[-1] + seq_len + 1 - (filled[k - 1] - filled[i])  # the last piece is cut to fit
+            windows.append((starts, ends))
+            i = k
+        return windows, int(self.bos[i]) if i < len(self.bos) else len(self.tokens)
+
+    def next_step(self, seq_len: int | None = None, max_doc_len: int | None = None) -> list[tuple[Tensor, Tensor]]:
+        """This rank's (inputs, targets) for each micro-step of the next training step: windows of seq_len (default:
+        the constructor's) + 1 tokens, packed from documents cut at max_doc_len tokens, or record #28's plan if None."""
+        seq_len = self.seq_len if seq_len is None else seq_len
+        if max_doc_len is None:
+            if self.pos + 2 * self.windows * seq_len + 1 >= len(self.tokens):  # record #28's rule for a new shard
+                self._next_shard()
+            plan = lambda: self._plan_windows(seq_len)  # None: documents too long to fit
+        else:
+            assert max_doc_len >= 1, "a piece holds at least its BOS"
+            plan = lambda: self._plan_packed(seq_len, max_doc_len)
+        while (planned := plan()) is None:  # plan the whole step again from the first BOS of the next shard
             self._next_shard()
-        while (starts := self._plan()) is None:  # documents too long to fit: plan again on the next shard
-            self._next_shard()
-        return [to_device(self.tokens[s:s + self.seq_len + 1], self.device) for s in starts[self.rank::self.world_size]]
+        windows, self.pos = planned
+        return [to_device(np.concatenate([self.tokens[a:b] for a, b in zip(starts, ends)]), self.device)
+                for starts, ends in windows[self.rank::self.world_size]]
 
 
 def prefix_token_table(vocab_size: int) -> np.ndarray:

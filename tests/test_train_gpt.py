@@ -620,8 +620,8 @@ def positional_shards(tmp_path, sizes=(20_000, 20_000), seed=0) -> list[Path]:
     return files
 
 
-def make_loader(files, rank=0, world_size=1, seq_len=64, windows=4):
-    return tg.TrainLoader(files, seq_len, windows, rank, world_size, torch.device("cpu"))
+def make_loader(files, rank=0, world_size=1, seq_len=64, windows=4, state=None):
+    return tg.TrainLoader(files, seq_len, windows, rank, world_size, torch.device("cpu"), state)
 
 
 def window_offset(inputs: torch.Tensor) -> int:
@@ -699,6 +699,114 @@ def test_loader_moves_to_the_next_shard_and_reports_running_out(tmp_path):
             loader.next_step()
             shards_used.add(loader.next_index)
     assert shards_used == {1, 2}
+
+
+def document_shard(path, lengths, first_doc=0, prefix=0) -> list[list[int]]:
+    """Documents d = first_doc, first_doc+1, ... of the given lengths: BOS, 100d+1, ..., 100d+n-1 (n <= 100), after
+    `prefix` tokens of a document cut off by the shard's start. Returns the documents."""
+    docs = [[BOS] + [100 * d + j for j in range(1, n)] for d, n in enumerate(lengths, start=first_doc)]
+    tg.write_shard(path, [49_999] * prefix + sum(docs, []))
+    return docs
+
+
+def assert_windows(batches, expected: list[list[int]]):
+    assert len(batches) == len(expected)
+    for (inputs, targets), window in zip(batches, expected):
+        assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
+        assert inputs.tolist() == window[:-1] and targets.tolist() == window[1:]
+
+
+def test_packed_windows_cut_documents_and_fill_exactly_seq_len_plus_one(tmp_path):
+    """Windows of 12 tokens (seq_len 11), documents cut at 5 tokens. Doc 1 (8 tokens) gives 5; doc 3 fills the window
+    with 2 of its 6 and the next window starts at doc 4, not at doc 3's rest; doc 11 gives just its BOS; doc 14 fills
+    the window exactly, so the next one starts at doc 15. The 2 tokens before the first BOS are never used."""
+    lengths = [3, 8, 2, 6, 4, 1, 7, 3, 5, 5, 1, 4, 7, 4, 3, 6, 6, 6, 6, 6, 6]
+    docs = document_shard(tmp_path / "k_000001.bin", lengths, prefix=2)
+    loader = make_loader([tmp_path / "k_000001.bin"], seq_len=11, windows=2)
+    window = lambda *pieces: sum((docs[d][:n] for d, n in pieces), [])
+    assert_windows(loader.next_step(11, max_doc_len=5), [window((0, 3), (1, 5), (2, 2), (3, 2)),
+                                                         window((4, 4), (5, 1), (6, 5), (7, 2))])
+    assert_windows(loader.next_step(11, max_doc_len=5), [window((8, 5), (9, 5), (10, 1), (11, 1)),
+                                                         window((12, 5), (13, 4), (14, 3))])
+    assert_windows(loader.next_step(11, max_doc_len=5), [window((15, 5), (16, 5), (17, 2)),
+                                                         window((18, 5), (19, 5), (20, 2))])  # doc 20 ends the shard
+    with pytest.raises(tg.ShardError, match="ran out of training data after 1 shard"):
+        loader.next_step(11, max_doc_len=5)
+
+
+def test_packed_step_is_planned_again_on_the_next_shard_when_its_bos_run_out(tmp_path):
+    """Windows of 8 tokens, 2 per step. Step 2 fits doc 2 but then needs a BOS that shard 1 lacks: the whole step moves
+    to shard 2's first BOS, so doc 2, doc 3 and shard 2's leading 2 tokens are never used. Doc 13 ends at the end
+    of shard 2: no BOS follows it, and none is needed."""
+    first = document_shard(tmp_path / "s_000001.bin", [8, 8, 8, 6], prefix=3)
+    second = document_shard(tmp_path / "s_000002.bin", [8, 8, 8, 8], first_doc=10, prefix=2)
+    loader = make_loader([tmp_path / "s_000001.bin", tmp_path / "s_000002.bin"], seq_len=7, windows=2)
+    assert_windows(loader.next_step(7, max_doc_len=100), first[:2])
+    assert_windows(loader.next_step(7, max_doc_len=100), second[:2])
+    assert_windows(loader.next_step(7, max_doc_len=100), second[2:])
+    with pytest.raises(tg.ShardError, match="ran out of training data after 2 shard"):
+        loader.next_step(7, max_doc_len=100)
+
+
+def packed_reference(tokens: np.ndarray, doc: int, windows: int, seq_len: int, max_doc_len: int):
+    """The packed plan as a plain loop over documents, as record #29's loader writes it: (windows, next document)."""
+    bos = np.flatnonzero(tokens == BOS).tolist() + [len(tokens)]
+    planned = []
+    for _ in range(windows):
+        buf = []
+        while len(buf) < seq_len + 1:
+            buf += tokens[bos[doc]:bos[doc + 1]][:max_doc_len][:seq_len + 1 - len(buf)].tolist()
+            doc += 1
+        planned.append(buf)
+    return planned, doc
+
+
+def test_packed_windows_follow_the_seq_len_and_max_doc_len_of_each_step(tmp_path):
+    files = positional_shards(tmp_path)
+    loader = make_loader(files, windows=4)
+    tokens, doc = tg.load_shard(files[0]).numpy(), 0
+    for seq_len, max_doc_len in [(64, 16), (64, 16), (128, 16), (128, 40), (32, 1000), (16, 1), (64, 16)]:
+        expected, doc = packed_reference(tokens, doc, 4, seq_len, max_doc_len)
+        assert_windows(loader.next_step(seq_len, max_doc_len), expected)
+    assert loader.next_index == 1  # all on the first shard, as the reference assumes
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_packed_plan_is_the_same_for_every_world_size(tmp_path, world_size):
+    files = positional_shards(tmp_path)
+    single = make_loader(files, windows=8)
+    ranks = [make_loader(files, rank=r, world_size=world_size, windows=8) for r in range(world_size)]
+    for step in range(8):  # crosses into the second shard
+        seq_len, max_doc_len = (256, 30) if step % 3 else (128, 100)
+        reference = single.next_step(seq_len, max_doc_len)
+        assert len({tuple(x.tolist()) for x, _ in reference}) == 8  # 8 different windows
+        per_rank = [loader.next_step(seq_len, max_doc_len) for loader in ranks]
+        for r, batches in enumerate(per_rank):
+            assert len(batches) == 8 // world_size
+            for a, (inputs, targets) in enumerate(batches):  # micro-step a of rank r reads window a * world_size + r
+                assert torch.equal(inputs, reference[a * world_size + r][0])
+                assert torch.equal(targets, reference[a * world_size + r][1])
+    assert single.next_index == 2
+
+
+@pytest.mark.parametrize("max_doc_len", [None, 30])
+def test_loader_resumed_from_its_state_gives_the_same_windows(tmp_path, max_doc_len):
+    files = positional_shards(tmp_path, sizes=(20_000, 20_000, 20_000))
+    loader = make_loader(files, windows=8)
+    for _ in range(50):  # until the second shard is the current one
+        if loader.next_index == 2:
+            break
+        loader.next_step(128, max_doc_len)
+    loader.next_step(256, max_doc_len)
+    state = json.loads(json.dumps(loader.state()))  # as a checkpoint would store it
+    assert state == dict(shard=1, pos=loader.pos) and loader.pos > 0
+    resumed = make_loader(files, windows=8, state=state)
+    for _ in range(9):  # crosses into the third shard
+        expected = [inputs.tolist() + targets[-1:].tolist() for inputs, targets in loader.next_step(192, max_doc_len)]
+        assert_windows(resumed.next_step(192, max_doc_len), expected)
+    assert resumed.state() == loader.state() and loader.next_index == 3
+    with pytest.raises(ValueError, match="outside .*p_train_000002.bin .*HINT"):
+        make_loader(files, state=dict(shard=1, pos=20_001))
 
 
 def test_validation_covers_exactly_val_tokens_whatever_the_world_size():
