@@ -675,6 +675,117 @@ def _fp8_mm_backward(ctx, grad_out, *_):
 fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 
 
+# FP8 MLP, training forward only (evaluation runs the plain twin, mlp_plain). Up projection in e4m3 with dynamic
+# per-tensor scales (record #84, 2026-05-21 FP8 MLP up-projection); down projection in e4m3 with delayed scales, the
+# ones measured one step earlier (record #89, 2026-07-17 FP8DownProjection): the activations are then quantized in the
+# same pass that measures them. The backward is the plain MLP's, in x's dtype, from the saved post: relu(pre) =
+# sqrt(post), so pre is never kept. Only the two _scaled_mm calls are opaque ops; the quantization stays in traced code
+# so that the compiler fuses relu^2, amax and the e4m3 cast into one pass over the (tokens, hidden) activations.
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
+    """t / scale as float8_e4m3fn, clamped to +-448 first: e4m3fn has no infinity, and casts before torch 2.13's
+    (which saturates) turned overflow into NaN."""
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def amax(t: Tensor) -> Tensor:
+    """max |t| of a matrix as a 0-d fp32 tensor, at least 1e-12 so that a zero matrix (c_proj at init) gives a finite
+    scale. Row maxima first: inductor then fuses the reduction into the kernel that produces t (one pass, not two)."""
+    return t.detach().abs().amax(dim=-1).max().float().clamp_min(1e-12)
+
+
+@torch.library.custom_op("nanogpt::mlp_fp8_up", mutates_args=())
+def mlp_fp8_up(x: Tensor, c_fc: Tensor, x_f8: Tensor, w1_f8: Tensor, x_scale: Tensor, w1_scale: Tensor) -> Tensor:
+    """pre = x @ c_fc computed from the e4m3 copies x_f8 (T, D) and w1_f8 = c_fc^T (H, D), both row-major. x and c_fc
+    serve the backward only: their gradients are the plain matmul's (straight through the quantization)."""
+    return torch._scaled_mm(x_f8, w1_f8.T, scale_a=x_scale, scale_b=w1_scale, out_dtype=x.dtype, use_fast_accum=True)
+
+
+@mlp_fp8_up.register_fake
+def _(x, c_fc, x_f8, w1_f8, x_scale, w1_scale):
+    return x.new_empty(x.size(0), c_fc.size(1))
+
+
+def _mlp_fp8_up_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:2])
+
+
+def _mlp_fp8_up_backward(ctx, grad_pre):
+    x, c_fc = ctx.saved_tensors
+    grad_pre, w1 = grad_pre.type_as(x), c_fc.type_as(x)
+    return grad_pre @ w1.T, (x.T @ grad_pre).type_as(c_fc), None, None, None, None
+
+
+mlp_fp8_up.register_autograd(_mlp_fp8_up_backward, setup_context=_mlp_fp8_up_setup_context)
+
+
+@torch.library.custom_op("nanogpt::mlp_fp8_down", mutates_args=())
+def mlp_fp8_down(pre: Tensor, post: Tensor, c_proj: Tensor, post_f8: Tensor, w2_f8: Tensor, act_scale: Tensor,
+                 w2_scale: Tensor) -> Tensor:
+    """out = post @ c_proj^T computed from the e4m3 copies post_f8 (T, H) and w2_f8 (D, H), both row-major. Autograd
+    sends the gradient to pre (post = relu(pre)^2, which the op is given so that the backward needs only post) and
+    c_proj; pre itself is not read."""
+    return torch._scaled_mm(post_f8, w2_f8.T, scale_a=act_scale, scale_b=w2_scale, out_dtype=post.dtype,
+                            use_fast_accum=True)
+
+
+@mlp_fp8_down.register_fake
+def _(pre, post, c_proj, post_f8, w2_f8, act_scale, w2_scale):
+    return post.new_empty(post.size(0), c_proj.size(0))
+
+
+def _mlp_fp8_down_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _mlp_fp8_down_backward(ctx, grad_out):
+    post, c_proj = ctx.saved_tensors
+    grad_out = grad_out.type_as(post)
+    grad_pre = 2 * (grad_out @ c_proj.type_as(post)) * post.sqrt()  # d relu(pre)^2 = 2 relu(pre) = 2 sqrt(post)
+    return grad_pre, None, (grad_out.T @ post).type_as(c_proj), None, None, None, None
+
+
+mlp_fp8_down.register_autograd(_mlp_fp8_down_backward, setup_context=_mlp_fp8_down_setup_context)
+
+
+def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale: Tensor,
+            bootstrap: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ReLU^2 MLP relu(x @ c_fc)^2 @ c_proj^T with both matmuls in FP8; c_fc and c_proj are (D, H).
+
+    x: (T, D) bfloat16 (training) or float32, with T, D and H multiples of 16 (torch._scaled_mm's rule). act_scale and
+    w2_scale: 0-d fp32 tensors, the delayed scales of this step; bootstrap: 0-d bool tensor, true in the first steps,
+    when the weight scale is amax(|c_proj|) / 448 of the current weight instead of w2_scale. Returns out (T, D) and
+    post (T, H, no gradient) in x's dtype, and the 0-d fp32 amax of post and of c_proj, from which
+    mlp_fp8_next_scales computes the next step's scales."""
+    T, D, H = x.size(0), c_fc.size(0), c_fc.size(1)
+    if x.ndim != 2 or T % 16 or D % 16 or H % 16 or c_proj.shape != c_fc.shape:
+        raise ValueError(f"mlp_fp8 takes x (T, D) and c_fc, c_proj (D, H) with T, D, H multiples of 16; got x "
+                         f"{tuple(x.shape)}, c_fc {tuple(c_fc.shape)}, c_proj {tuple(c_proj.shape)}. HINT: flatten x "
+                         "to (tokens, model_dim) and use sizes that are multiples of 16, or the plain MLP")
+    x_scale, w1_scale = amax(x) / E4M3_MAX, amax(c_fc) / E4M3_MAX
+    w1_f8 = to_e4m3(c_fc.detach().T.contiguous(), w1_scale)  # _scaled_mm wants its second operand column-major
+    pre = mlp_fp8_up(x, c_fc, to_e4m3(x.detach(), x_scale), w1_f8, x_scale, w1_scale)
+    post = F.relu(pre.detach()).square()
+    w2_amax = amax(c_proj)
+    w2_scale_now = torch.where(bootstrap, w2_amax / E4M3_MAX, w2_scale)
+    out = mlp_fp8_down(pre, post, c_proj, to_e4m3(post, act_scale), to_e4m3(c_proj.detach(), w2_scale_now), act_scale,
+                       w2_scale_now)
+    return out, post, post.amax(dim=-1).max().float(), w2_amax  # row maxima: fused with relu^2 and the cast
+
+
+def mlp_fp8_next_scales(post_amax: Tensor, w2_amax: Tensor, act_margin: float = 1.80,
+                        w2_margin: float = 1.12) -> tuple[Tensor, Tensor]:
+    """The delayed scales for the next step (record #89): the amax with a margin for growth, mapped onto 448."""
+    return post_amax.clamp_min(1e-12) * act_margin / E4M3_MAX, w2_amax.clamp_min(1e-12) * w2_margin / E4M3_MAX
+
+
+def mlp_plain(x: Tensor, c_fc: Tensor, c_proj: Tensor) -> Tensor:
+    """The plain twin of mlp_fp8: the same ReLU^2 MLP in x's dtype, with ordinary autograd."""
+    return F.linear(F.relu(x @ c_fc.type_as(x)).square(), c_proj.type_as(x))
+
+
 # -----------------------------------------------------------------------------
 # Optimizers: Muon (NorMuon) for the hidden matrices, Adam for embeddings, head, gates and scalars. Both are tables
 # built from the model's parameter names, shard their work across ranks and communicate in explicit phases (launch
