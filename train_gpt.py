@@ -1259,10 +1259,19 @@ class MLP(nn.Module):
         # both stored as (model_dim, hidden) so that Muon handles them as one batch of equal shapes
         self.c_fc = nn.Parameter(torch.empty(args.model_dim, args.mlp_hidden).uniform_(-bound, bound).to(wdtype))
         self.c_proj = nn.Parameter(torch.zeros(args.model_dim, args.mlp_hidden, dtype=wdtype))  # zero-init
-        self.use_fp8 = args.use_fp8_mlp
 
-    def forward(self, x: Tensor, fp8=None) -> Tensor:
-        return F.linear(F.relu(x @ self.c_fc.type_as(x)).square(), self.c_proj.type_as(x))  # ReLU^2
+    def forward(self, x: Tensor, fp8: tuple | None = None) -> Tensor:
+        """ReLU^2 MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89): the
+        delayed scales of window `slot` are read, and replaced by the ones measured now for that window's next step."""
+        if fp8 is None:
+            return mlp_plain(x, self.c_fc, self.c_proj)
+        act_scales, w2_scales, slot, bootstrap = fp8
+        scale = lambda scales: scales.index_select(0, slot)[0]
+        out, _, post_amax, w2_amax = mlp_fp8(x.flatten(end_dim=1), self.c_fc, self.c_proj, scale(act_scales),
+                                             scale(w2_scales), bootstrap)
+        for scales, new in zip((act_scales, w2_scales), mlp_fp8_next_scales(post_amax, w2_amax)):
+            scales.index_copy_(0, slot, new.view(1))
+        return out.view_as(x)
 
 
 class Block(nn.Module):
@@ -1278,7 +1287,7 @@ class Block(nn.Module):
             x = mix[0] * x + mix[1] * x0
             if self.attn is not None:
                 x = x + self.attn(norm(x), ve, sa_lambdas, ctx, gates)
-            return x + self.mlp(norm(x))
+            return x + self.mlp(norm(x), fp8)
         # per-sublayer residual and output lambdas (#45, #77), x0 and the bigram embedding added after attention with
         # per-token gates (#85); mix = (residual_attn, residual_mlp, out_attn, out_mlp)
         if self.attn is not None:
@@ -1405,6 +1414,11 @@ class GPT(nn.Module):
         self.register_buffer("loss_weights", torch.zeros(predictions + 1), persistent=False)
         self.register_buffer("prefix_table", torch.full((args.vocab_size,), -1), persistent=False)
         self.num_predictions, self.use_prefix = 1, False
+        if args.use_fp8_mlp:  # delayed FP8 scales of the MLPs, per layer and window (#89); state, so persistent
+            self.register_buffer("mlp_act_scales", torch.ones(L, args.windows_per_step))
+            self.register_buffer("mlp_w2_scales", torch.ones(L, args.windows_per_step))
+            self.register_buffer("fp8_window", torch.zeros(1, dtype=torch.int64), persistent=False)
+            self.register_buffer("fp8_bootstrap", torch.ones((), dtype=torch.bool), persistent=False)
         self.loss_weights[0] = 1.0
         self.make_mask = flex_block_mask if args.use_flex_attention else dense_mask
 
@@ -1417,6 +1431,14 @@ class GPT(nn.Module):
         for i, w in enumerate(plan.loss_weights + (plan.prefix_weight,)):
             self.loss_weights[i].fill_(w)
         self.num_predictions, self.use_prefix = len(plan.loss_weights), plan.use_prefix
+        if self.args.use_fp8_mlp:  # weight scales from the current weights for the first 16 steps (#89)
+            self.fp8_bootstrap.fill_(plan.step < 16)
+
+    def set_window_index(self, index: int):
+        """Which of the step's windows comes next: it has its own delayed FP8 scales, so that every world size
+        quantizes window k with the scales window k measured at the previous step (as 8 GPUs do)."""
+        if self.args.use_fp8_mlp:
+            self.fp8_window.fill_(index)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor) -> Tensor:
         """Loss of one packed sequence: summed over tokens in training (with the extra prediction terms of the
@@ -1503,14 +1525,16 @@ class GPT(nn.Module):
                     x = x + weight * cache[src]
             ve = ves[int(args.value_embed_pattern[i])] if args.value_embed_pattern[i] != "-" else None
             sa = sa_lambdas[2 * i:2 * i + 2]
+            fp8 = (self.mlp_act_scales[i], self.mlp_w2_scales[i], self.fp8_window, self.fp8_bootstrap) \
+                if self.training and args.use_fp8_mlp else None
             if args.residual == "block":
                 mix = s[self.scalar_slices["block"]][2 * i:2 * i + 2]
-                x = block(x, x0, ve, sa, mix, ctx, g)
+                x = block(x, x0, ve, sa, mix, ctx, g, fp8=fp8)
             elif args.use_mudd and i == L - 1:
-                x = self.mudd_layer(block, x, ve, sa, ctx, g, cache, attn_in, bigram)
+                x = self.mudd_layer(block, x, ve, sa, ctx, g, cache, attn_in, bigram, fp8)
             else:
                 r, p = self.resid_lambdas[i], self.post_lambdas[i]
-                x = block(x, x0, ve, sa, (r[0], r[1], p[0], p[1]), ctx, g, attn_in, bigram if i else None)
+                x = block(x, x0, ve, sa, (r[0], r[1], p[0], p[1]), ctx, g, attn_in, bigram if i else None, fp8)
             cache[i] = x
             if i == args.attn_input_layer:  # later layers' attention reads this stream (#77)
                 attn_in = norm(x)
@@ -1521,7 +1545,7 @@ class GPT(nn.Module):
                  + nu[2][..., None] * cache[L - 2] + nu[3][..., None] * ves[0] + nu[4][..., None] * cache[first_skip])
         return norm(x).flatten(end_dim=1)
 
-    def mudd_layer(self, block, x, ve, sa, ctx, g, cache, attn_in, bigram) -> Tensor:
+    def mudd_layer(self, block, x, ve, sa, ctx, g, cache, attn_in, bigram, fp8) -> Tensor:
         """The last layer with MUDD (#81): 14 per-token coefficients from the stream mix earlier streams into V and
         into the residual, gate the value embedding by halves of the heads, and replace the layer's lambdas."""
         mu = [m[..., None] for m in self.mudd(0, x).unbind(-1)]
@@ -1530,7 +1554,7 @@ class GPT(nn.Module):
         H = self.args.num_heads
         g["ve"] = torch.cat([mu[6].expand(*x.shape[:2], H // 2), mu[7].expand(*x.shape[:2], H - H // 2)], dim=-1)
         x = (1 + mu[5]) * x + mu[3] * embed + mu[4] * mid
-        return block(x, embed, ve, sa, (mu[8], mu[12], mu[9], mu[13]), ctx, g, attn_in, bigram)
+        return block(x, embed, ve, sa, (mu[8], mu[12], mu[9], mu[13]), ctx, g, attn_in, bigram, fp8)
 
     def layer_gates(self, gates: list | None, layer: int) -> dict:
         if gates is None:
@@ -1822,7 +1846,9 @@ def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters
     """One optimizer step over this rank's micro-batches; returns the mean training loss per token (all ranks) as a
     device scalar: reading it here would make the host wait for the GPU every step."""
     loss_sum = torch.zeros((), device=batches[0][0].device)
-    for inputs, targets in batches:
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for micro_step, (inputs, targets) in enumerate(batches):
+        model.set_window_index(micro_step * world_size + rank)
         loss = model(inputs, targets)
         loss.backward()  # gradients accumulate as a sum; the optimizers scale and reduce them
         loss_sum += loss.detach()
