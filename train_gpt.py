@@ -344,12 +344,12 @@ SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipp
 PRESETS = {
     "speedrun": {},  # the 2026-08 recipe: 1285 steps, 338,821,120 tokens
     "smoke": dict(  # the 2026-08 recipe at 6 layers on a CPU
-        SMOKE, train_seq_len="128,256,256", max_doc_len="128,256,256", num_layers=6, attn_pattern="SSL-SL",
-        value_embed_pattern="-01-01", gated_attn_layers="2,5", skip_connections="1>3", attn_input_layer=3,
-        mudd_gate_layer=3, xsa_layers="1,2,4", paired_head_layers="0", key_offset_layers="2,5", dc_layers="5",
-        dc_window=48, bigram_vocab_size=16384, bigram_sign_rows=1024, window_blocks="1/2,1/3,2/4,2/4",
-        final_window_blocks=6, num_iterations=24, extension_iterations=2, val_every=6, warmup_steps=0,
-        muon_momentum_warmup_steps=12, muon_momentum_cooldown_steps=4,
+        SMOKE, windows_per_step=2, val_tokens=4096, train_seq_len="256,512,512", max_doc_len="256,512,512",
+        num_layers=6, attn_pattern="SSL-SL", value_embed_pattern="-01-01", gated_attn_layers="2,5",
+        skip_connections="1>3", attn_input_layer=3, mudd_gate_layer=3, xsa_layers="1,2,4", paired_head_layers="0",
+        key_offset_layers="2,5", dc_layers="5", dc_window=48, bigram_vocab_size=16384, bigram_sign_rows=1024,
+        window_blocks="1/2,2/4,3/6,3/7", final_window_blocks=10, num_iterations=12, extension_iterations=2,
+        val_every=4, warmup_steps=0, muon_momentum_warmup_steps=6, muon_momentum_cooldown_steps=2,
     ),
     "record_2025_08_23": RECORD_2025_08_23,
     "smoke_2025_08_23": dict(  # the 2025-08-23 recipe at 4 layers on a CPU
@@ -434,6 +434,11 @@ def stage_starts(args: Hyperparameters) -> list[int]:
     return [round(N * k / S) for k in range(S)] + [N]
 
 
+def stage_of(step: int, args: Hyperparameters) -> int:
+    starts = stage_starts(args)
+    return next((k for k in range(args.num_stages) if step < starts[k + 1]), args.num_stages)
+
+
 def ramp(spec: str, frac: float) -> float:
     """'a' is a constant; 'a>b' goes linearly from a to b as frac goes from 0 to 1."""
     start, _, end = spec.partition(">")
@@ -451,8 +456,7 @@ def untie_step(args: Hyperparameters) -> int | None:
 def plan_step(step: int, args: Hyperparameters) -> StepPlan:
     S, N = args.num_stages, args.num_iterations
     total = N + args.extension_iterations
-    starts = stage_starts(args)
-    stage = next((k for k in range(S) if step < starts[k + 1]), S)
+    starts, stage = stage_starts(args), stage_of(step, args)
     k = min(stage, S - 1)  # the extension takes the last stage's values
     value = lambda values: values[k] if len(values) > 1 else values[0]
     frac = 1.0 if stage == S else (step - starts[k]) / (starts[k + 1] - starts[k])
@@ -484,9 +488,7 @@ def lr_multiplier(step: int, args: Hyperparameters) -> float:
     """The stage's multiplier, then a linear cooldown over the last cooldown_frac of the scheduled steps down to
     final_lr_frac, which the extension keeps."""
     muls = args.per_stage("stage_lr_mul", float)
-    starts = stage_starts(args)
-    mul = muls[min(next((k for k in range(len(starts) - 1) if step < starts[k + 1]), len(muls) - 1),
-                   len(muls) - 1)]
+    mul = muls[min(stage_of(step, args), len(muls) - 1)]
     x = step / args.num_iterations
     if args.cooldown_frac == 0 or x < 1 - args.cooldown_frac:
         return mul
@@ -986,7 +988,7 @@ class DistAdam:
         reduced = []
         work = [w for w in work if w[1].grad is not None]  # unused: e.g. the last layer's VE gate under MUDD
         for _, p, *_ in work:  # phase 1
-            sharded = W > 1 and p.size(0) % W == 0
+            sharded = W > 1 and p.ndim > 0 and p.size(0) % W == 0
             if W == 1:
                 reduced.append((p.grad, None))
             elif sharded:
@@ -998,9 +1000,8 @@ class DistAdam:
         for (index, p, lr_mul, (beta1, beta2), wd_mul), (grad, handle) in zip(work, reduced):  # phase 2
             if handle is not None:
                 handle.wait()
-            sharded = W > 1 and p.size(0) % W == 0
-            rows = p.size(0) // W if sharded else p.size(0)
-            p_shard = p.data[r * rows:(r + 1) * rows] if sharded else p.data
+            sharded = W > 1 and p.ndim > 0 and p.size(0) % W == 0
+            p_shard = p.data.chunk(W)[r] if sharded else p.data
             state = self.state.setdefault(index, {})
             if not state:
                 dtype = torch.float32 if self.fp32_state else p.dtype
@@ -1357,6 +1358,22 @@ def gate_layout(args: Hyperparameters) -> tuple[list[dict[str, slice]], list[lis
     return slots, inits
 
 
+def prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions: int,
+                    prefixes: Tensor | None) -> Tensor:
+    """The training loss of soft-capped logits z (T, vocab), summed over positions: weights[k] times the cross-entropy
+    of the (k+1)-th next token, where the window has it (multi-token prediction, #53), plus weights[predictions]
+    times that of the longest token that is a prefix of the next one, where there is one (#88)."""
+    loss = weights[0] * F.cross_entropy(z, target_seq, reduction="sum")
+    if predictions > 1 or prefixes is not None:  # more targets per position share one log-sum-exp
+        T, lse = len(target_seq), z.logsumexp(dim=-1)
+        for k in range(1, predictions):
+            loss = loss + weights[k] * (lse[:T - k] - z[:T - k].gather(1, target_seq[k:, None])[:, 0]).sum()
+        if prefixes is not None:
+            picked = z.gather(1, prefixes.clamp_min(0)[:, None])[:, 0]
+            loss = loss + weights[predictions] * torch.where(prefixes >= 0, lse - picked, 0).sum()
+    return loss
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -1445,14 +1462,8 @@ class GPT(nn.Module):
         schedule), the mean next-token loss in evaluation."""
         x = self.hidden(input_seq)
         if self.training:
-            z, w = self.head(x), self.loss_weights
-            T = len(target_seq)
-            loss = sum(w[k] * F.cross_entropy(z[:T - k], target_seq[k:], reduction="sum")
-                       for k in range(self.num_predictions))  # multi-token prediction (#53)
-            if self.use_prefix:  # the longest token that is a prefix of the next one (#88)
-                prefixes = self.prefix_table[target_seq]
-                loss = loss + w[self.num_predictions] * F.cross_entropy(z, prefixes, ignore_index=-1, reduction="sum")
-            return loss
+            prefixes = self.prefix_table[target_seq] if self.use_prefix else None
+            return prediction_loss(self.head(x), target_seq, self.loss_weights, self.num_predictions, prefixes)
         # Evaluation: head, soft-cap and cross-entropy chunk by chunk, so that memory does not depend on the compiler
         # fusing them (262,144 tokens of fp32 logits alone are 49 GiB).
         chunks = zip(x.split(self.args.eval_chunk_tokens), target_seq.split(self.args.eval_chunk_tokens))
