@@ -981,10 +981,11 @@ class DistAdam:
         if not plan.adam_step:  # gradients keep accumulating until the next Adam step
             return
         args, W, r = self.args, self.world_size, self.rank
-        head, embed = self.tied if self.tied else (None, None)
-        if plan.tied:
+        head, embed = self.tied or (None, None)
+        tied = plan.tied and self.tied is not None
+        if tied:
             head.grad += embed.grad
-        work = [(i, *w) for i, w in enumerate(self.work) if not (plan.tied and w[0] is embed)]
+        work = [(i, *w) for i, w in enumerate(self.work) if not (tied and w[0] is embed)]
         reduced = []
         work = [w for w in work if w[1].grad is not None]  # unused: e.g. the last layer's VE gate under MUDD
         for _, p, *_ in work:  # phase 1
@@ -1031,10 +1032,9 @@ class DistAdam:
                 pass  # every rank applied the same update to the whole tensor
         for handle in gathers:  # phase 3
             handle.wait()
-        if plan.tied:
+        if tied:
             embed.data.copy_(head.data)
-            embed.grad = None
-        if plan.untie:  # from now on the embedding has its own moments, starting from the head's
+        if plan.untie and self.tied is not None:  # from now on the embedding has its own moments, from the head's
             ids = {id(w[0]): i for i, w in enumerate(self.work)}
             self.state[ids[id(embed)]] = copy.deepcopy(self.state[ids[id(head)]])
         for p, *_ in self.work:
@@ -1961,6 +1961,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
         for step in warmup:
             run_step(plans[step], loader)
         model.load_state_dict(initial_state[0])
+        model.zero_grad(set_to_none=True)  # Adam's gradients wait for its next step: drop the warm-up's
         for opt, state in zip(optimizers, initial_state[1]):
             opt.load_state_dict(state)
         log(f"warm-up: {len(warmup)} untimed steps {warmup}, then the initial model and optimizer state restored")
