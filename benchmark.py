@@ -1,4 +1,4 @@
-"""benchmark.py: time train_gpt.py's real training step and print one JSON line (PRODUCT.md §4).
+"""benchmark.py: time train_gpt.py's real training step and print one JSON line.
 
     python benchmark.py                                   # speedrun preset, synthetic shards, this machine's devices
     torchrun --standalone --nproc_per_node=8 benchmark.py --steps=50

@@ -1,23 +1,31 @@
 """train_gpt.py: train a GPT-2-small-class model on FineWeb to 3.28 val loss as fast as we can.
 
-The recipe is the public NanoGPT speedrun record of 2025-08-23 (2.812 min on 8xH100), written our own way: one file that
-runs the same math on 8 GPUs, on 1 GPU (gradient accumulation) and on a CPU (tiny `smoke` preset, used by the tests).
+Two public NanoGPT speedrun recipes, written our own way as presets of one code path that runs the same math on 8 GPUs,
+on fewer GPUs (gradient accumulation) and on a CPU (the tiny `smoke` presets, used by the tests). Facts and numbers of
+both recipes are in docs/recipes.md; credits below name the public record (#n) that introduced each technique.
 
-    torchrun --standalone --nproc_per_node=8 train_gpt.py     # the record run (any --nproc_per_node that divides 8)
-    python train_gpt.py --preset=smoke                        # a 4-layer model on the sample data, on a CPU, in seconds
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # the 2026-08 recipe (any --nproc_per_node dividing 8)
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=record_2025_08_23   # record #28 (2025-08-23)
+    python train_gpt.py --preset=smoke                        # the 2026-08 recipe at 6 layers, on a CPU, in a minute
+    python train_gpt.py --print_schedule                      # the schedule, one JSON line per step
     python train_gpt.py --help                                # every setting, its default and unit
 
-Techniques (credits name the record in the public speedrun history that introduced them):
-  - rotary embeddings, half of the frequencies truncated to zero (#2, #17); QK-norm, ReLU^2 MLP, zero-init projections,
-    vocab padded to 50304 (#5 ModernArch); untied head, RMSNorm after the embedding (#8)
-  - x0 embedding shortcut with per-layer lambdas and logit soft-cap (#9); U-Net skips with learned weights (#11)
-  - value embeddings mixed into V in a 012...012 layer pattern (#14, #15, #17); one layer without attention (#17)
-  - FP8 LM head through torch._scaled_mm (#19); merged QKVO weights, fixed attention scale 0.12, long/short sliding
-    windows (#20); FlexAttention with a document-causal block mask (#13, #16); BOS-aligned training windows (#26)
-  - sparse attention gate: a per-head sigmoid gate from 12 residual channels (#28 SparseAttnGate, 2025-08-23)
-  - Muon: Nesterov momentum + Newton-Schulz orthogonalization, sharded across ranks (#3, #4, #6); Adam for the rest.
-    Options (off by default): Polar Express (Amsel et al., arXiv 2505.16932; #38) and NorMuon's neuron-wise
-    normalization (arXiv 2510.05491; #41).
+Techniques (each a setting, so any can be switched off from the command line):
+  - rotary embeddings with half the frequencies at zero (#2, #17), adjacent pairs (#58), YaRN at window changes (#31);
+    QK-norm, ReLU^2 MLP, vocab padded to 50304 (#5); RMSNorm after the embedding (#8); logit soft-cap (#9, #54)
+  - value embeddings mixed into V (#14, #15, #70) with per-head gates (#55); one layer without attention (#17);
+    U-Net skips (#11), reduced to one gated skip (#32, #45, #85); x0 shortcut (#9) with residual and output lambdas per
+    sublayer (#45, #77); later layers read one saved attention input (#77)
+  - long/short sliding windows (#20), FlexAttention with document masks (#13, #16), packed documents cut at a maximum
+    length (#29, #72); paired-head attention (#58); partial key offset (#49); sparse attention gate (#28), per-token
+    gates (#85); XSA (#82, #86); lightweight DC correction (#85); smear (#34); hashed bigram embedding (#62, #83);
+    MUDD dense connections with the backout (#40, #81)
+  - FP8 LM head through torch._scaled_mm (#19), FP8 MLP forward (#84, #89); bf16 weights with kept mantissa bits (#57)
+  - Muon (#3, #4, #6) with Polar Express (Amsel et al., arXiv 2505.16932; #38), NorMuon (arXiv 2510.05491; #41),
+    cautious weight decay (#43, #50), per-head-pair Q/K blocks (#80); Adam on odd steps (#39) with a per-parameter
+    table (#52, #56); embedding tied to the head for two thirds of the run (#51, #53)
+  - staged batch sizes, windows and LR multipliers (#46, #65), multi-token (#53) and prefix-token (#88) losses,
+    BOS-aligned training data (#26), an untimed warm-up of every compiled variant (#21, #47)
 """
 
 import concurrent.futures
@@ -46,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-BOS_ID = 50256  # GPT-2's <|endoftext|>, prepended to every document: the document delimiter (RECIPE §1.2)
+BOS_ID = 50256  # GPT-2's <|endoftext|>, prepended to every document: the document delimiter
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: everything that changes results, in one frozen dataclass. `--field=value` overrides any of them.
@@ -623,8 +631,8 @@ def describe_machine(device: torch.device) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
-# Custom ops: the FP8 LM head (RECIPE §2(a)). A custom op with a fake implementation and registered autograd, so
-# torch.compile treats it as one opaque node; the plain twin is F.linear, used in evaluation and when use_fp8 is off.
+# Custom ops: the FP8 LM head (#19). A custom op with a fake implementation and registered autograd, so torch.compile
+# treats it as one opaque node; the plain twin is F.linear, used in evaluation and when use_fp8 is off.
 
 
 @torch.library.custom_op("nanogpt::fp8_mm", mutates_args=())
@@ -1590,7 +1598,8 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Data: the shard format (RECIPE §1.1), the one definition (data/ scripts import it from here), and the loaders.
+# Data: the shard format (docs/recipes.md#shard-format), the one definition (data/ scripts import it from here), and the
+# loaders.
 
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 SHARD_HEADER_BYTES = 256 * 4  # 256 little-endian int32: magic, version, number of tokens, zeros
@@ -1805,7 +1814,7 @@ def load_val_tokens(files: list[Path], num_tokens: int) -> np.ndarray:
 
 
 def val_windows(tokens: np.ndarray, seq_len: int, rank: int, world_size: int, device: torch.device):
-    """Sequential, not BOS-aligned windows (RECIPE §1.4); rank r takes windows r, r + W, r + 2W, ..."""
+    """Sequential, not BOS-aligned windows (docs/recipes.md#validation); rank r takes windows r, r + W, r + 2W, ..."""
     for k in range(rank, (len(tokens) - 1) // seq_len, world_size):
         yield to_device(tokens[k * seq_len:(k + 1) * seq_len + 1], device)
 
