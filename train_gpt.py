@@ -1914,6 +1914,40 @@ def peak_memory_line(device: torch.device) -> str:
     return f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB"
 
 
+MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
+
+
+def save_model(model: "GPT", folder: Path):
+    """A trained model as two files: its weights and persistent state (safetensors, no pickle) and its settings."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / MODEL_FILE))
+    (folder / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(model.args), indent=1) + "\n")
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> "GPT":
+    """The model saved in a checkpoint or export folder, ready for inference: evaluation mode, with the windows and
+    rotary frequencies of the final validation."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
+        raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
+                         "folder (records/checkpoints/<run_id>/step_<N>) or a folder written by export.py")
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{folder / SETTINGS_FILE} has settings this train_gpt.py does not know: {unknown}. HINT: "
+                         "load it with the train_gpt.py that saved it (its source is in the run's log)")
+    args = Hyperparameters(**settings)
+    model = GPT(args)
+    model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+    model.eval().set_step(plan_step(args.num_iterations + args.extension_iterations, args))
+    return model.to(device)
+
+
 def warmup_steps(args: Hyperparameters) -> list[int]:
     """The untimed warm-up runs the first warmup_steps steps and the 4 steps around every stage change (#65), so
     that every compiled variant (batch sizes, windows, tied and untied, Adam and no-Adam steps) exists before the
