@@ -34,14 +34,18 @@ import ctypes
 import dataclasses
 import difflib
 import glob
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,7 +190,13 @@ class Hyperparameters:
     use_flex_attention: bool = setting(True, "FlexAttention with a block-sparse mask; off: dense masked softmax")
     eval_chunk_tokens: int = setting(8192, "evaluation computes head, soft-cap and loss this many tokens at a time")
     log_dir: str = setting("", "folder of run logs; empty: records/logs beside this file")
-    run_id: str = setting("", "log name; empty: a fresh uuid4")
+    run_id: str = setting("", "name of the run's log and checkpoints; empty: a fresh uuid4")
+    save_every: int = setting(0, "write a checkpoint every n steps (0: none); SIGTERM also writes one when n > 0")
+    save_final: bool = setting(False, "write a checkpoint after the last step")
+    checkpoint_dir: str = setting("", "folder of checkpoints; empty: records/checkpoints beside this file")
+    resume: str = setting("", "a checkpoint folder (.../<run_id>/step_<n>) to continue from")
+    resume_anyway: bool = setting(False, "resume even if the code or the settings differ from the checkpoint's")
+    debug: bool = setting(False, "print the traceback of an unexpected error (it is always in the log)")
 
     def __post_init__(self):
         def require(ok: bool, message: str):
@@ -585,25 +595,47 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 
 class RunLog:
-    """Rank 0 appends each line to records/logs/<run_id>.txt and flushes it, so a crash loses nothing written."""
+    """Rank 0 appends each line to records/logs/<run_id>.txt with one unbuffered write, so a crash loses nothing
+    written; a write that fails (a full disk) is cut back to the last complete line, and the error names the file."""
 
     def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
+        self.path, self.fd, self.size = path, None, 0
+        if path is None:
+            return
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = path.open("x")  # never overwrite another run's log
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except FileExistsError:
+            raise ValueError(f"the log {path} exists: another run used run_id={path.stem!r}. HINT: choose another "
+                             "--run_id, or leave it empty for a fresh one") from None
+        except OSError as e:
+            raise ValueError(f"cannot create the log {path}: {e.strerror}. HINT: choose a writable folder with "
+                             "--log_dir") from None
 
     def __call__(self, text: str, console: bool = True):
-        if self.path is None:
+        if self.fd is None:
             return
         if console:
             print(text, flush=True)
-        self.file.write(text + "\n")
-        self.file.flush()
+        data = (text + "\n").encode()
+        try:
+            written = os.write(self.fd, data)
+            if written != len(data):
+                raise OSError(28, "No space left on device")  # a short write: the disk filled up
+        except OSError as e:
+            os.ftruncate(self.fd, self.size)  # keep only complete lines
+            raise LogWriteError(f"cannot write the log {self.path}: {e.strerror}; its complete lines are kept. "
+                                "HINT: free disk space, or choose another --log_dir") from None
+        self.size += len(data)
 
     def close(self):
-        if self.path is not None:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class LogWriteError(OSError):
+    """The run log could not be written; nothing more can be logged."""
 
 
 def describe_machine(device: torch.device) -> list[str]:
@@ -1862,9 +1894,10 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
             Muon(muon, args, ortho, grad_scale, rt.rank, rt.world_size)]
 
 
-def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters) -> Tensor:
-    """One optimizer step over this rank's micro-batches; returns the mean training loss per token (all ranks) as a
-    device scalar: reading it here would make the host wait for the GPU every step."""
+def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters, stop: Tensor | None = None) -> Tensor:
+    """One optimizer step over this rank's micro-batches; returns, on the device (reading it here would make the host
+    wait for the GPU every step), the mean training loss per token over all ranks and the number of ranks that
+    asked to stop (`stop`: 1 or 0 from this rank)."""
     loss_sum = torch.zeros((), device=batches[0][0].device)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for micro_step, (inputs, targets) in enumerate(batches):
@@ -1874,7 +1907,7 @@ def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters
         loss_sum += loss.detach()
     for opt in optimizers:
         opt.step(plan)
-    return all_reduce_sum(loss_sum) / plan.tokens
+    return all_reduce_sum(torch.stack([loss_sum / plan.tokens, loss_sum.new_zeros(()) if stop is None else stop]))
 
 
 @torch.no_grad()
@@ -1894,14 +1927,14 @@ class DeferredScalar:
     def __init__(self, value: Tensor):
         self.value, self.event = value, None
         if value.device.type == "cuda":
-            self.value = torch.empty((), dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+            self.value = torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
 
-    def get(self) -> float:
+    def get(self) -> list[float]:
         if self.event is not None:
             self.event.synchronize()
-        return self.value.item()
+        return self.value.tolist()
 
 
 def peak_memory_line(device: torch.device) -> str:
@@ -1948,6 +1981,95 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model.to(device)
 
 
+RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
+                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug")  # they never change the math
+
+
+class Stop(Exception):
+    """A stop that was asked for (SIGTERM): the run ends at a step boundary, after writing a checkpoint if they are
+    on."""
+
+
+def source_sha256() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict, rt: Runtime):
+    """folder (.../step_<n>) appears whole or not at all: every rank writes its optimizer shard and pending gradients,
+    rank 0 the model, settings and progress, into a temporary folder that is renamed into place once complete."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    if rt.is_master:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
+    torch.save(dict(optimizers=[opt.state_dict() for opt in optimizers], grads=grads), partial / f"rank{rt.rank}.pt")
+    barrier()
+    if rt.is_master:
+        save_model(model, partial)
+        (partial / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    barrier()
+
+
+def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperparameters, rt: Runtime) -> dict:
+    """Restores what save_checkpoint wrote, after checking that it is complete and that this run may continue it:
+    the same world size (optimizer shards), and the same code and settings unless resume_anyway."""
+    from safetensors.torch import load_file
+
+    hint = "HINT: pass a folder .../<run_id>/step_<n> written by --save_every or --save_final"
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        saved = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder} is not a complete checkpoint ({e}). {hint}") from None
+    if progress["world_size"] != rt.world_size:
+        raise ValueError(f"{folder} was written by {progress['world_size']} ranks; this run has {rt.world_size}. "
+                         f"HINT: resume with torchrun --nproc_per_node={progress['world_size']} (optimizer state is "
+                         "sharded by rank)")
+    current = dataclasses.asdict(args)
+    changed = sorted(k for k in set(current) | set(saved) if k not in RUN_SETTINGS and current.get(k) != saved.get(k))
+    if progress["source_sha256"] != source_sha256():
+        changed.append("the code of train_gpt.py")
+    if changed and not args.resume_anyway:
+        raise ValueError(f"{folder} was written with other settings or code: {', '.join(changed)}. HINT: resume "
+                         "with the same train_gpt.py and settings, or pass --resume_anyway=true to continue anyway")
+    try:
+        model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(rt.device)))
+        shard = torch.load(folder / f"rank{rt.rank}.pt", map_location=rt.device, weights_only=True)
+    except Exception as e:  # a damaged file: safetensors, pickle-free torch.load and shape checks all land here
+        raise ValueError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {str(e)[:200]}. {hint}") from None
+    for opt, state in zip(optimizers, shard["optimizers"]):
+        opt.load_state_dict(state)
+    for name, p in model.named_parameters():
+        p.grad = shard["grads"].get(name)
+    return progress
+
+
+class StopSignal:
+    """While active, SIGTERM asks the run to stop at the next step boundary (all ranks agree through the step's
+    all-reduce); a second SIGTERM stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise Stop("SIGTERM received twice: stopped at once, without a checkpoint")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
 def warmup_steps(args: Hyperparameters) -> list[int]:
     """The untimed warm-up runs the first warmup_steps steps and the 4 steps around every stage change (#65), so
     that every compiled variant (batch sizes, windows, tied and untied, Adam and no-Adam steps) exists before the
@@ -1959,7 +2081,7 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
     return sorted(set(range(args.warmup_steps)) | {s for s in around if 0 <= s < total})
 
 
-def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
+def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal) -> dict:
     if rt.is_master:
         log(Path(__file__).read_text(), console=False)
         log("=" * 100, console=False)
@@ -1990,47 +2112,80 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
     model = model.to(rt.device)
     optimizers = build_optimizers(model, args, rt)
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
-    new_loader = lambda: TrainLoader(train_files, plans[0].seq_len, args.windows_per_step, rt.rank, rt.world_size,
-                                     rt.device)
+    new_loader = lambda state=None: TrainLoader(train_files, plans[0].seq_len, args.windows_per_step, rt.rank,
+                                                rt.world_size, rt.device, state)
+    progress = dict(step=0, loader=None, train_time_ms=0.0, val_losses={})
+    if args.resume:
+        progress = load_checkpoint(Path(args.resume), model, optimizers, args, rt)
+        log(f"resumed from {args.resume}: step {progress['step']} of run {progress['run_id']}, train_time "
+            f"{progress['train_time_ms']:.0f}ms")
+    stop_vote = torch.zeros((), device=rt.device)
 
     def run_step(plan: StepPlan, loader: TrainLoader) -> Tensor:
         model.set_step(plan)
-        return train_step(step_model, optimizers, loader.next_step(plan.seq_len, plan.max_doc_len), plan, args)
+        batches = loader.next_step(plan.seq_len, plan.max_doc_len)
+        return train_step(step_model, optimizers, batches, plan, args, stop_vote.fill_(float(stop.requested)))
 
     # Untimed warm-up: compile and run real steps, then restore the initial weights, optimizer state and data order.
     if warmup := warmup_steps(args):
-        initial_state = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
+        initial_state = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers],
+                                       {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
         loader = new_loader()
         for step in warmup:
             run_step(plans[step], loader)
         model.load_state_dict(initial_state[0])
-        model.zero_grad(set_to_none=True)  # Adam's gradients wait for its next step: drop the warm-up's
         for opt, state in zip(optimizers, initial_state[1]):
             opt.load_state_dict(state)
+        for name, p in model.named_parameters():  # Adam's gradients wait for its next step: drop the warm-up's
+            p.grad = initial_state[2].get(name)
         log(f"warm-up: {len(warmup)} untimed steps {warmup}, then the initial model and optimizer state restored")
 
-    loader = new_loader()
+    loader = new_loader(progress["loader"])
     synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
-    training_time_ms, val_losses, pending = 0.0, {}, None
+    training_time_ms, val_losses = progress["train_time_ms"], {int(k): v for k, v in progress["val_losses"].items()}
+    checkpoints = Path(args.checkpoint_dir or Path(__file__).resolve().parent / "records" / "checkpoints") / run_id
+    pending = None
 
-    def log_pending_step():
-        """Writes the previous step's line once its loss is on the host: one step late, so no step waits for it."""
+    def log_pending_step() -> bool:
+        """Writes the previous step's line once its loss is on the host: one step late, so no step waits for it.
+        True when some rank asked to stop during that step (every rank reads the same reduced vote)."""
         nonlocal pending
-        if pending is not None:
-            (text, step, loss), pending = pending, None
-            train_loss = loss.get()
-            log(f"{text} train_loss:{train_loss:.4f}")
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss is {train_loss} at step {step}. {NAN_HINT}")
+        if pending is None:
+            return False
+        (text, step, result), pending = pending, None
+        train_loss, votes = result.get()
+        log(f"{text} train_loss:{train_loss:.4f}")
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss is {train_loss} at step {step}. {NAN_HINT}")
+        return votes > 0
+
+    def checkpoint(steps_done: int) -> Path:
+        """Saves the state after steps_done steps, with the clock stopped."""
+        nonlocal training_time_ms, t0
+        synchronize()
+        training_time_ms += 1000 * (time.perf_counter() - t0)
+        folder = checkpoints / f"step_{steps_done}"
+        state = dict(step=steps_done, loader=loader.state(), train_time_ms=training_time_ms, val_losses=val_losses,
+                     world_size=rt.world_size, source_sha256=source_sha256(), run_id=run_id)
+        try:
+            save_checkpoint(folder, model, optimizers, state, rt)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write the checkpoint {folder}: {e.strerror}. HINT: free disk space or "
+                          "choose another --checkpoint_dir") from None
+        log(f"checkpoint: {folder} (step {steps_done})", console=rt.is_master)
+        t0 = time.perf_counter()
+        return folder
 
     synchronize()
     t0 = time.perf_counter()
-    for plan in plans:
+    for plan in plans[progress["step"]:]:
         step = plan.step
         if plan.validate:
             synchronize()
+            if log_pending_step():
+                raise Stop(f"SIGTERM: stopped after step {step}" + (f"; checkpoint {checkpoint(step)}"
+                                                                   if args.save_every else ""))
             training_time_ms += 1000 * (time.perf_counter() - t0)  # the clock stops during validation
-            log_pending_step()
             model.set_step(plan)
             val_losses[step] = val_loss = evaluate(step_model, val_tokens, args, rt)
             log(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
@@ -2041,11 +2196,20 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog) -> dict:
             t0 = time.perf_counter()
         if step == total:
             break
-        train_loss = run_step(plan, loader)
+        result = run_step(plan, loader)
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-        log_pending_step()  # the previous step's loss: this step is already queued behind it
+        if log_pending_step():  # the previous step's line: this step is already queued behind it
+            pending = (f"step:{step + 1}/{total} train_time:{elapsed_ms:.0f}ms "
+                       f"step_avg:{elapsed_ms / (step + 1):.2f}ms", step + 1, DeferredScalar(result))
+            log_pending_step()
+            raise Stop(f"SIGTERM: stopped after step {step + 1}" + (f"; checkpoint {checkpoint(step + 1)}"
+                                                                   if args.save_every else ""))
         pending = (f"step:{step + 1}/{total} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / (step + 1):.2f}ms",
-                   step + 1, DeferredScalar(train_loss))
+                   step + 1, DeferredScalar(result))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            checkpoint(step + 1)
+    if args.save_final:
+        checkpoint(total)
     log(peak_memory_line(rt.device))
     return dict(val_loss=val_losses[total], val_losses=val_losses, train_time_ms=training_time_ms, steps=total,
                 log_path=str(log.path) if log.path else None)
@@ -2067,35 +2231,82 @@ def print_schedule(args: Hyperparameters):
 
 def main(argv: list[str] | None = None) -> dict:
     """Trains with the given settings (command-line style); returns the final metrics. Whatever stops a run early
-    (bad data, a NaN loss, Ctrl-C) is written as the last line of its log."""
+    (bad settings or data, a NaN loss, SIGTERM, Ctrl-C, a full disk, any error) is written as the last line of its
+    log, `stopped: <reason>`, and raised again."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rt = setup_runtime(args)
+    run_id = [args.run_id or str(uuid.uuid4())]
+    if dist.is_initialized():  # one name for the run on every rank: its checkpoints are written together
+        dist.broadcast_object_list(run_id, src=0)
+    run_id = run_id[0]
     log_dir = Path(args.log_dir) if args.log_dir else Path(__file__).resolve().parent / "records" / "logs"
-    log = RunLog(log_dir / f"{args.run_id or uuid.uuid4()}.txt" if rt.is_master else None)
+    log = RunLog(log_dir / f"{run_id}.txt" if rt.is_master else None)
+
+    def stopped(reason: str):
+        try:
+            log(f"stopped: {reason}", console=False)
+        except LogWriteError:
+            pass  # the message goes to the console; the log keeps its complete lines
+
     try:
-        return train(args, rt, log)
-    except (ValueError, FloatingPointError) as e:
-        log(f"stopped: {e}", console=False)
+        with StopSignal() as stop:
+            return train(args, rt, log, run_id, stop)
+    except (Stop, ValueError, FloatingPointError) as e:
+        stopped(str(e))
         raise
     except KeyboardInterrupt:
-        log("stopped: interrupted")
+        stopped("interrupted (Ctrl-C)")
+        raise
+    except LogWriteError:
+        raise
+    except Exception as e:  # a bug, out of memory, a lost rank: the message and the traceback go to the log
+        if not isinstance(e, OSError):
+            try:
+                log("".join(traceback.format_exception(e)).rstrip(), console=False)
+            except LogWriteError:
+                pass
+        stopped(f"{type(e).__name__}: {e}")
         raise
     finally:
         log.close()
 
 
-if __name__ == "__main__":
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+def console_message(e: BaseException, debug: bool) -> tuple[str, int]:
+    """The one line a stopped run prints, and its exit status."""
+    if isinstance(e, KeyboardInterrupt):
+        return "stopped: interrupted (Ctrl-C)", 130
+    if isinstance(e, Stop):
+        return f"stopped: {e}", 143
+    if isinstance(e, (ValueError, FloatingPointError, OSError)):
+        return f"error: {e}", 1
+    hint = "" if debug else " (the traceback is in the run's log; --debug=true prints it)"
+    return f"error: {type(e).__name__}: {e}{hint}", 1
+
+
+def cli(argv: list[str]) -> int:
+    """The command line: --help, --print_schedule, or a run; one line on the console (from rank 0 only) for any stop,
+    no traceback unless --debug=true. Returns the exit status."""
+    if "--help" in argv or "-h" in argv:
         print(usage())
-        sys.exit(0)
+        return 0
+    status = 0
     try:
-        if "--print_schedule" in sys.argv[1:]:
-            print_schedule(parse_args([a for a in sys.argv[1:] if a != "--print_schedule"]))
+        if "--print_schedule" in argv:
+            print_schedule(parse_args([a for a in argv if a != "--print_schedule"]))
         else:
-            main()
-    except (ValueError, FloatingPointError) as e:  # bad settings or data, NaN: a message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            main(argv)
+    except (Exception, KeyboardInterrupt) as e:
+        debug = "--debug=true" in argv
+        message, status = console_message(e, debug)
+        if debug:
+            traceback.print_exc()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(message, file=sys.stderr, flush=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
