@@ -1,14 +1,14 @@
-"""records/compare.py: summarize speedrun logs and test a record claim (RECIPE.md §5.2-5.4).
+"""records/compare.py: summarize speedrun logs and test a record claim (docs/recipes.md#rules).
 
     python records/compare.py RUNS... [--baseline RUNS...] [--target 3.28] [--alpha 0.01] [--json] [--plot FILE.png]
 
 RUNS are log files or folders; folders are searched recursively for *.txt logs (anything else is ignored). Our logs
-(records/logs/<run_id>.txt) and the reference project's record logs are read alike (RECIPE.md §5.1): the source, a line
-of 100 '=', the environment (versions, then nvidia-smi or our "CPU:" line), another line of 100 '=', then the step
-lines. A run's official result is its final val line, the one at step N of N: its val_loss and its train_time. A log
-without one (crashed, stopped, or still running) is listed as incomplete and left out, with the reason: our trainer
-ends a run that stops early with a line 'stopped: <why>'. A run whose final val loss is not finite, or that stopped on
-a loss that is not finite, diverged.
+(records/logs/<run_id>.txt) and the reference project's record logs are read alike (docs/recipes.md#run-log): the
+source, a line of 100 '=', the environment (versions, then nvidia-smi or our "CPU:" line), another line of 100 '=', then
+the step lines. A run's official result is its final val line, the one at step N of N: its val_loss and its train_time.
+A log without one (crashed, stopped, or still running) is listed as incomplete and left out, with the reason: our
+trainer ends a run that stops early with a line 'stopped: <why>'. A run whose final val loss is not finite, or that
+stopped on a loss that is not finite, diverged.
 
 Per group: mean and sample std of the final val losses with the record rule's one-sided one-sample t-test that the mean
 is below --target (scipy.stats.ttest_1samp(losses, target, alternative='less')); train time mean, median, min, max;
@@ -41,7 +41,7 @@ from scipy import stats
 EXIT_HOLDS, EXIT_FAILS, EXIT_USAGE = 0, 1, 2
 
 # -----------------------------------------------------------------------------
-# Reading one log (RECIPE.md §5.1, PRODUCT.md §2)
+# Reading one log (layout: docs/recipes.md#run-log)
 
 SECTION_RULE = "=" * 100  # separates the source, the environment block and the training output
 FILE_RULE = "-" * 40  # embedded files after the script are introduced by FILE_RULE, "# name", FILE_RULE
@@ -129,7 +129,7 @@ def parse_log(text: str, path: Path) -> RunLog:
     lines = text.splitlines()
     rules = [i for i, line in enumerate(lines) if line.rstrip() == SECTION_RULE]
     if not rules:
-        raise LogError("no line of 100 '=' characters: not a training log (layout in RECIPE.md §5.1)")
+        raise LogError("no line of 100 '=' characters: not a training log (layout in docs/recipes.md#run-log)")
     # The environment block opens with "Running Python/PyTorch ..."; anchoring on that line keeps a line of '='
     # inside the embedded source from being taken for the separator.
     env_start = next((i for i in rules if i + 1 < len(lines) and lines[i + 1].startswith("Running")), rules[0])
@@ -299,7 +299,7 @@ def group_notes(group: Group) -> list[str]:
 
 
 def one_sample_test(losses: np.ndarray, target: float) -> dict:
-    """The record rule (RECIPE.md §5.4): one-sample one-sided t-test, H1: mean final val loss < target."""
+    """The record rule (docs/recipes.md#rules): one-sample one-sided t-test, H1: mean final val loss < target."""
     n = len(losses)
     if n < 2:
         note = f"{_plural(n, 'complete run')}; the t-test needs at least 2"
@@ -643,8 +643,8 @@ def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="records/compare.py",
-        description="Summarize speedrun logs and test a record claim (RECIPE.md §5.4): mean final val loss below "
-                    "--target with a one-sided t-test p < --alpha and, with --baseline, faster than the baseline "
+        description="Summarize speedrun logs and test a record claim (docs/recipes.md#rules): mean final val loss "
+                    "below --target with a one-sided t-test p < --alpha and, with --baseline, faster than the baseline "
                     "with a one-sided Welch p < --alpha, on the same hardware.",
         epilog="Exit status: 0 the claim holds; 1 it does not (the verdict line says why); 2 bad arguments or no "
                "logs found. Folders are searched recursively for *.txt logs; a log given both as RUNS and as "
