@@ -11,7 +11,7 @@
 # Sourced, it leaves .venv activated for the caller.
 
 speedrun_setup() {
-    local repo venv py key stamp variant gpus torch_now index pkg
+    local repo venv py key stamp variant gpus torch_now index pkg start=$SECONDS
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
     venv="$repo/.venv"
     stamp="$venv/.speedrun-setup"
@@ -96,14 +96,15 @@ speedrun_setup() {
                 "(where that is PyPI, a CUDA build of several GB, which also runs on a CPU)"
             "$venv/bin/python" -m pip install "$pkg" || { say "error: pip could not install $pkg"; return 1; }
         fi
-        torch_now=$("$venv/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda or "none")')
+        torch_now=$("$venv/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda or "none")' \
+            2>/dev/null)  # (without numpy yet, torch warns)
     fi
 
     say "installing requirements.txt"
     "$venv/bin/python" -m pip install -q -r "$repo/requirements.txt" \
         || { say "error: pip could not install requirements.txt (see above)"; return 1; }
     printf '%s\n%s\n' "$key" "torch ${torch_now%% *}, CUDA ${torch_now##* }, $("$venv/bin/python" -V 2>&1)" >"$stamp"
-    say ".venv is ready ($(sed -n 2p "$stamp"))"
+    say ".venv is ready ($(sed -n 2p "$stamp")), set up in $((SECONDS - start)) s"
     speedrun_activate "$venv"
 }
 
