@@ -114,4 +114,7 @@ speedrun_activate() {
     hash -r 2>/dev/null || true
 }
 
-speedrun_setup
+speedrun_setup || { [ "${BASH_SOURCE[0]}" != "$0" ] && return 1; exit 1; }
+if [ "${BASH_SOURCE[0]}" = "$0" ] && [ "${SPEEDRUN_USE_SYSTEM_PYTHON:-0}" != 1 ]; then  # run, not sourced
+    echo "setup: to use .venv in your shell: . .venv/bin/activate" >&2
+fi
