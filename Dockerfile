@@ -9,6 +9,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# run.sh and test.sh use this image's Python as it is: setup.sh installs nothing here
+ENV SPEEDRUN_USE_SYSTEM_PYTHON=1
 
 # torch first, from the CUDA 12.8 index, so that requirements.txt's torch>=2.11 finds it satisfied
 RUN pip install torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One command for the record: fetch the FineWeb shards the speedrun needs (skipped when already here and valid), then
-# train on the local GPUs with torchrun. Without a GPU it runs the smoke preset on the CPU instead, and says so.
+# One command for the record: set up .venv when needed (setup.sh), fetch the FineWeb shards the speedrun needs (skipped
+# when already here and valid), then train on the local GPUs with torchrun. Without a GPU it runs the smoke preset on
+# the CPU instead, on the sample shards shipped in data/sample/, and says so.
 # Extra arguments go to train_gpt.py, e.g. ./run.sh --seed=1
 set -euo pipefail
 cd "$(dirname "$0")"
+. ./setup.sh
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

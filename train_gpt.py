@@ -72,7 +72,7 @@ def setting(default, help: str):
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    # data (relative paths are resolved against $DATA_PATH, default: the current directory)
+    # data (relative globs: under $DATA_PATH if set, else the current directory, else this repository)
     train_files: str = setting("data/fineweb10B/fineweb_train_*.bin", "glob of training shards, read in sorted order")
     val_files: str = setting("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
     val_tokens: int = setting(10_485_760, "tokens of validation, the same for every world size")
@@ -412,11 +412,25 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     return Hyperparameters(**{**PRESETS[preset], **overrides})
 
 
-def usage() -> str:
-    lines = [__doc__.split("\n\n")[0], "", "usage: [torchrun ...] train_gpt.py [--preset=NAME] [--field=value ...]", "",
-             f"presets: {', '.join(PRESETS)} (default speedrun)", "", "settings (default, meaning):"]
+def usage(argv: list[str] = ()) -> str:
+    """--help: every setting's value under the preset and overrides in argv, and its meaning, in aligned columns."""
+    args = parse_args(list(argv))
+    preset = next((a.partition("=")[2] for a in reversed(argv) if a.startswith("--preset=")), "speedrun")
+    given = " and the overrides given" if any(not a.startswith("--preset=") for a in argv) else ""
+    rows = []
     for f in dataclasses.fields(Hyperparameters):
-        lines.append(f"  --{f.name}={f.default!s:<36} {f.metadata['help']}")
+        value = getattr(args, f.name)
+        rows.append((f"--{f.name}={value}", f.metadata["help"] + ("" if value == f.default else
+                                                                   f" [speedrun: {f.default}]")))
+    width = min(max(len(left) for left, _ in rows), 38)
+    lines = [__doc__.split("\n\n")[0], "", "usage: [torchrun ...] train_gpt.py [--preset=NAME] [--field=value ...]", "",
+             f"presets: {', '.join(PRESETS)} (default speedrun); `--preset=NAME --help` shows that preset's values", "",
+             f"settings under --preset={preset}{given} (value, meaning):"]
+    for left, meaning in rows:
+        if len(left) > width:  # too long for the column: the meaning goes on the next line, still aligned
+            lines += [f"  {left}", f"  {'':<{width}}  {meaning}"]
+        else:
+            lines.append(f"  {left:<{width}}  {meaning}")
     lines.append("\nenvironment: DATA_PATH (root of relative shard globs); torchrun's RANK, WORLD_SIZE, LOCAL_RANK")
     return "\n".join(lines)
 
@@ -550,8 +564,16 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.windows_per_step % world_size:
         sizes = [n for n in range(1, args.windows_per_step + 1) if args.windows_per_step % n == 0]
-        raise ValueError(f"world size {world_size} cannot keep the batch of windows_per_step={args.windows_per_step} "
-                         f"windows; use a world size among {sizes}")
+        message = (f"world size {world_size} cannot keep the batch of windows_per_step={args.windows_per_step} "
+                   f"windows; use a world size among {sizes}")
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise ValueError(message)
+        # Under torchrun every rank gets here: one message, from rank 0, and no exit status that torchrun would turn
+        # into a traceback of its own; nothing has started, so there is nothing to clean up.
+        if rank == 0:
+            print(f"error: {message} (e.g. torchrun --nproc_per_node={max(n for n in sizes if n <= world_size)}); "
+                  "nothing was run", file=sys.stderr, flush=True)
+        sys.exit(0)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA GPU is visible; use --device=cpu (or auto)")
@@ -934,7 +956,7 @@ class Muon:
                 reduced.append((grads, None))
             else:
                 mine = grads.new_empty(share, *grads.shape[1:])
-                reduced.append((mine, dist.reduce_scatter_tensor(mine, grads, async_op=True)))
+                reduced.append((mine, dist.reduce_scatter_single(mine, grads, async_op=True)))
         gathers = []
         for index, ((_, lr_mul, _), entries) in enumerate(self.groups.items()):  # phase 2: update, launch gathers
             grads, handle = reduced[index]
@@ -951,7 +973,7 @@ class Muon:
                 gathers.append((entries, updated, None))
             else:
                 full = updated.new_empty(share * W, *updated.shape[1:])
-                gathers.append((entries, full, dist.all_gather_into_tensor(full, updated, async_op=True)))
+                gathers.append((entries, full, dist.all_gather_single(full, updated, async_op=True)))
         for entries, full, handle in gathers:  # phase 3: everyone receives every updated matrix
             if handle is not None:
                 handle.wait()
@@ -1034,7 +1056,7 @@ class DistAdam:
                 reduced.append((p.grad, None))
             elif sharded:
                 shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
-                reduced.append((shard, dist.reduce_scatter_tensor(shard, p.grad, async_op=True)))
+                reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
             else:
                 reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
         gathers = []
@@ -1067,7 +1089,7 @@ class DistAdam:
             if work_p.data_ptr() != p_shard.data_ptr():
                 p_shard.copy_(work_p)
             if sharded:
-                gathers.append(dist.all_gather_into_tensor(p.data, p_shard.clone(), async_op=True))
+                gathers.append(dist.all_gather_single(p.data, p_shard.clone(), async_op=True))
             elif W > 1:
                 pass  # every rank applied the same update to the whole tensor
         for handle in gathers:  # phase 3
@@ -1698,13 +1720,21 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
 
 
 def find_shards(pattern: str) -> list[Path]:
-    """Sorted shards matching pattern (relative to $DATA_PATH), every header checked before training starts."""
-    full = pattern if os.path.isabs(pattern) else os.path.join(os.environ.get("DATA_PATH", "."), pattern)
-    files = [Path(f) for f in sorted(glob.glob(full))]
+    """Sorted shards matching pattern, every header checked before training starts. A relative pattern is looked up
+    under $DATA_PATH when it is set; otherwise in the current directory and then in this repository, where
+    data/cached_fineweb10B.py puts its shards, so that a run started from any directory finds them."""
+    if os.path.isabs(pattern):
+        places = [pattern]
+    elif os.environ.get("DATA_PATH"):
+        places = [os.path.join(os.environ["DATA_PATH"], pattern)]
+    else:
+        places = list(dict.fromkeys([os.path.abspath(pattern), str(Path(__file__).resolve().parent / pattern)]))
+    files = next(([Path(f) for f in sorted(found)] for place in places if (found := glob.glob(place))), [])
     if not files:
-        raise ShardError(f"no shards match {full!r}. HINT: `python data/cached_fineweb10B.py 9` downloads what the "
-                         "speedrun needs; set DATA_PATH or --train_files/--val_files to use shards elsewhere, or try "
-                         "--preset=smoke, which trains on the sample shards in data/sample/.")
+        raise ShardError(f"no shards match {' or '.join(repr(p) for p in places)}. HINT: `python "
+                         "data/cached_fineweb10B.py 9` downloads what the speedrun needs; set DATA_PATH or "
+                         "--train_files/--val_files to use shards elsewhere, or try --preset=smoke, which trains on "
+                         "the sample shards in data/sample/.")
     for f in files:
         read_shard_header(f)
     return files
@@ -2287,7 +2317,11 @@ def cli(argv: list[str]) -> int:
     """The command line: --help, --print_schedule, or a run; one line on the console (from rank 0 only) for any stop,
     no traceback unless --debug=true. Returns the exit status."""
     if "--help" in argv or "-h" in argv:
-        print(usage())
+        try:
+            print(usage([a for a in argv if a not in ("--help", "-h")]))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     status = 0
     try:

@@ -1,4 +1,4 @@
-"""cached_fineweb.py: download pre-tokenized FineWeb shards from the Hugging Face Hub (RECIPE §1.3).
+"""cached_fineweb.py: download pre-tokenized FineWeb shards from the Hugging Face Hub (docs/recipes.md#download).
 
     python data/cached_fineweb10B.py [N]     # the val shard + the first N train shards (default: all) of FineWeb 10B
     python data/cached_fineweb.py [N] --dataset {fineweb10B,fineweb100B,finewebedu10B}
@@ -37,7 +37,7 @@ class HubDataset:
     num_train: int  # train shards in the repo
 
 
-# RECIPE §1.3: the reference repos, their shard names and how many train shards each holds.
+# docs/recipes.md#download: the reference repos, their shard names and how many train shards each holds.
 DATASETS = {
     "fineweb10B": HubDataset("kjj0/fineweb10B-gpt2", "fineweb", 103),
     "fineweb100B": HubDataset("kjj0/fineweb100B-gpt2", "fineweb", 1030),

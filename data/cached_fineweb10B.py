@@ -2,7 +2,8 @@
 
     python data/cached_fineweb10B.py [N]    # the val shard and the first N train shards (default: all)
 
-The reference entry point (RECIPE §1.3); the work is done by cached_fineweb.py, whose --help explains the options.
+The reference entry point (docs/recipes.md#download); the work is done by cached_fineweb.py, whose --help explains
+the options.
 """
 
 import sys

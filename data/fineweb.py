@@ -1,4 +1,5 @@
-"""fineweb.py: make the FineWeb shards from the raw dataset, as the reference did (RECIPE §1.2).
+"""fineweb.py: make the FineWeb shards from the raw dataset, as the reference did
+(docs/recipes.md#how-fineweb-was-tokenized).
 
     pip install datasets
     python data/fineweb.py [--version 10B|100B] [tokenize_text.py options, e.g. --workers 8 --overwrite]

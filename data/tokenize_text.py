@@ -6,9 +6,10 @@ Inputs, read in the order given: a .jsonl file holds one document per line (its 
 document (UTF-8 text); a folder is walked in sorted order for .txt and .jsonl files. With --hf_dataset the documents
 come from a Hugging Face dataset instead, streamed through the `datasets` package (`pip install datasets`).
 
-Each document becomes <|endoftext|> + its GPT-2 tokens (RECIPE §1.2). The first --val_tokens tokens of that stream go to
-DIR/NAME_val_000000.bin, the rest to DIR/NAME_train_000001.bin, NAME_train_000002.bin, ... of exactly --shard_tokens
-tokens each; the last shard holds the remainder, and a document may be split across two shards, as in FineWeb.
+Each document becomes <|endoftext|> + its GPT-2 tokens, as FineWeb's shards were made
+(docs/recipes.md#how-fineweb-was-tokenized). The first --val_tokens tokens of that stream go to DIR/NAME_val_000000.bin,
+the rest to DIR/NAME_train_000001.bin, NAME_train_000002.bin, ... of exactly --shard_tokens tokens each; the last shard
+holds the remainder, and a document may be split across two shards, as in FineWeb.
 Memory stays bounded (a few batches of text plus one shard buffer); documents are tokenized on all cores.
 """
 
@@ -35,6 +36,7 @@ from train_gpt import BOS_ID, write_shard  # noqa: E402
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a folder walk picks up
 BATCH_CHARS = 1 << 20  # text per worker task: big enough to amortize pickling, small enough to keep memory bounded
 MAX_SHARD_TOKENS = 2**31 - 1  # a shard header counts tokens in an int32
+PROGRESS_SECONDS = 5.0  # without a terminal (no bar), a progress line at most this often
 
 
 class TokenizeError(RuntimeError):
@@ -229,6 +231,14 @@ class ShardWriter:
             self.buffer = np.empty(self.shard_tokens, dtype=np.uint16)
 
 
+def size(nbytes: int) -> str:
+    """1234567 -> '1.2 MB'."""
+    for power, unit in ((3, "GB"), (2, "MB"), (1, "kB")):
+        if nbytes >= 1000**power:
+            return f"{nbytes / 1000**power:,.1f} {unit}"
+    return f"{nbytes} B"
+
+
 def tokenize(documents: Iterable[Document], out_dir: Path, name: str, *, val_tokens: int = 10_485_760,
              shard_tokens: int = 100_000_000, max_tokens: int | None = None, workers: int = 1,
              total_bytes: int | None = None) -> tuple[Stats, list[tuple[Path, int]]]:
@@ -238,6 +248,8 @@ def tokenize(documents: Iterable[Document], out_dir: Path, name: str, *, val_tok
     stats = Stats()
     writer = ShardWriter(out_dir, name, val_tokens, shard_tokens, log=lambda message: tqdm.write(message, sys.stdout))
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not sys.stderr.isatty())
+    start = last_line = time.perf_counter()
+    read_bytes = 0
     with progress:
         for tokens, nbytes in encoded_batches(batches(documents, stats), workers):
             done = max_tokens is not None and stats.tokens + len(tokens) >= max_tokens
@@ -250,6 +262,12 @@ def tokenize(documents: Iterable[Document], out_dir: Path, name: str, *, val_tok
                 break
             progress.update(nbytes)
             progress.set_postfix_str(f"{stats.tokens:,} tokens", refresh=False)
+            read_bytes += nbytes
+            if progress.disable and time.perf_counter() - last_line >= PROGRESS_SECONDS:  # a log, not a terminal
+                last_line = time.perf_counter()
+                share = f" ({100 * read_bytes / total_bytes:.0f}% of {size(total_bytes)})" if total_bytes else ""
+                print(f"tokenizing: {size(read_bytes)} read{share}, {stats.tokens:,} tokens, {last_line - start:.0f} s",
+                      file=sys.stderr, flush=True)
         writer.close()
     return stats, writer.written
 
@@ -295,6 +313,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _plural(n: int, word: str, suffix: str = "s") -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}{suffix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -311,13 +333,17 @@ def main(argv: list[str] | None = None) -> int:
                                 f"pass --overwrite to replace them, or choose another --name or --out.")
         for path in old:
             path.unlink()  # stale shards would otherwise be read by the trainer along with the new ones
+        source = args.hf_dataset or f"{_plural(len(files), 'file')} ({size(total_bytes)})"
+        print(f"tokenizing {source} on {_plural(args.workers, 'process', 'es')} into "
+              f"{args.out / args.name}_{{val,train}}_*.bin", flush=True)
         stats, written = tokenize(documents, args.out, args.name, val_tokens=args.val_tokens,
                                   shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, workers=args.workers,
                                   total_bytes=total_bytes)
         if stats.documents == 0:
-            raise TokenizeError(f"found no documents to tokenize ({stats.unreadable} unreadable, {stats.empty} empty)."
-                                f" HINT: inputs are UTF-8 .txt files (one document each) or .jsonl files with a "
-                                f"{args.text_field!r} field per line.")
+            named = "".join(f"; unreadable: {problem}" for problem in stats.problems)
+            raise TokenizeError(f"found no documents to tokenize ({stats.unreadable} unreadable, {stats.empty} empty"
+                                f"{named}). HINT: inputs are UTF-8 .txt files (one document each) or .jsonl files "
+                                f"with a {args.text_field!r} field per line.")
     except (TokenizeError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,12 +1,14 @@
-"""records/compare.py: summarize speedrun logs and test a record claim (RECIPE.md §5.2-5.4).
+"""records/compare.py: summarize speedrun logs and test a record claim (docs/recipes.md#rules).
 
     python records/compare.py RUNS... [--baseline RUNS...] [--target 3.28] [--alpha 0.01] [--json] [--plot FILE.png]
 
 RUNS are log files or folders; folders are searched recursively for *.txt logs (anything else is ignored). Our logs
-(records/logs/<run_id>.txt) and the reference project's record logs are read alike (RECIPE.md §5.1): the source, a line
-of 100 '=', the environment (versions, then nvidia-smi or our "CPU:" line), another line of 100 '=', then the step
-lines. A run's official result is its final val line, the one at step N of N: its val_loss and its train_time. A log
-without one (crashed, or still running) is listed as incomplete and left out.
+(records/logs/<run_id>.txt) and the reference project's record logs are read alike (docs/recipes.md#run-log): the
+source, a line of 100 '=', the environment (versions, then nvidia-smi or our "CPU:" line), another line of 100 '=', then
+the step lines. A run's official result is its final val line, the one at step N of N: its val_loss and its train_time.
+A log without one (crashed, stopped, or still running) is listed as incomplete and left out, with the reason: our
+trainer ends a run that stops early with a line 'stopped: <why>'. A run whose final val loss is not finite, or that
+stopped on a loss that is not finite, diverged.
 
 Per group: mean and sample std of the final val losses with the record rule's one-sided one-sample t-test that the mean
 is below --target (scipy.stats.ttest_1samp(losses, target, alternative='less')); train time mean, median, min, max;
@@ -39,12 +41,13 @@ from scipy import stats
 EXIT_HOLDS, EXIT_FAILS, EXIT_USAGE = 0, 1, 2
 
 # -----------------------------------------------------------------------------
-# Reading one log (RECIPE.md §5.1, PRODUCT.md §2)
+# Reading one log (layout: docs/recipes.md#run-log)
 
 SECTION_RULE = "=" * 100  # separates the source, the environment block and the training output
 FILE_RULE = "-" * 40  # embedded files after the script are introduced by FILE_RULE, "# name", FILE_RULE
 STEP_RE = re.compile(r"step:(\d+)/(\d+)((?:\s.*)?)")
 TRAIN_TIME_RE = re.compile(r"(\d+(?:\.\d*)?)ms")
+NOT_FINITE_LOSS_RE = re.compile(r"\bloss\b[^.]*?\b(?:nan|-?inf)\b", re.IGNORECASE)  # in a 'stopped:' line
 GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|")  # one GPU's first row in the nvidia-smi table
 VERSION_RES = (("Python", re.compile(r"Running Python (\S+)")),
                ("PyTorch", re.compile(r"Running PyTorch (\S+)", re.IGNORECASE)),  # 2024 logs say "pytorch"
@@ -63,7 +66,7 @@ class UsageError(ValueError):
 @dataclass
 class RunLog:
     path: Path
-    status: str  # "complete", "incomplete" (crashed or running) or "diverged" (final val loss not finite)
+    status: str  # "complete", "incomplete" (crashed, stopped or running) or "diverged" (a loss not finite)
     reason: str  # why the run is not complete; "" when it is
     total_steps: int | None  # N, from the step lines
     val: list[tuple[int, float, float]]  # (step, val_loss, train_time_ms) of each val line, in file order
@@ -126,14 +129,14 @@ def parse_log(text: str, path: Path) -> RunLog:
     lines = text.splitlines()
     rules = [i for i, line in enumerate(lines) if line.rstrip() == SECTION_RULE]
     if not rules:
-        raise LogError("no line of 100 '=' characters: not a training log (layout in RECIPE.md §5.1)")
+        raise LogError("no line of 100 '=' characters: not a training log (layout in docs/recipes.md#run-log)")
     # The environment block opens with "Running Python/PyTorch ..."; anchoring on that line keeps a line of '='
     # inside the embedded source from being taken for the separator.
     env_start = next((i for i in rules if i + 1 < len(lines) and lines[i + 1].startswith("Running")), rules[0])
     env_end = next((i for i in rules if i > env_start), len(lines))
     source, env = lines[:env_start], lines[env_start + 1:env_end]
 
-    total = last_step = hyperparameters = None
+    total = last_step = hyperparameters = stopped = None
     val: list[tuple[int, float, float]] = []
     cut_off = False
     for i in range(env_end + 1, len(lines)):
@@ -143,6 +146,9 @@ def parse_log(text: str, path: Path) -> RunLog:
                 hyperparameters = json.loads(line.split(":", 1)[1])
             except json.JSONDecodeError:
                 raise LogError(f"line {i + 1}: the hyperparameters line is not valid JSON") from None
+            continue
+        if line.startswith("stopped:"):  # our trainer's last line when a run ends early
+            stopped = line.split(":", 1)[1].split(" HINT:", 1)[0].strip().rstrip(".")
             continue
         if not line.startswith("step:"):
             continue  # free-form lines: "Compiling model ...", "Resetting Model", "peak memory ..."
@@ -175,6 +181,9 @@ def parse_log(text: str, path: Path) -> RunLog:
         status, reason = "diverged", f"final val loss is {val[-1][1]}"
     if cut_off and status == "incomplete":
         reason += " (its last line is cut off)"
+    if stopped is not None and status == "incomplete":
+        status = "diverged" if NOT_FINITE_LOSS_RE.search(stopped) else status
+        reason = f"stopped: {stopped} ({reason})"
 
     embedded = [source[i + 1][2:].strip() for i in range(len(source) - 2)
                 if source[i] == FILE_RULE and source[i + 2] == FILE_RULE and source[i + 1].startswith("# ")]
@@ -268,7 +277,7 @@ def group_flags(group: Group) -> list[str]:
              _difference(runs, lambda r: r.hardware, "hardware")]
     diverged = [run.path.name for run in group.left_out if run.status == "diverged"]
     if diverged:  # dropping a diverged run would flatter the mean
-        flags.append(f"{_plural(len(diverged), 'run')} diverged (final val loss not finite): {', '.join(diverged)}")
+        flags.append(f"{_plural(len(diverged), 'run')} diverged (loss not finite): {', '.join(diverged)}")
     return [flag for flag in flags if flag]
 
 
@@ -290,7 +299,7 @@ def group_notes(group: Group) -> list[str]:
 
 
 def one_sample_test(losses: np.ndarray, target: float) -> dict:
-    """The record rule (RECIPE.md §5.4): one-sample one-sided t-test, H1: mean final val loss < target."""
+    """The record rule (docs/recipes.md#rules): one-sample one-sided t-test, H1: mean final val loss < target."""
     n = len(losses)
     if n < 2:
         note = f"{_plural(n, 'complete run')}; the t-test needs at least 2"
@@ -409,12 +418,14 @@ def decide(runs: dict, base: dict | None, comparison: dict | None, target: float
     reasons = []
     n, p, mean = runs["n"], runs["p_value"], runs["mean_val_loss"]
     loss_ok = p is not None and p < alpha
+    where = ("" if mean is None else
+             f" (the mean val loss {mean:.5f} is {'below' if mean < target else 'not below'} the target {target:g})")
     if n == 0:
         reasons.append("no complete run in RUNS")
     elif n < 2:
-        reasons.append(f"too few runs: {runs['p_value_note']}")
+        reasons.append(f"too few runs: {runs['p_value_note']}{where}")
     elif p is None:
-        reasons.append(f"no loss test: {runs['p_value_note']}")
+        reasons.append(f"no loss test: {runs['p_value_note']}{where}")
     elif mean >= target:
         reasons.append(f"the mean val loss {mean:.5f} is not below the target {target:g} (p = {p:.2g}, {n} runs)")
     elif not loss_ok:
@@ -549,29 +560,37 @@ def _json_safe(x):
 # The plot
 
 
-def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target: float, title: str) -> None:
-    """PNG: val loss against train time and against step, every complete run, one colour per group, the target as a
-    dashed line. The bottom row zooms in on the end of training, where the claim is decided."""
+def build_plot(groups: list[tuple[str, list[RunLog]]], target: float, title: str):
+    """A matplotlib figure: val loss against train time and against step, every complete run in a colour of its own
+    (RUNS solid with dots, BASELINE dashed with squares), named in the legend with its final loss and time, the target
+    as a dashed line. The bottom row zooms in on the end of training, where the claim is decided."""
     import matplotlib
 
     matplotlib.use("Agg")  # write files; no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(16, 9))
+    count = sum(len(runs) for _, runs in groups)
+    palette = plt.get_cmap("tab10" if count <= 10 else "tab20")
+    colors = ([palette(i) for i in range(count)] if count <= 20
+              else [plt.get_cmap("turbo")(x) for x in np.linspace(0.03, 0.97, count)])
     curves = []  # (x by time in s, x by step, loss) per run, for the zoom
-    for (label, runs), color in zip(groups, ("tab:blue", "tab:orange")):
-        for i, run in enumerate(runs):
+    handles = []
+    for (label, runs), (ls, marker) in zip(groups, (("-", "o"), ("--", "s"))):
+        for run in runs:
             steps, losses, ms = (np.array(column, dtype=float) for column in zip(*run.val))
-            style = dict(color=color, lw=1, alpha=0.7, marker="o", ms=2.5,
-                         label=f"{label} ({_plural(len(runs), 'run')})" if i == 0 else None)
+            style = dict(color=colors[len(handles)], ls=ls, marker=marker, lw=1, alpha=0.8, ms=2.5)
             for row in axes:
                 row[0].plot(ms / 1000, losses, **style)
                 row[1].plot(steps, losses, **style)
+            name = f"{label}: {run.path.name} ({run.final_val_loss:.4f}, {run.train_time_ms / 1000:.1f} s)"
+            handles.append(matplotlib.lines.Line2D([], [], label=name, **style))
             curves.append((ms / 1000, steps, losses))
     for ax in axes.flat:
-        ax.axhline(target, color="crimson", ls="--", lw=1.2, label=f"target {target:g}")
+        ax.axhline(target, color="crimson", ls="--", lw=1.2)
         ax.grid(alpha=0.3)
         ax.set_ylabel("val loss")
+    handles.append(matplotlib.lines.Line2D([], [], color="crimson", ls="--", lw=1.2, label=f"target {target:g}"))
     for row in axes:
         row[0].set_xlabel("train time (s)")
         row[1].set_xlabel("step")
@@ -579,7 +598,6 @@ def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target:
     axes[0, 1].set_title("val loss vs step")
     axes[1, 0].set_title("close-up on the end of training")
     axes[1, 1].set_title("close-up on the end of training")
-    axes[0, 0].legend(loc="upper right")
 
     finite = [c for c in curves if np.isfinite(c[2][-1])]
     if finite:
@@ -598,10 +616,24 @@ def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target:
     else:
         for ax in axes.flat:
             ax.text(0.5, 0.5, "no complete runs", ha="center", va="center", transform=ax.transAxes)
+    columns = 1 + len(handles) // 46  # about 45 names fit the height in one column
     fig.suptitle("\n".join(textwrap.fill(part, 150) for part in title.split("; ")), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    legend = fig.legend(handles=handles, loc="center right", fontsize=7, ncol=columns, title_fontsize=7,
+                        title="final val loss, train time")
+    fig.canvas.draw()  # the legend's width is known once drawn: the plots take the rest
+    fig.tight_layout(rect=(0, 0, 1 - legend.get_window_extent().width / fig.bbox.width - 0.01, 1))
+    return fig
+
+
+def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target: float, title: str) -> None:
+    """Writes build_plot's figure as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = build_plot(groups, target, title)
+    try:
+        fig.savefig(path, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -611,8 +643,8 @@ def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="records/compare.py",
-        description="Summarize speedrun logs and test a record claim (RECIPE.md §5.4): mean final val loss below "
-                    "--target with a one-sided t-test p < --alpha and, with --baseline, faster than the baseline "
+        description="Summarize speedrun logs and test a record claim (docs/recipes.md#rules): mean final val loss "
+                    "below --target with a one-sided t-test p < --alpha and, with --baseline, faster than the baseline "
                     "with a one-sided Welch p < --alpha, on the same hardware.",
         epilog="Exit status: 0 the claim holds; 1 it does not (the verdict line says why); 2 bad arguments or no "
                "logs found. Folders are searched recursively for *.txt logs; a log given both as RUNS and as "

@@ -17,7 +17,7 @@ def test_model_flops_count_the_dense_weights_and_the_attended_keys():
     args = tg.parse_args(["--preset=record_2025_08_23"])
     with torch.device("meta"):
         model = tg.GPT(args)
-    dense = 11 * (4 * 768**2 + 6 * 12) + 12 * 2 * 768 * 3072 + 50304 * 768  # record #28; embeddings are lookups
+    dense = 11 * (4 * 768**2 + 6 * 12) + 12 * 2 * 768 * 3072 + 50304 * 768  # docs/recipes.md#model-2025-08-23
     assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense
     # each attended key costs q.k and p.v (2 x 2 FLOPs per channel), forward and twice that backward, in 11 layers
     assert benchmark.flops_per_token(model, args, 1000.0) - 6 * dense == 3 * 4 * 768 * 11 * 1000

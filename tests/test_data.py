@@ -263,6 +263,30 @@ def test_tokenize_cli_errors(tmp_path, tokenizer_cache, capsys):
     with pytest.raises(SystemExit) as usage:
         main(tmp_path / "blank.txt", "--shard_tokens", 0)
     assert usage.value.code == 2 and "--shard_tokens must be" in capsys.readouterr().err
+    # the only input is unreadable: the message names it and says why
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    code, err = main(tmp_path / "latin1.txt")
+    assert code == 1 and "1 unreadable" in err and f"unreadable: {tmp_path / 'latin1.txt'}: 'utf-8' codec" in err
+
+
+def test_tokenize_says_what_it_does_and_shows_progress_without_a_terminal(tmp_path, tokenizer_cache, capsys,
+                                                                          monkeypatch):
+    """Without a terminal there is no bar: a first line says what is being done, then progress lines follow."""
+    monkeypatch.setattr(tokenize_text, "PROGRESS_SECONDS", 0.0)  # a line after every batch
+    monkeypatch.setattr(tokenize_text, "BATCH_CHARS", 1000)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.txt").write_text(" ".join(["word"] * 400))
+    code = tokenize_text.main([str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--name", "p", "--workers", "1",
+                               "--val_tokens", "100"])
+    out, err = capsys.readouterr()
+    total = sum(f.stat().st_size for f in (tmp_path / "in").iterdir())
+    assert code == 0
+    assert total == 5997 and out.splitlines()[0] == (f"tokenizing 3 files (6.0 kB) on 1 process into "
+                                                     f"{tmp_path / 'o' / 'p'}_{{val,train}}_*.bin")
+    progress = [line for line in err.splitlines() if line.startswith("tokenizing: ")]
+    assert len(progress) == 3 and "(100% of " in progress[-1] and "1,203 tokens" in progress[-1], err
+    assert tokenize_text.size(1_234_567) == "1.2 MB" and tokenize_text.size(999) == "999 B"
 
 
 class FakeDatasets:

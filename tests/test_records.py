@@ -51,7 +51,7 @@ def student_t_cdf(t: float, df: float, points: int = 200_001) -> float:
 
 
 def one_sample_p(xs, target):
-    """(t, p) of the one-sided one-sample t-test, H1: mean < target, computed from the definition (RECIPE §5.4)."""
+    """(t, p) of the one-sided one-sample t-test, H1: mean < target, from its definition (docs/recipes.md#rules)."""
     n = len(xs)
     mean = sum(xs) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
@@ -147,7 +147,7 @@ def test_reads_reference_log_2025():
     assert run.status == "complete"
     assert run.total_steps == 1695
     assert [step for step, _, _ in run.val] == list(range(0, 1695, 125)) + [1695]
-    assert run.val[1] == (125, 4.6543, 11781.0)  # RECIPE §6.1 example lines
+    assert run.val[1] == (125, 4.6543, 11781.0)  # the record's example lines (docs/recipes.md#published-figures)
     assert (run.final_val_loss, run.train_time_ms) == (3.2772, 168938.0)
     assert run.hardware == "8x NVIDIA H100 80GB HBM3"
     assert run.software == "Python 3.10.12, PyTorch 2.9.0.dev20250713+cu126, Triton 3.4.0, driver 570.148.08"
@@ -201,11 +201,16 @@ def test_hardware_without_an_nvidia_smi_table():
     ("env_only.txt", "incomplete", "environment block"),
     ("no_output.txt", "incomplete", "no step lines"),
     ("diverged.txt", "diverged", "final val loss is nan"),
+    # our trainer's 'stopped: <why>' line gives the reason (its HINT is for the terminal, not for the report)
+    ("stopped_nan.txt", "diverged", "stopped: validation loss is nan at step 20 (last val line at step 20/40; "),
+    ("stopped_interrupted.txt", "incomplete",
+     "stopped: interrupted (last val line at step 10/40; the log stops at step 13)"),
 ])
 def test_incomplete_logs(name, status, reason):
     run = compare.read_log(FIXTURES / "broken" / name)
     assert run.status == status
     assert reason in run.reason
+    assert "HINT" not in run.reason
 
 
 def _line_number(path: Path, needle: str) -> int:
@@ -300,7 +305,20 @@ def test_single_run_is_too_few(capsys):
     code, report = run_json(FIXTURES / "single", capsys=capsys)
     assert code == compare.EXIT_FAILS
     assert report["runs"]["n"] == 1 and report["runs"]["p_value"] is None and report["runs"]["std_val_loss"] is None
-    assert report["verdict"]["reasons"][0].startswith("too few runs: 1 complete run; the t-test needs at least 2")
+    assert report["verdict"]["reasons"][0] == ("too few runs: 1 complete run; the t-test needs at least 2 (the mean "
+                                               "val loss 3.27000 is below the target 3.28)")
+
+
+def test_identical_losses_say_where_the_mean_stands(tmp_path, capsys):
+    """No t-test without spread, but the verdict still says whether the mean is below the target."""
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_bytes((FIXTURES / "claim" / "run_a.txt").read_bytes())
+    code, report = run_json(tmp_path, capsys=capsys)
+    assert code == compare.EXIT_FAILS and report["runs"]["p_value"] is None
+    assert report["verdict"]["reasons"] == ["no loss test: every final val loss is the same: the t-test is undefined "
+                                            "(the mean val loss 3.27700 is below the target 3.28)"]
+    code, report = run_json(tmp_path, "--target", "3.2765", capsys=capsys)
+    assert report["verdict"]["reasons"][0].endswith("(the mean val loss 3.27700 is not below the target 3.2765)")
 
 
 def test_baseline_comparison_against_hand_computation(capsys):
@@ -333,8 +351,8 @@ def test_baseline_comparison_against_hand_computation(capsys):
 
 
 def test_published_record_statistics(capsys):
-    """The fp8_record fixtures carry the per-run final results published with the 2026-07-17 record (RECIPE §6.2);
-    the tool must give the figures its statistics.md states."""
+    """The fp8_record fixtures carry the per-run final results published with record #89 (2026-07-17
+    FP8DownProjection); the tool must give the figures its statistics.md states."""
     fp8 = FIXTURES / "fp8_record"
     code, report = run_json(fp8 / "this_pr", "--baseline", fp8 / "baseline", capsys=capsys)
     runs, base, c = report["runs"], report["baseline"], report["comparison"]
@@ -364,7 +382,8 @@ def test_published_record_statistics(capsys):
 
 
 def test_recipe_soft_cap_and_sparse_attn_gate_examples():
-    # RECIPE §5.4 and §6.1 quote only summaries (n, mean, std -> p); losses with those moments must give those p's.
+    # Records #18 (2025-01-04 SoftCap) and #28 (2025-08-23 SparseAttnGate) quote only summaries (n, mean, std -> p);
+    # losses with those moments must give those p's.
     for n, mean, std, quoted in ((80, 3.2791, 0.0019, 0.0001), (14, 3.27871, 0.00164, 0.0059)):
         z = np.random.default_rng(0).standard_normal(n)
         losses = mean + std * (z - z.mean()) / z.std(ddof=1)
@@ -383,14 +402,17 @@ def test_broken_folder_is_reported_not_crashed(capsys):
     assert names(runs["files"]) == ["good.txt"]
     assert {Path(r["file"]).name: r["status"] for r in runs["incomplete"]} == {
         "crashed.txt": "incomplete", "running.txt": "incomplete", "env_only.txt": "incomplete",
-        "no_output.txt": "incomplete", "diverged.txt": "diverged"}
+        "no_output.txt": "incomplete", "diverged.txt": "diverged", "stopped_nan.txt": "diverged",
+        "stopped_interrupted.txt": "incomplete"}
     assert names(r["file"] for r in runs["unreadable"]) == [
         "bad_hyperparameters.txt", "bad_step.txt", "binary.txt", "empty.txt", "not_a_log.txt", "total_changes.txt"]
     assert all(r["reason"] for r in runs["unreadable"])
-    assert runs["flags"] == ["1 run diverged (final val loss not finite): diverged.txt"]
+    assert runs["flags"] == ["2 runs diverged (loss not finite): diverged.txt, stopped_nan.txt"]
     assert code == compare.EXIT_FAILS
-    assert report["verdict"]["reasons"] == ["too few runs: 1 complete run; the t-test needs at least 2",
-                                            "RUNS: 1 run diverged (final val loss not finite)"]
+    assert report["verdict"]["reasons"] == [
+        "too few runs: 1 complete run; the t-test needs at least 2 (the mean val loss 3.27750 is below the target "
+        "3.28)",
+        "RUNS: 2 runs diverged (loss not finite)"]
 
 
 def test_groups_that_are_not_one_experiment_are_flagged(capsys):
@@ -495,11 +517,36 @@ def test_plot_is_written(tmp_path, capsys):
     png = tmp_path / "claim.png"
     code, out = run_tool(FIXTURES / "claim", "--baseline", FIXTURES / "baseline", "--plot", png, capsys=capsys)
     assert f"plot written to {png}" in out
-    assert png.stat().st_size > 20_000 and _png_size(png) == (1300, 900)
+    assert png.stat().st_size > 20_000 and _png_size(png) == (1600, 900)
     # nothing complete to draw: still a picture, no crash
     empty = tmp_path / "empty.png"
     code, report = run_json(FIXTURES / "broken" / "crashed.txt", "--plot", empty, capsys=capsys)
     assert report["runs"]["n"] == 0 and empty.stat().st_size > 0 and code == compare.EXIT_FAILS
+
+
+def test_plot_gives_every_run_its_colour_and_legend_entry():
+    groups = [(name, compare.load_group(name, compare.find_logs([FIXTURES / folder])).complete)
+              for name, folder in (("RUNS", "claim"), ("BASELINE", "baseline"))]
+    fig = compare.build_plot(groups, 3.28, "a title")
+    try:
+        runs = [run for _, group in groups for run in group]
+        lines = [line for line in fig.axes[0].lines if len(line.get_xdata()) > 2]  # the runs, not the target line
+        assert len(lines) == len(runs) == 7
+        assert len({line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color())
+                    for line in lines}) == 7
+        assert [line.get_linestyle() for line in lines] == ["-"] * 4 + ["--"] * 3  # RUNS solid, BASELINE dashed
+        labels = [text.get_text() for text in fig.legends[0].get_texts()]
+        assert "RUNS: run_a.txt (3.2770, 5.0 s)" in labels[:4] and labels[4] == "BASELINE: base_a.txt (3.2779, 5.6 s)"
+        assert labels[:-1] == [f"{'RUNS' if i < 4 else 'BASELINE'}: {run.path.name} ({run.final_val_loss:.4f}, "
+                               f"{run.train_time_ms / 1000:.1f} s)" for i, run in enumerate(runs)]
+        assert labels[-1] == "target 3.28"
+        # the legend sits beside the plots, not over them
+        legend_left = fig.legends[0].get_window_extent().x0
+        assert all(ax.get_window_extent().x1 <= legend_left for ax in fig.axes)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 @pytest.mark.parametrize("args, message", [

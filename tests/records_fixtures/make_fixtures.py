@@ -2,7 +2,7 @@
 
     python tests/records_fixtures/make_fixtures.py
 
-Every file is written in the log layout of PRODUCT.md §2 / RECIPE.md §5.1, by this script and not by the parser under
+Every file is written in the log layout of docs/recipes.md#run-log, by this script and not by the parser under
 test. The final val losses and times are chosen here (and restated in tests/test_records.py) so that the statistics are
 known; the curves before the final step are made up. README.md in this folder says what each folder is for.
 """
@@ -211,10 +211,18 @@ def make_broken() -> None:
     source, env, output = ours(3.2775, 5000, seed=7)
     output[0] = 'hyperparameters: {"preset": "smoke", "num_iterations": 40'
     write(broken / "bad_hyperparameters.txt", source, env, output)
+    # Our trainer's last line when a run stops early: 'stopped: <why>', then a HINT meant for the terminal.
+    source, env, output = ours(3.2775, 5000, seed=8, stop_after=20)
+    output[-1] = output[-1].replace(output[-1].split()[1], "val_loss:nan")
+    write(broken / "stopped_nan.txt", source, env, output + [
+        "stopped: validation loss is nan at step 20. HINT: lower the learning rates, or check the data with "
+        "`python data/shards.py inspect`"])
+    source, env, output = ours(3.2775, 5000, seed=9, stop_after=13)
+    write(broken / "stopped_interrupted.txt", source, env, output + ["stopped: interrupted"])
 
 
 # -----------------------------------------------------------------------------
-# Reference-style logs (RECIPE.md §6.1 and §6.2 figures)
+# Reference-style logs (the published figures in docs/recipes.md#published-figures)
 
 
 def make_reference() -> None:
@@ -260,7 +268,7 @@ def make_fp8_record() -> None:
     """13 + 13 logs in the 2026 layout (embedded kernel files, warm-up lines, 1390 steps, val every 250) carrying the
     published final results of the 2026-07-17_FP8DownProjection record; everything else is made up."""
     total = 1390
-    stage_ms = [(460, 31.5), (920, 56.8), (1380, 82.6), (1390, 83.0)]  # RECIPE.md §6.2 per-stage step times
+    stage_ms = [(460, 31.5), (920, 56.8), (1380, 82.6), (1390, 83.0)]  # per-stage step times of that record's logs
 
     def nominal_ms(step):
         ms, prev = 0.0, 0

@@ -1,0 +1,141 @@
+"""train_gpt.py as a new user meets it: --help, the data path, the world-size refusal and warnings under torchrun."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def clean_env(**extra) -> dict:
+    """This process's environment without the variables that would change where train_gpt looks or how it runs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DATA_PATH")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+def meaning_columns(text: str) -> list[int]:
+    """Where the meaning starts on each setting's row (a row too long for the column has it on the next line)."""
+    lines = text.splitlines()
+    columns = []
+    for i, line in enumerate(lines):
+        if not line.startswith("  --"):
+            continue
+        m = re.match(r"  --\S+( +)\S", line)
+        columns.append(m.end() - 1 if m else len(lines[i + 1]) - len(lines[i + 1].lstrip()))
+    return columns
+
+
+def test_help_columns_line_up():
+    result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--help"], capture_output=True, text=True,
+                            timeout=120, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    columns = meaning_columns(result.stdout)
+    assert len(columns) == len(tg.dataclasses.fields(tg.Hyperparameters)) and len(set(columns)) == 1, columns
+    assert "--num_layers=12" in result.stdout and "[speedrun:" not in result.stdout  # defaults: nothing differs
+
+
+def test_help_of_a_preset_shows_its_values():
+    text = tg.usage(["--preset=smoke"])
+    assert "settings under --preset=smoke (value, meaning)" in text
+    assert re.search(r"^  --num_layers=4 +transformer blocks \[speedrun: 12\]$", text, re.M)
+    assert re.search(r"^  --use_compile=False +.*\[speedrun: True\]$", text, re.M)
+    assert re.search(r"^  --attn_scale=0.12 +fixed softmax scale \(not 1/sqrt\(head_dim\)\)$", text, re.M)  # same
+    assert len(set(meaning_columns(text))) == 1
+    overridden = tg.usage(["--preset=smoke", "--num_layers=2", "--attn_pattern=L-", "--value_embed_pattern=0-"])
+    assert "--preset=smoke and the overrides given" in overridden and "  --num_layers=2 " in overridden
+    result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--preset=smoke", "--help"],
+                            capture_output=True, text=True, timeout=120, env=clean_env())
+    assert result.returncode == 0 and "--num_layers=4 " in result.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny", "--help"],
+                         capture_output=True, text=True, timeout=120, env=clean_env())
+    assert bad.returncode == 1 and "unknown preset 'tiny'; choose one of speedrun, smoke" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- where the shards are looked up
+
+
+def test_relative_shard_globs_fall_back_to_the_repository(tmp_path, monkeypatch):
+    repo, elsewhere, data_path = tmp_path / "repo", tmp_path / "elsewhere", tmp_path / "data_path"
+    for root in (repo, data_path):
+        (root / "data" / "fineweb10B").mkdir(parents=True)
+        tg.write_shard(root / "data" / "fineweb10B" / "fineweb_val_000000.bin", np.arange(10))
+    elsewhere.mkdir()
+    monkeypatch.setattr(tg, "__file__", str(repo / "train_gpt.py"))  # as if train_gpt.py lived in repo/
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("DATA_PATH", raising=False)
+    pattern = tg.Hyperparameters().val_files
+    assert tg.find_shards(pattern) == [repo / pattern.replace("*", "000000")]  # nothing here: the repository's
+    (elsewhere / "data" / "fineweb10B").mkdir(parents=True)
+    tg.write_shard(elsewhere / "data" / "fineweb10B" / "fineweb_val_000001.bin", np.arange(10))
+    assert tg.find_shards(pattern) == [elsewhere / "data" / "fineweb10B" / "fineweb_val_000001.bin"]  # here first
+    monkeypatch.setenv("DATA_PATH", str(data_path))  # DATA_PATH, when set, is the only place
+    assert tg.find_shards(pattern) == [data_path / pattern.replace("*", "000000")]
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "empty"))
+    with pytest.raises(tg.ShardError, match=re.escape(f"no shards match '{tmp_path / 'empty' / pattern}'")):
+        tg.find_shards(pattern)
+    monkeypatch.delenv("DATA_PATH")
+    with pytest.raises(tg.ShardError) as e:
+        tg.find_shards("data/none_*.bin")
+    assert f"'{elsewhere / 'data/none_*.bin'}' or '{repo / 'data/none_*.bin'}'" in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_run_started_in_another_directory_finds_the_repositorys_shards(tmp_path):
+    argv = ["--preset=smoke", "--train_files=data/sample/sample_train_*.bin",
+            "--val_files=data/sample/sample_val_*.bin", "--val_tokens=4096", "--num_iterations=1", "--val_every=0",
+            "--warmup_steps=0",
+            f"--log_dir={tmp_path}"]
+    result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), *argv], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step:1/1 val_loss:" in result.stdout
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_world_size_that_cannot_work_says_so_once(tmp_path):
+    result = subprocess.run([*TORCHRUN, "--nproc_per_node=3", str(ROOT / "train_gpt.py"), "--preset=smoke",
+                             f"--log_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=clean_env())
+    output = result.stdout + result.stderr
+    assert output.count("world size 3 cannot keep the batch of windows_per_step=4 windows") == 1, output
+    assert "use a world size among [1, 2, 4] (e.g. torchrun --nproc_per_node=2); nothing was run" in result.stderr
+    assert "Traceback" not in output and "ChildFailedError" not in output and "SIGTERM" not in output
+    assert result.returncode == 0  # torchrun turns any other status into a traceback of its own
+    assert list(tmp_path.iterdir()) == []  # no log: nothing ran
+
+
+@pytest.mark.slow
+def test_two_ranks_train_without_deprecation_warnings(tmp_path):
+    """The collectives are the current ones: torch 2.13 deprecates reduce_scatter_tensor and all_gather_into_tensor."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("t_val_000000.bin", 2048), ("t_train_000001.bin", 8192)):
+        tokens = rng.integers(0, 1000, n)
+        tokens[::50] = tg.BOS_ID
+        tg.write_shard(shards / name, tokens)
+    argv = [f"--train_files={shards}/t_train_*.bin", f"--val_files={shards}/t_val_*.bin", "--val_tokens=512",
+            "--train_seq_len=128", "--val_seq_len=128", "--windows_per_step=4", "--num_layers=2", "--model_dim=64",
+            "--num_heads=2", "--head_dim=32", "--mlp_hidden=128", "--attn_pattern=LS", "--value_embed_pattern=0-",
+            "--block_size=32", "--max_window_tokens=64", "--num_iterations=2", "--val_every=0", "--warmup_steps=0",
+            "--dtype=float32", "--use_fp8=false", "--use_compile=false", f"--log_dir={tmp_path}"]
+    result = subprocess.run([*TORCHRUN, "--nproc_per_node=2", str(ROOT / "train_gpt.py"), *argv],
+                            capture_output=True, text=True, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step:2/2 val_loss:" in result.stdout
+    assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr
