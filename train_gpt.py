@@ -131,6 +131,12 @@ class Hyperparameters:
                 f"num_heads*head_dim = {self.num_heads}*{self.head_dim} must equal model_dim={self.model_dim}")
         require(self.head_dim % 4 == 0, f"head_dim={self.head_dim} must be a multiple of 4 (rotary pairs, half frozen)")
         require(self.attn_gate_dim <= self.model_dim, "attn_gate_dim cannot exceed model_dim")
+        if self.use_flex_attention and self.use_compile:  # what compiles for an H100 (tools/cuda_check.py, torch 2.13)
+            require(self.block_size % 16 == 0, f"block_size={self.block_size}: compiled FlexAttention needs a "
+                    "multiple of 16 (its smallest tile)")
+            require(self.dtype != "bfloat16" or self.block_size % 128 == 0, f"block_size={self.block_size} with "
+                    "compiled FlexAttention in bfloat16: its backward kernel on an H100 reads key blocks of 128 "
+                    "tokens; use a multiple of 128, --dtype=float32 (any multiple of 16) or --use_flex_attention=false")
         for name in ("train_seq_len", "val_seq_len"):
             n = getattr(self, name)
             require(n % self.block_size == 0, f"{name}={n} must be a multiple of block_size={self.block_size} "
@@ -610,7 +616,12 @@ def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int) -> Blo
 
 def flex_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: BlockMask, scale: float) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
-    return flex_attention(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
+    # The compiled forward's tiles must divide the mask blocks; inductor's H100 defaults are up to 128 x 128 tokens.
+    # Smaller blocks get square tiles of the largest power of two dividing them, at most 64 (tools/cuda_check.py).
+    block = mask.BLOCK_SIZE[0]
+    tile = min(64, block & -block)
+    options = None if block % 128 == 0 else dict(fwd_BLOCK_M=tile, fwd_BLOCK_N=tile)
+    return flex_attention(q, k, v, block_mask=mask, scale=scale, kernel_options=options).transpose(1, 2)
 
 
 def dense_mask(docs: Tensor, window_blocks: Tensor, block_size: int) -> Tensor:
