@@ -1,18 +1,24 @@
-"""benchmark.py: time train_gpt.py's real training step and print one JSON line (PRODUCT.md §4).
+"""benchmark.py: time train_gpt.py's real training step and print one JSON line.
 
     python benchmark.py                                   # speedrun preset, synthetic shards, this machine's devices
     torchrun --standalone --nproc_per_node=8 benchmark.py --steps=50
     python benchmark.py --real --steps=50 --train_files=... # real shards instead of synthetic ones
     python benchmark.py --preset=smoke --steps=3            # the CPU smoke check
+    python benchmark.py --estimate                          # GPU memory of the step and the evaluation, without a GPU
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
 runs --warmup untimed steps (compilation), then --steps timed steps, and reports tokens/s, ms/step, model FLOPs per
 token, MFU against --peak_tflops (default: 989, the H100 SXM dense bf16 figure, on a GPU; none on a CPU) and peak
 memory. Figures that count come from a GPU; the CPU run only shows that the benchmark works.
+
+--estimate times nothing: it compiles the training step and the evaluation for a fake H100 (tools/cuda_check.py, on
+a Linux machine with the CPU build of torch; a few minutes) and prints inductor's own peak-memory estimate of each
+compiled graph, in GiB. What that estimate leaves out: docs/cuda_check.md.
 """
 
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +64,38 @@ def mean_attended_keys(batches, window: torch.Tensor, args: tg.Hyperparameters) 
     return total / (len(batches) * len(kinds))
 
 
+def estimate_memory(settings: list[str]) -> dict:
+    """Inductor's peak-memory estimates for the compiled training micro-step (forward and backward graphs) and the
+    evaluation, at the given settings (default: the speedrun preset), from the CUDA compile check run in a subprocess
+    (the fake H100 must be set up before torch is imported)."""
+    check = Path(__file__).resolve().parent / "tools" / "cuda_check.py"
+    result = subprocess.run([sys.executable, str(check), "--size=speedrun", "--world_sizes=none", *settings],
+                            capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"the CUDA compile check printed no report:\n{result.stderr[-3000:]}")
+    report = json.loads(lines[-1])
+    if report.get("problems") or report.get("error"):
+        raise RuntimeError("the CUDA compile check failed: " + "; ".join(report["failures"]))
+    peak, gib = report["peak_memory_bytes"], lambda b: round(b / 2**30, 2)
+    args = tg.Hyperparameters(**report["settings"])
+    with torch.device("meta"):
+        parameters = sum(p.numel() * p.element_size() for p in tg.GPT(args).parameters())
+    return dict(
+        estimate="inductor's peak memory per compiled graph, for a fake H100 (tools/cuda_check.py)",
+        train_step_gib=gib(max(peak["train_forward"], peak["train_backward"])),
+        train_forward_gib=gib(peak["train_forward"]), train_backward_gib=gib(peak["train_backward"]),
+        eval_gib=gib(peak["eval_inference"]), parameters_gib=gib(parameters),
+        train_tokens=args.train_seq_len, eval_tokens=args.val_seq_len, torch=report["torch"],
+        check_failures=report["failures"], check_seconds=report["seconds"]["total"],
+    )
+
+
 def main(argv: list[str]) -> dict:
+    if "--estimate" in argv:
+        result = estimate_memory([a for a in argv if a != "--estimate"])
+        print(json.dumps(result), flush=True)
+        return result
     options = dict(steps=20, warmup=5, real=False, peak_tflops=None)
     settings = []
     for arg in argv:

@@ -26,7 +26,9 @@ import train_gpt as tg  # noqa: E402
 pytestmark = pytest.mark.cuda_check
 
 
-def run_check(*argv: str, expect_pass: bool = True) -> tuple[dict, subprocess.CompletedProcess]:
+def require_the_toolchain():
+    """Skip where the check cannot exist (not Linux x86-64, or a CUDA build of torch); fail where it only lacks a
+    tool that CI must have."""
     reason = fake_h100.unsupported()
     if reason:
         pytest.skip(reason)
@@ -34,6 +36,10 @@ def run_check(*argv: str, expect_pass: bool = True) -> tuple[dict, subprocess.Co
     if missing:
         pytest.fail("the CUDA compile check cannot run on this machine: " + "; ".join(missing) +
                     '. To leave it out on purpose: python -m pytest -m "not cuda_check"', pytrace=False)
+
+
+def run_check(*argv: str, expect_pass: bool = True) -> tuple[dict, subprocess.CompletedProcess]:
+    require_the_toolchain()
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "cuda_check.py"), *argv], capture_output=True,
                             text=True, timeout=1800, cwd=ROOT)
     lines = result.stdout.strip().splitlines()
@@ -178,6 +184,25 @@ def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(spee
     assert 20 * 2**30 < max(peak["train_forward"], peak["train_backward"]) < 60 * 2**30
 
 
+@pytest.mark.slow
+def test_benchmark_estimate_prints_the_compiled_graphs_memory_as_one_json_line():
+    """`benchmark.py --estimate` runs the check in a subprocess; here at the smoke shapes, to keep it short."""
+    require_the_toolchain()
+    settings = ["--preset=smoke", "--dtype=bfloat16", "--use_fp8=true", "--use_flex_attention=true",
+                "--use_compile=true", "--block_size=128"]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--estimate", *settings],
+                            capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    args = smoke_args()
+    assert (report["train_tokens"], report["eval_tokens"]) == (args.train_seq_len, args.val_seq_len)
+    assert report["train_step_gib"] == max(report["train_forward_gib"], report["train_backward_gib"]) > 0
+    assert report["eval_gib"] >= 2 * args.val_seq_len * args.vocab_size / 2**30 - 0.005  # its bf16 logits
+    assert report["check_failures"] == []
+
+
 def test_a_block_size_the_h100_backward_cannot_take_fails_the_check():
     """Why Hyperparameters refuses compiled bf16 FlexAttention with blocks under 128 tokens: the check, run with
     that refusal side-stepped (use_compile=false: the check compiles anyway), finds no backward kernel. When a new
@@ -202,9 +227,7 @@ def test_flex_block_sizes_that_do_not_compile_are_refused_up_front():
 def test_the_fp8_check_rejects_what_scaled_mm_rejects():
     """The FP8 check runs the ops' real bodies on fake cuda tensors, so torch._scaled_mm's own checks judge them:
     a model width that is not a multiple of 16 is refused, as an H100 would refuse it."""
-    reason = fake_h100.unsupported()
-    if reason:
-        pytest.skip(reason)
+    require_the_toolchain()
     code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']; import fake_h100, cuda_check\n"
             "torch = fake_h100.install(); import train_gpt, json\n"
             "run = lambda D: cuda_check.run_custom_op(torch, 'nanogpt::fp8_mm', [((256, D), (D, 1), torch.bfloat16), "
