@@ -183,7 +183,8 @@ class Rig:
         from torch._inductor.compile_fx import compile_fx_inner
 
         kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
-        record = dict(kind=kind, flops=graph_flops(gm), custom_ops=custom_op_calls(gm), peak_memory=[])
+        record = dict(kind=kind, flops=graph_flops(gm), custom_ops=custom_op_calls(gm), peak_memory=[],
+                      **graph_bytes(gm))
         self.phases[self.current]["aot"].append(record)
         self._memory_log = record["peak_memory"]
         try:
@@ -230,6 +231,23 @@ def graph_flops(gm) -> dict:
         name = getattr(packet, "__name__", str(packet))
         counts[name] = counts.get(name, 0) + formula(*args, **kwargs, out_val=n.meta.get("val"))
     return counts
+
+
+def graph_bytes(gm) -> dict:
+    """Bytes of the graph's inputs, and of the outputs it allocates (not inputs or their views): for a training
+    forward graph the outputs are the loss and everything saved for the backward."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storages(nodes) -> dict:
+        values = [n.meta.get("val") for n in nodes if isinstance(n, torch.fx.Node)]
+        return {StorageWeakRef(v.untyped_storage()).cdata: v.untyped_storage().nbytes() for v in values
+                if isinstance(v, torch.Tensor)}
+
+    inputs = storages(gm.graph.find_nodes(op="placeholder"))
+    outputs = storages(torch.utils._pytree.tree_leaves(gm.graph.find_nodes(op="output")[0].args))
+    return dict(inputs_bytes=sum(inputs.values()),
+                outputs_bytes=sum(b for s, b in outputs.items() if s not in inputs))
 
 
 def custom_op_calls(gm) -> list:
@@ -305,7 +323,7 @@ def summarize(torch, rig, opts, error) -> dict:
 
     # FLOPs (totals by graph kind and op, and per token) and inductor's peak-memory estimates per phase and graph kind
     attention = ("flex_attention", "flex_attention_backward")
-    report["flops"], report["flops_per_token"], report["peak_memory_bytes"] = {}, {}, {}
+    report["flops"], report["flops_per_token"], report["peak_memory_bytes"], report["graph_bytes"] = {}, {}, {}, {}
     for name, p in phases.items():
         if p["tokens"]:
             totals = {}
@@ -320,8 +338,9 @@ def summarize(torch, rig, opts, error) -> dict:
             report["flops_per_token"][name] = dict(dense=dense / t, attention_counted_dense=attn / t,
                                                    total=(dense + attn) / t)
         for g in p["aot"]:  # the order inductor keeps is its lowest estimate
+            key = f"{name}_{g['kind']}"
+            report["graph_bytes"].setdefault(key, dict(inputs=g["inputs_bytes"], outputs=g["outputs_bytes"]))
             if g["peak_memory"] and all(g["peak_memory"]):
-                key = f"{name}_{g['kind']}"
                 estimate = max(min(group) for group in g["peak_memory"])
                 report["peak_memory_bytes"][key] = max(estimate, report["peak_memory_bytes"].get(key, 0))
     report["peak_memory_gib"] = {k: round(v / 2**30, 3) for k, v in report["peak_memory_bytes"].items()}
@@ -385,6 +404,9 @@ def print_summary(report: dict):
           f"{k['max_shared_bytes']} B of {k['shared_limit_bytes']}; most registers {k['max_registers']}; kernels "
           f"with local memory (spills): {len(k['local_memory_kernels'])}")
     print(f"inductor's peak-memory estimates (GiB): {report['peak_memory_gib']}")
+    print("graph inputs / outputs it allocates (GiB): " + ", ".join(
+        f"{k} {v['inputs'] / 2**30:.3f} / {v['outputs'] / 2**30:.3f}" for k, v in report["graph_bytes"].items()
+        if not k.startswith("orthogonalize")))
     for name, f in report["flops_per_token"].items():
         print(f"{name} FLOPs/token: dense {f['dense']:.6g}, attention (every key, as torch counts) "
               f"{f['attention_counted_dense']:.6g}")
