@@ -2,7 +2,7 @@
 
     python tools/cuda_check.py --size=smoke          # the smoke preset in bf16 with FlexAttention and the FP8 head
     python tools/cuda_check.py --size=speedrun       # the record's shapes: 12x768, 49,152-token step, 262,144 eval
-    python tools/cuda_check.py --size=smoke --block_size=32 --windows=1,2,5   # any train_gpt setting as --field=value
+    python tools/cuda_check.py --size=smoke --dtype=float32 --block_size=32 --windows=1,2,5  # any --field=value
 
 On fake tensors (tools/fake_h100.py: no GPU, no memory, nothing launched) it compiles, exactly as train_gpt.py asks
 torch.compile to: the training micro-step (forward + backward) at each window size, the evaluation forward at each
@@ -64,6 +64,7 @@ def drive_trainer(tg, rig, opts):
     args, notes = tg.adapt_to_device(args, device)  # the fake device is an H100: FP8 and FlexAttention stay on
     rig.record(settings={k: v for k, v in vars(args).items()}, notes=notes)
 
+    # Compiles whatever use_compile says: compiling is what is checked.
     with torch.device("meta"):
         model = tg.GPT(args)  # no weights are needed: shapes only
     fake_h100.module_to_fake_cuda(model, rig.fake)
@@ -166,6 +167,9 @@ class Rig:
         the step then runs the dynamo graph eagerly on fake tensors, which is all a machine without a GPU can do."""
         from torch._inductor.compile_fx import compile_fx
 
+        if self.current is None:  # compiled outside any phase: still counted, under its own name
+            self.current = "unlabelled"
+            self.phases.setdefault("unlabelled", dict(tokens=None, graphs=[], aot=[], kernels_from=0))
         phase = self.phases[self.current]
         phase["graphs"].append(dict(nodes=len(gm.graph.nodes),
                                     inputs=[tuple(t.shape) for t in example_inputs if hasattr(t, "shape")]))

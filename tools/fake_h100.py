@@ -25,6 +25,7 @@ Supported: Linux x86-64, the CPU build of torch 2.13, triton==3.7.1 (the version
 a C++ compiler (g++, or $CXX). `unsupported()` and `missing()` say what is wrong without importing torch.
 """
 
+import atexit
 import ctypes
 import hashlib
 import importlib.metadata
@@ -183,6 +184,7 @@ def install():
     library = hooks_library()
     # Fresh compile caches: nothing from (or for) a real GPU is reused, and every kernel really goes through ptxas.
     scratch = tempfile.mkdtemp(prefix="fake_h100_")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
     os.environ["TRITON_CACHE_DIR"] = os.path.join(scratch, "triton")
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
