@@ -5,16 +5,22 @@
     python benchmark.py --real --steps=50 --train_files=... # real shards instead of synthetic ones
     python benchmark.py --preset=smoke --steps=3            # the CPU smoke check
     python benchmark.py --step=0                          # time the schedule's first step (default: its last)
+    python benchmark.py --estimate                          # GPU memory of the step and the evaluation, without a GPU
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
 runs --warmup untimed steps (compilation), then --steps timed steps, and reports tokens/s, ms/step, model FLOPs per
 token, MFU against --peak_tflops (default: 989, the H100 SXM dense bf16 figure, on a GPU; none on a CPU) and peak
 memory. Figures that count come from a GPU; the CPU run only shows that the benchmark works.
+
+--estimate times nothing: it compiles the training step and the evaluation for a fake H100 (tools/cuda_check.py, on
+a Linux machine with the CPU build of torch; a few minutes) and prints, in GiB, the parameters plus inductor's own
+peak-memory estimate of the compiled graphs. What that leaves out: docs/cuda_check.md.
 """
 
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +81,15 @@ def flops_per_token(model: tg.GPT, args: tg.Hyperparameters, attended_keys: floa
         if mlp is not None and not mlp.static:  # the second matrix's rows that are used
             dense += mlp.w1.numel() + sum(mlp.sizes) * mlp.w1.size(1)
     attention_layers = sum(c != "-" for c in args.attn_pattern)
-    return 6 * dense + 3 * 4 * args.num_heads * args.head_dim * attention_layers * attended_keys
+    return 6 * dense + 3 * 4 * args.num_heads * args.head_dim * attention_layers * attended_keys + dc_flops(args)
+
+
+def dc_flops(args: tg.Hyperparameters) -> float:
+    """The DC correction (train_gpt.dc_correction), x3 for forward and backward: per query, heads x head_dim
+    products with the 2 * block_size keys of its own and the previous block, twice (scores, then values), and the
+    mixing of the heads' probabilities."""
+    C, H, D = args.block_size, args.num_heads, args.head_dim
+    return 3 * len(args.layers("dc_layers")) * (2 * 2 * H * 2 * C * D + 2 * 2 * C * H)
 
 
 def mean_attended_keys(batches, model: tg.GPT, args: tg.Hyperparameters) -> float:
@@ -95,7 +109,47 @@ def mean_attended_keys(batches, model: tg.GPT, args: tg.Hyperparameters) -> floa
     return total / (len(batches) * len(layers))
 
 
+def estimate_memory(settings: list[str]) -> dict:
+    """Inductor's peak-memory estimates for the compiled training micro-step (forward and backward graphs) and the
+    evaluation, at the given settings (default: the speedrun preset), from the CUDA compile check run in a subprocess
+    (the fake H100 must be set up before torch is imported)."""
+    check = Path(__file__).resolve().parent / "tools" / "cuda_check.py"
+    result = subprocess.run([sys.executable, str(check), "--size=speedrun", "--world_sizes=none", "--stages=last",
+                             *settings],
+                            capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"the CUDA compile check printed no report:\n{result.stderr[-3000:]}")
+    report = json.loads(lines[-1])
+    if report.get("problems") or report.get("error"):
+        raise RuntimeError("the CUDA compile check failed: " + "; ".join(report["failures"]))
+    peak, gib = report["peak_memory_bytes"], lambda b: round(b / 2**30, 2)
+    args = tg.Hyperparameters(**report["settings"])
+    with torch.device("meta"):
+        parameters = sum(p.numel() * p.element_size() for p in tg.GPT(args).parameters())
+    for kind in ("forward", "backward"):  # the largest stage
+        peak[f"train_{kind}"] = max(v for k, v in peak.items() if k.startswith("train") and k.endswith(kind))
+    largest = max((k for k in report["graph_bytes"] if k.startswith("train") and k.endswith("_forward")),
+                  key=lambda k: report["graph_bytes"][k]["outputs"])
+    return dict(
+        estimate="parameters + inductor's peak-memory estimate of the compiled graphs (which leaves the parameters "
+                 "out), for a fake H100 (tools/cuda_check.py); not counted: optimizer state, the FP8 ops' inner "
+                 "temporaries, the allocator's overhead",
+        train_step_gib=gib(parameters + max(peak["train_forward"], peak["train_backward"])),
+        eval_gib=gib(parameters + peak["eval_inference"]), parameters_gib=gib(parameters),
+        train_forward_graph_gib=gib(peak["train_forward"]), train_backward_graph_gib=gib(peak["train_backward"]),
+        eval_graph_gib=gib(peak["eval_inference"]),
+        saved_for_backward_gib=gib(report["graph_bytes"][largest]["outputs"]),
+        train_tokens=max(args.seq_lens), eval_tokens=args.val_seq_len, torch=report["torch"],
+        check_failures=report["failures"], check_seconds=report["seconds"]["total"],
+    )
+
+
 def main(argv: list[str]) -> dict:
+    if "--estimate" in argv:
+        result = estimate_memory([a for a in argv if a != "--estimate"])
+        print(json.dumps(result), flush=True)
+        return result
     options = dict(steps=20, warmup=5, real=False, peak_tflops=None, step=None)
     settings = []
     for arg in argv:

@@ -220,6 +220,12 @@ class Hyperparameters:
                 "attn_gate_dim and ve_gate_dim cannot exceed model_dim")
         require(self.dc_window <= self.block_size or not self.dc_layers, f"dc_window={self.dc_window} cannot exceed "
                 f"block_size ({self.block_size}): the DC correction works block by block")
+        if self.use_flex_attention and self.use_compile:  # what compiles for an H100 (tools/cuda_check.py, torch 2.13)
+            require(self.block_size % 16 == 0, f"block_size={self.block_size}: compiled FlexAttention needs a "
+                    "multiple of 16 (its smallest tile)")
+            require(self.dtype != "bfloat16" or self.block_size % 128 == 0, f"block_size={self.block_size} with "
+                    "compiled FlexAttention in bfloat16: its backward kernel on an H100 reads key blocks of 128 "
+                    "tokens; use a multiple of 128, --dtype=float32 (any multiple of 16) or --use_flex_attention=false")
         stages = self.num_stages  # parses every per-stage field
         require(stages <= self.num_iterations, f"{stages} stages need at least as many steps")
         for n in (*self.seq_lens, self.val_seq_len):
@@ -1206,7 +1212,13 @@ def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_
 
 def flex_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: BlockMask, scale: Tensor) -> Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
-    y = flex_attention(q, k, v, block_mask=mask, scale=1.0, score_mod=lambda s, b, h, q_idx, kv_idx: s * scale)
+    # The compiled forward's tiles must divide the mask blocks; inductor's H100 defaults are up to 128 x 128 tokens.
+    # Smaller blocks get square tiles of the largest power of two dividing them, at most 64 (tools/cuda_check.py).
+    block = mask.BLOCK_SIZE[0]
+    tile = min(64, block & -block)
+    options = None if block % 128 == 0 else dict(fwd_BLOCK_M=tile, fwd_BLOCK_N=tile)
+    y = flex_attention(q, k, v, block_mask=mask, scale=1.0, score_mod=lambda s, b, h, q_idx, kv_idx: s * scale,
+                       kernel_options=options)
     return y.transpose(1, 2)
 
 

@@ -26,7 +26,8 @@ def test_model_flops_count_the_dense_weights_and_the_attended_keys():
         model = tg.GPT(args)
     dense = 10 * 4 * 768**2 + 11 * 2 * 768 * 3072 + 50304 * 768 + 5 * 6 * 12 + 12
     dense += 2 * 64 * 768 + (14 + 5) * 64 + 2 * 64 * 768 + (26 + 41) * 64  # MUDD; the gate MLP (26 and 41 outputs)
-    assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense
+    dc = 3 * (4 * 6 * 256 * 128 + 4 * 256 * 6)  # one DC layer: 256 keys per query (its block and the previous one)
+    assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense + dc
 
 
 def test_attended_keys_follow_the_window():

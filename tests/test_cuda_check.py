@@ -1,0 +1,259 @@
+"""The CUDA compile check on a CPU: tools/cuda_check.py compiles train_gpt.py for a fake H100 (docs/cuda_check.md);
+these tests run it in a subprocess (the fake must be set up before torch is imported) and hold its JSON report to
+what a GPU run needs. Each run takes minutes on 2 cores; `-m "not cuda_check"` deselects them.
+
+Linux x86-64 only. There a missing toolchain (triton==3.7.1, g++) FAILS these tests with the fix in the message, so
+that CI cannot skip them silently; on other platforms, or with a CUDA build of torch, they skip and say why, unless
+CUDA_CHECK_REQUIRED=1 (set by .ci/run), which makes that a failure too."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import fake_h100  # noqa: E402  (imports nothing heavy: it only says whether this machine can run the check)
+from test_train_gpt import tiny_args  # noqa: E402
+
+import benchmark  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+pytestmark = pytest.mark.cuda_check
+
+
+def require_the_toolchain():
+    """Skip where the check cannot exist (not Linux x86-64, or a CUDA build of torch); fail where it only lacks a
+    tool that CI must have."""
+    reason = fake_h100.unsupported()
+    if reason and os.environ.get("CUDA_CHECK_REQUIRED") != "1":  # .ci/run sets it: CI never skips the check
+        pytest.skip(reason)
+    missing = [reason] if reason else fake_h100.missing()
+    if missing:
+        pytest.fail("the CUDA compile check cannot run on this machine: " + "; ".join(missing) +
+                    '. To leave it out on purpose: python -m pytest -m "not cuda_check"', pytrace=False)
+
+
+def run_check(*argv: str, expect_pass: bool = True) -> tuple[dict, subprocess.CompletedProcess]:
+    require_the_toolchain()
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "cuda_check.py"), *argv], capture_output=True,
+                            text=True, timeout=1800, cwd=ROOT)
+    lines = result.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), result.stdout[-3000:] + result.stderr[-5000:]
+    report = json.loads(lines[-1])
+    if expect_pass:
+        assert report["failures"] == [] and result.returncode == 0, \
+            "\n".join(report["failures"]) + "\n" + result.stdout[-3000:] + result.stderr[-3000:]
+    return report, result
+
+
+def muon_shard_shapes(args: tg.Hyperparameters, world_size: int) -> set[tuple]:
+    """What rank r passes the orthogonalizer: its contiguous share of ceil(n / W) matrices of each Muon group of n
+    (tg.Muon's contract), for every rank that owns any."""
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    muon = tg.build_optimizers(model, args, tg.Runtime(0, 1, torch.device("cpu")))[1]
+    shapes = set()
+    for (shape, _, _), entries in muon.groups.items():
+        n = sum(len(view(p.data)) for p, view in entries)
+        share = -(-n // world_size)
+        shapes |= {(min(share, n - r * share), *shape) for r in range(world_size) if n > r * share}
+    return shapes
+
+
+def assert_compiles_for_an_h100(report: dict, args: tg.Hyperparameters, orthogonalizer: bool = True):
+    assert report["settings"] == dataclasses.asdict(args)  # it compiled the configuration we asked for
+    assert len(report["windows"]) >= 2
+    # one graph per stage and one for evaluation, whatever the windows: they are tensors, not constants
+    phases = [f"train_stage{k}" for k in range(args.num_stages)] + ["eval"]
+    assert {name: report["graphs"][name] for name in phases} == dict.fromkeys(phases, 1)
+    assert report["graph_breaks"] == 0 and report["recompiles"] == dict.fromkeys(phases, 0)
+    assert all(call["fullgraph"] and call["dynamic"] is False for call in report["compile_calls"])
+    kernels = report["kernels"]
+    assert kernels["count"] > 0 and kernels["targets"] == ["cuda:90"]  # every Triton kernel went through ptxas
+    assert 0 < kernels["max_shared_bytes"] <= 232448 and kernels["over_shared_limit"] == []
+    if args.use_flex_attention:  # the FlexAttention templates themselves were built, forward and backward
+        assert kernels["flex_attention"]["forward"] > 0 and kernels["flex_attention"]["backward"] > 0
+    calls = report["custom_ops"]["calls"]
+    if args.use_fp8:  # the FP8 ops' real bodies ran at the compiled shapes and torch._scaled_mm accepted them
+        D, V = args.model_dim, args.vocab_size
+        head = [c["shapes"] for c in calls if c["op"] == "nanogpt::fp8_mm"]
+        assert sorted(head) == sorted([[T, D], [V, D]] for T in set(args.seq_lens))
+        assert {c["op"] for c in calls} >= {"nanogpt::fp8_mm", "nanogpt::fp8_mm_backward"}
+    if args.use_fp8_mlp:
+        assert {c["op"] for c in calls} >= {"nanogpt::mlp_fp8_up", "nanogpt::mlp_fp8_down"}
+    assert all(c["accepted"] for c in calls) and report["custom_ops"]["all_accepted"] is (True if calls else None)
+    if orthogonalizer:  # once per distinct shard shape, for every rank of world sizes 1 and 8
+        for world_size in (1, 8):
+            o = report["orthogonalizer"][str(world_size)]
+            assert {tuple(s) for s in o["shapes"]} == muon_shard_shapes(args, world_size)
+            assert o["compiles"] == len(o["shapes"])
+
+
+def assert_flops_match_the_benchmark_formula(report: dict):
+    """benchmark.flops_per_token = 6 x dense weights + 3 x 4·H·D per attended key and attention layer (+ the DC
+    correction's products). The compiled graphs must say the same. Matrix products (and the FP8 ops' _scaled_mm,
+    counted inside the custom ops) exactly: forward 1/3, backward 2/3. Attention separately, because torch's flop
+    counter counts flex_attention as dense attention: every query slot against every key slot of the sequence, no
+    causal or block skipping (which is what benchmark.mean_attended_keys measures). So the graph's forward must equal
+    4·D·heads per (query, key) pair of every layer's full sequence (a paired-head layer: 2T slots, half the heads),
+    and its backward counts 5 products to the forward's 2 (the kernel recomputes Q·K^T), where the formula follows
+    the usual model-FLOPs convention, backward = 2 x forward."""
+    args = tg.Hyperparameters(**report["settings"])
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    dense_per_token = benchmark.flops_per_token(model, args, attended_keys=0)
+    H, D = args.num_heads, args.head_dim
+    paired = set(args.layers("paired_head_layers"))
+    layers = [i for i, c in enumerate(args.attn_pattern) if c != "-"]
+    pair_weight = sum(2 if i in paired else 1 for i in layers)  # (2T)^2 slots x H/2 heads = 2 x T^2 x H
+    evaluation = report["flops"]["eval"]
+    E = evaluation["tokens"]
+    assert E == args.val_seq_len
+
+    def dense(ops: dict) -> int:
+        return sum(f for op, f in ops.items() if not op.startswith("flex_attention"))
+
+    for name, train in report["flops"].items():
+        if not name.startswith("train"):
+            continue
+        T = train["tokens"]
+        assert dense(train["forward"]) + dense(train["backward"]) == dense_per_token * T, name
+        assert 3 * dense(train["forward"]) == dense_per_token * T, name
+        assert train["forward"]["flex_attention"] == 4 * H * D * pair_weight * T * T, name
+        assert 2 * train["backward"]["flex_attention_backward"] == 5 * train["forward"]["flex_attention"], name
+        assert report["flops_per_token"][name]["dense"] == dense_per_token
+    assert 3 * dense(evaluation["forward"]) == dense_per_token * E
+    assert evaluation["forward"]["flex_attention"] == 4 * H * D * pair_weight * E * E
+
+
+def smoke_args() -> tg.Hyperparameters:
+    """What --size=smoke compiles: the smoke preset as a GPU runs it (bf16, FlexAttention, FP8 head, compiled), with
+    128-token mask blocks, the smallest that FlexAttention's bf16 backward compiles for on an H100."""
+    return tg.parse_args(["--preset=smoke", "--dtype=bfloat16", "--use_fp8=true", "--use_fp8_mlp=true",
+                          "--use_flex_attention=true", "--use_compile=true", "--block_size=128"])
+
+
+@pytest.fixture(scope="module")
+def smoke_report() -> dict:
+    return run_check("--size=smoke")[0]
+
+
+def test_smoke_shapes_compile_for_an_h100(smoke_report):
+    assert_compiles_for_an_h100(smoke_report, smoke_args())
+
+
+def test_smoke_shapes_flops_match_the_benchmark_formula(smoke_report):
+    assert_flops_match_the_benchmark_formula(smoke_report)
+
+
+def test_the_gpu_tests_configuration_compiles_for_an_h100():
+    """tests/test_train_gpt.py's GPU tests compile tiny_args with FlexAttention (fp32, 16-token blocks) on
+    128-token sequences: the check compiles that configuration's training step and evaluation."""
+    args = tiny_args(use_flex_attention=True, use_compile=True, train_seq_len=128, val_seq_len=128)
+    report, _ = run_check("--size=smoke", "--world_sizes=none",
+                          *(f"--{k}={v}" for k, v in dataclasses.asdict(args).items()))
+    assert_compiles_for_an_h100(report, args, orthogonalizer=False)
+    assert_flops_match_the_benchmark_formula(report)
+
+
+@pytest.fixture(scope="module")
+def speedrun_report() -> dict:
+    return run_check("--size=speedrun")[0]
+
+
+@pytest.mark.slow
+def test_speedrun_shapes_compile_for_an_h100(speedrun_report):
+    assert_compiles_for_an_h100(speedrun_report, tg.parse_args([]))
+
+
+@pytest.mark.slow
+def test_speedrun_flops_from_the_compiled_graphs_equal_the_benchmark_formula(speedrun_report):
+    assert_flops_match_the_benchmark_formula(speedrun_report)
+
+
+@pytest.mark.slow
+def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(speedrun_report):
+    """Inductor's per-graph peak estimates (they leave the parameters out) against what the backward needs whole,
+    counted by hand in bf16, at the largest stage (49,152 tokens): per MLP its normed input (T x D) and its hidden
+    activation (T x hidden); per attention layer q, k, v, its output and its normed input (5 x T x D); the FP8 head's
+    bf16 output (T x V) and the e4m3 copies it saves. The evaluation holds its bf16 logits (E x V) whole. Each graph,
+    with the parameters, must fit an H100's 80 GB."""
+    args = tg.parse_args([])
+    T, E, V, D = max(args.seq_lens), args.val_seq_len, args.vocab_size, args.model_dim
+    layers, attention_layers = args.num_layers, sum(c != "-" for c in args.attn_pattern)
+    must_save = 2 * T * (layers * (args.mlp_hidden + D) + attention_layers * 5 * D) + 2 * T * V + T * D + V * D
+    peak, graph = speedrun_report["peak_memory_bytes"], speedrun_report["graph_bytes"]
+    last = f"train_stage{args.num_stages - 1}"
+    assert graph[f"{last}_forward"]["outputs"] >= must_save
+    assert peak[f"{last}_forward"] >= graph[f"{last}_forward"]["outputs"]
+    assert peak[f"{last}_backward"] >= graph[f"{last}_backward"]["inputs"] + graph[f"{last}_backward"]["outputs"]
+    assert peak["eval_inference"] >= 2 * E * V
+    parameters = graph[f"{last}_forward"]["inputs"]  # the parameters and one window of tokens
+    assert parameters + max(peak.values()) < fake_h100.H100.total_memory
+    # for scale: the 2026-08 record measured 30,220-32,160 MiB peak allocated per GPU on 8xH100
+    assert 25 * 2**30 < parameters + peak[f"{last}_backward"] < 60 * 2**30
+
+
+@pytest.mark.slow
+def test_benchmark_estimate_prints_the_compiled_graphs_memory_as_one_json_line():
+    """`benchmark.py --estimate` runs the check in a subprocess; here at the smoke shapes, to keep it short."""
+    require_the_toolchain()
+    settings = ["--preset=smoke", "--dtype=bfloat16", "--use_fp8=true", "--use_fp8_mlp=true",
+                "--use_flex_attention=true", "--use_compile=true", "--block_size=128"]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--estimate", *settings],
+                            capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    args = smoke_args()
+    assert (report["train_tokens"], report["eval_tokens"]) == (max(args.seq_lens), args.val_seq_len)
+    graphs = max(report["train_forward_graph_gib"], report["train_backward_graph_gib"])
+    assert report["train_step_gib"] == pytest.approx(report["parameters_gib"] + graphs, abs=0.011) and graphs > 0
+    assert report["eval_graph_gib"] >= 2 * args.val_seq_len * args.vocab_size / 2**30 - 0.005  # its bf16 logits
+    assert report["saved_for_backward_gib"] > 0
+    assert report["check_failures"] == []
+
+
+def test_a_block_size_the_h100_backward_cannot_take_fails_the_check():
+    """Why Hyperparameters refuses compiled bf16 FlexAttention with blocks under 128 tokens: the check, run with
+    that refusal side-stepped (use_compile=false: the check compiles anyway), finds no backward kernel. When a new
+    torch compiles it, this test fails: then lift the rule in Hyperparameters.__post_init__."""
+    report, result = run_check("--size=smoke", "--use_compile=false", "--block_size=64", "--world_sizes=none",
+                               expect_pass=False)
+    assert result.returncode == 1 and report["failures"]
+    assert "NoValidChoicesError" in report["error"], report["error"]
+    assert report["graphs"] == {"train_stage0": 1}  # the forward compiled; the backward (lowered with it) did not
+
+
+def test_flex_block_sizes_that_do_not_compile_are_refused_up_front():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        tg.parse_args(["--preset=smoke", "--dtype=bfloat16", "--use_flex_attention=true", "--use_compile=true"])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiny_args(use_flex_attention=True, use_compile=True, block_size=8, train_seq_len=64, val_seq_len=64)
+    tiny_args(use_flex_attention=True, use_compile=True)  # fp32 with 16-token blocks compiles
+    tg.parse_args(["--preset=smoke", "--use_flex_attention=true", "--use_compile=true"])  # fp32, 64-token blocks
+    tg.parse_args(["--preset=smoke", "--dtype=bfloat16", "--use_flex_attention=true"])  # not compiled: allowed
+
+
+def test_the_fp8_check_rejects_what_scaled_mm_rejects():
+    """The FP8 check runs the ops' real bodies on fake cuda tensors, so torch._scaled_mm's own checks judge them:
+    a model width that is not a multiple of 16 is refused, as an H100 would refuse it."""
+    require_the_toolchain()
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']; import fake_h100, cuda_check\n"
+            "torch = fake_h100.install(); import train_gpt, json\n"
+            "run = lambda D: cuda_check.run_custom_op(torch, 'nanogpt::fp8_mm', [((256, D), (D, 1), torch.bfloat16), "
+            "((50304, D), (D, 1), torch.float32), 0.03, 2**-9, 1 / 448])\n"
+            "print(json.dumps([run(128), run(120)]))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ok_error, ok_flops), (bad_error, _) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert ok_error is None and ok_flops == 2 * 256 * 128 * 50304
+    assert bad_error is not None and "16" in bad_error, bad_error

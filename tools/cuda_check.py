@@ -1,0 +1,470 @@
+"""cuda_check.py: compile train_gpt.py for an H100 on a machine without a GPU, and report what a GPU run would meet.
+
+    python tools/cuda_check.py --size=smoke          # the smoke preset in bf16 with FlexAttention and the FP8 head
+    python tools/cuda_check.py --size=speedrun       # the recipe's shapes: 11x768, 16k/32k/49k-token steps, 262k eval
+    python tools/cuda_check.py --size=smoke --dtype=float32 --block_size=32 --windows=1,2,5  # any --field=value
+
+On fake tensors (tools/fake_h100.py: no GPU, no memory, nothing launched) it compiles, exactly as train_gpt.py asks
+torch.compile to: the training micro-step (forward + backward) at each window size, the evaluation forward at each
+window size, and the Muon orthogonalizer for every rank's shard at world sizes 1 and 8. Every Triton kernel goes
+through ptxas for sm_90. It then runs the FP8 custom ops' real bodies at the shapes found in the compiled graphs, so
+torch._scaled_mm's own checks judge every call the GPU will make. It prints a summary, then one JSON line (graphs,
+graph breaks, recompiles, kernels, shared memory, spills, inductor's peak-memory estimates, FLOPs per token, FP8
+acceptance, orthogonalizer compiles, failures); exit status 0 when every check passes, 1 when one fails, 2 when this
+machine cannot run the check (the JSON's "problems" say why). See docs/cuda_check.md.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import fake_h100  # noqa: I001  (tools/ is this script's folder; it must set up before torch is imported)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_options(argv: list[str]):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--size", choices=["smoke", "speedrun"], default="smoke",
+                   help="smoke: PRESETS['smoke'] as a GPU would run it (bf16, FlexAttention, FP8 head); "
+                        "speedrun: the default preset")
+    p.add_argument("--windows", default="1,3", help="window sizes in blocks, run in turn (none may recompile)")
+    p.add_argument("--world_sizes", default="1,8", help="world sizes whose Muon shards are compiled (none: skip)")
+    p.add_argument("--stages", default="all", help="training stages to compile: all, last, or a list like 0,2")
+    opts, settings = p.parse_known_args(argv)
+    opts.windows = [int(w) for w in opts.windows.split(",")]
+    opts.world_sizes = [int(w) for w in opts.world_sizes.split(",") if w and w != "none"]
+    opts.settings = settings  # --field=value for train_gpt's Hyperparameters
+    return opts
+
+
+# =====================================================================================================================
+# ADAPTER: the one place that calls train_gpt. When train_gpt's API changes (settings, model, step, optimizer), update
+# this function and nothing else. It must do, on fake cuda tensors, what a GPU run of train_gpt.py does.
+# =====================================================================================================================
+
+
+def drive_trainer(tg, rig, opts):
+    """Settings -> model -> compiled training micro-steps, compiled evaluation, compiled orthogonalizer per rank.
+
+    One phase per training stage ("train_stage<k>"; the extension runs in the last stage's phase, as it shares its
+    graph): the stage's first step, then the same step with each of opts.windows as its long window (none of which
+    may recompile); then the evaluation at every stage's windows and the final validation's ("eval").
+    rig.phase(name, tokens) labels what compiles inside it; rig.fake is the fake-tensor mode (factories and backward
+    run inside it); rig.process_group(rank, world_size) is a fake process group. torch.compile is intercepted by the
+    rig: whatever the trainer passes (fullgraph, dynamic) is kept and recorded, the backend becomes the check's."""
+    import dataclasses
+
+    import torch
+
+    base = {"smoke": ["--preset=smoke", "--dtype=bfloat16", "--use_fp8=true", "--use_fp8_mlp=true",
+                      "--use_flex_attention=true", "--use_compile=true", "--block_size=128"], "speedrun": []}[opts.size]
+    args = tg.parse_args(base + opts.settings)
+    device = torch.device("cuda", 0)
+    args, notes = tg.adapt_to_device(args, device)  # the fake device is an H100: FP8 and FlexAttention stay on
+    rig.record(settings={k: v for k, v in vars(args).items()}, notes=notes)
+    plans = tg.full_schedule(args)
+
+    # Compiles whatever use_compile says: compiling is what is checked.
+    with torch.device("meta"):
+        model = tg.GPT(args)  # no weights are needed: shapes only
+    fake_h100.module_to_fake_cuda(model, rig.fake)
+    step_model = torch.compile(model, dynamic=False, fullgraph=True)  # as train() does
+
+    def run(plan, tokens: int, train: bool):
+        with rig.fake:
+            model.set_step(plan)
+            model.set_window_index(0)
+            inputs = torch.zeros(tokens, dtype=torch.int32, device=device)  # as to_device() delivers them
+            targets = torch.zeros(tokens, dtype=torch.int64, device=device)
+        loss = step_model(inputs, targets)
+        if train:
+            with rig.fake:  # backward formulas run eagerly on the fake tensors and may make new ones
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    first_steps = {}
+    for plan in plans[:-1]:
+        first_steps.setdefault(min(plan.stage, args.num_stages - 1), []).append(plan)
+    wanted = {"all": list(first_steps), "last": [max(first_steps)]}.get(opts.stages) or \
+        [int(k) for k in opts.stages.split(",")]
+    for stage, stage_plans in first_steps.items():  # train_step(): forward, then backward of the summed loss
+        if stage not in wanted:
+            continue
+        plan = stage_plans[0]
+        variants = [plan] + [dataclasses.replace(plan, window_long=w, window_short=max(1, w // 2))
+                             for w in opts.windows]
+        variants += [p for p in stage_plans[1:] if p.stage != plan.stage][:1]  # the extension, in the last stage
+        with rig.phase(f"train_stage{stage}", tokens=plan.seq_len):
+            for p in variants:
+                run(p, p.seq_len, train=True)
+
+    with rig.phase("eval", tokens=args.val_seq_len), torch.no_grad():  # evaluate()
+        model.eval()
+        for plan in [stage_plans[0] for stage_plans in first_steps.values()] + [plans[-1]]:
+            run(plan, args.val_seq_len, train=False)
+        model.train()
+
+    for world_size in opts.world_sizes:  # each rank's Muon shards, as that rank's process compiles them
+        with rig.phase(f"orthogonalize_w{world_size}", tokens=None):
+            for rank in range(world_size):
+                with rig.process_group(rank, world_size):
+                    optimizers = tg.build_optimizers(model, args, tg.Runtime(rank, world_size, device))
+                    muon = next(opt for opt in optimizers if isinstance(opt, tg.Muon))
+                    for _ in range(2):  # the second step must not compile again
+                        with rig.fake:
+                            for p in muon.params:
+                                p.grad = torch.zeros_like(p)
+                        muon.step(plans[0])
+                    muon.state.clear()
+
+
+# =====================================================================================================================
+# The rig: compile with inductor for the fake H100, record what was compiled, run the graphs on fake tensors.
+# =====================================================================================================================
+
+
+class Rig:
+    def __init__(self, torch):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.torch = torch
+        self.fake = FakeTensorMode(allow_non_fake_inputs=True)  # torch.from_numpy(...).to("cuda") becomes fake
+        self.current = None  # the phase compiling now
+        self.phases = {}  # name -> dict(tokens, seconds, graphs=[dynamo graph records], aot=[AOT graph records])
+        self.compile_calls = []  # the keyword arguments train_gpt passed to torch.compile
+        self.info = {}
+        self._memory_log = None
+        logger = logging.getLogger("torch._inductor.memory")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(_Collect(self))
+        logger.propagate = False
+        compile_fn = torch.compile
+
+        def intercepted_compile(model=None, **kwargs):
+            self.compile_calls.append({k: v for k, v in kwargs.items() if k != "backend"})
+            kwargs["backend"] = self.backend
+            return compile_fn(model, **kwargs) if model is not None else compile_fn(**kwargs)
+
+        torch.compile = intercepted_compile
+
+    def record(self, **info):
+        self.info.update(info)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, tokens):
+        self.phases[name] = dict(tokens=tokens, graphs=[], aot=[], kernels_from=len(fake_h100.COMPILED_KERNELS))
+        self.current, t0 = name, time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name]["seconds"] = round(time.perf_counter() - t0, 1)
+            self.phases[name]["kernels_to"] = len(fake_h100.COMPILED_KERNELS)
+            self.current = None
+
+    @contextlib.contextmanager
+    def process_group(self, rank: int, world_size: int):
+        import torch.distributed as dist
+
+        if world_size == 1:
+            yield
+            return
+        dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+    def backend(self, gm, example_inputs):
+        """Dynamo's backend: inductor compiles forward and backward for the (fake) H100, Triton and ptxas included;
+        the step then runs the dynamo graph eagerly on fake tensors, which is all a machine without a GPU can do."""
+        from torch._inductor.compile_fx import compile_fx
+
+        if self.current is None:  # compiled outside any phase: still counted, under its own name
+            self.current = "unlabelled"
+            self.phases.setdefault("unlabelled", dict(tokens=None, graphs=[], aot=[], kernels_from=0))
+        phase = self.phases[self.current]
+        phase["graphs"].append(dict(nodes=len(gm.graph.nodes),
+                                    inputs=[tuple(t.shape) for t in example_inputs if hasattr(t, "shape")]))
+        compile_fx(gm, example_inputs, inner_compile=self.inner_compile)
+
+        def run(*args):
+            with self.fake:
+                return gm(*args)
+
+        return run
+
+    def inner_compile(self, gm, example_inputs, *args, **kwargs):
+        """Inductor's per-graph compile, after AOTAutograd: count FLOPs and note custom-op calls here, where the graph
+        is the final forward, backward or inference graph; collect inductor's peak-memory estimate while it runs."""
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
+        record = dict(kind=kind, flops=graph_flops(gm), custom_ops=custom_op_calls(gm), peak_memory=[],
+                      **graph_bytes(gm))
+        self.phases[self.current]["aot"].append(record)
+        self._memory_log = record["peak_memory"]
+        try:
+            return compile_fx_inner(gm, example_inputs, *args, **kwargs)
+        finally:
+            self._memory_log = None
+
+
+class _Collect(logging.Handler):
+    """torch._inductor.memory logs its own estimate of each graph's peak memory (the buffers it allocates plus the
+    inputs it may free) for the baseline order and each reordering it tries; it keeps the lowest."""
+
+    def __init__(self, rig):
+        super().__init__(logging.INFO)
+        self.rig = rig
+
+    def emit(self, record):
+        message = record.getMessage()
+        log = self.rig._memory_log
+        if log is None:
+            return
+        if message.startswith("Reordering for peak memory"):
+            log.append([])
+        elif "peak memory:" in message and log:
+            log[-1].append(int(message.rsplit(" ", 1)[1]))
+
+
+def graph_flops(gm) -> dict:
+    """FLOPs of an FX graph by op, with torch.utils.flop_counter's formulas applied to each node's fake values.
+    flex_attention counts as dense attention (every query against every key); custom ops are counted separately."""
+    import torch
+    from torch.utils.flop_counter import flop_registry
+
+    value = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+    counts = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        packet = getattr(n.target, "overloadpacket", n.target)
+        formula = flop_registry.get(packet)
+        if formula is None:
+            continue
+        args, kwargs = (torch.utils._pytree.tree_map(value, a) for a in (n.args, n.kwargs))
+        name = getattr(packet, "__name__", str(packet))
+        counts[name] = counts.get(name, 0) + formula(*args, **kwargs, out_val=n.meta.get("val"))
+    return counts
+
+
+def graph_bytes(gm) -> dict:
+    """Bytes of the graph's inputs, and of the outputs it allocates (not inputs or their views): for a training
+    forward graph the outputs are the loss and everything saved for the backward."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storages(nodes) -> dict:
+        values = [n.meta.get("val") for n in nodes if isinstance(n, torch.fx.Node)]
+        return {StorageWeakRef(v.untyped_storage()).cdata: v.untyped_storage().nbytes() for v in values
+                if isinstance(v, torch.Tensor)}
+
+    inputs = storages(gm.graph.find_nodes(op="placeholder"))
+    outputs = storages(torch.utils._pytree.tree_leaves(gm.graph.find_nodes(op="output")[0].args))
+    return dict(inputs_bytes=sum(inputs.values()),
+                outputs_bytes=sum(b for s, b in outputs.items() if s not in inputs))
+
+
+def custom_op_calls(gm) -> list:
+    """Every call of a project-defined torch.library.custom_op (opaque to the compiler) in the graph: the op and its
+    arguments as (shape, stride, dtype) for tensors, values otherwise."""
+    import torch
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    calls = []
+    for n in gm.graph.nodes:
+        opdef = _maybe_get_opdef(n.target) if isinstance(n.target, torch._ops.OpOverload) else None
+        if n.op == "call_function" and opdef and not opdef._init_fn.__module__.startswith("torch."):
+            args = [(tuple(a.meta["val"].shape), tuple(a.meta["val"].stride()), a.meta["val"].dtype)
+                    if isinstance(a, torch.fx.Node) else a for a in n.args]
+            calls.append((n.target._name, args))
+    return calls
+
+
+def run_custom_op(torch, name: str, args: list) -> tuple[str | None, int]:
+    """Runs a custom op's real body (not its fake implementation) on fake cuda tensors of the given layout, so that
+    the ATen ops inside (torch._scaled_mm's shape, stride and dtype checks) judge it; returns (error, FLOPs)."""
+    from torch._library.custom_ops import _maybe_get_opdef
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    body = _maybe_get_opdef(name)._init_fn
+    new_tensor = torch.Tensor.new_tensor
+    with FakeTensorMode() as mode:
+        tensors = [fake_h100.to_fake_cuda(torch.empty_strided(a[0], a[1], dtype=a[2], device="meta"), mode)
+                   if isinstance(a, tuple) else a for a in args]
+        # Tensor.new_tensor(python scalar) builds a real tensor and copies it to the device outside the fake mode;
+        # while the body runs, make it a factory the fake mode handles.
+        torch.Tensor.new_tensor = lambda self, data, dtype=None, **kw: torch.full(
+            (), data, dtype=dtype or self.dtype, device=self.device)
+        try:
+            with FlopCounterMode(display=False) as counter:
+                body(*tensors)
+            return None, counter.get_total_flops()
+        except Exception as e:  # noqa: BLE001  (any rejection is the finding)
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", 0
+        finally:
+            torch.Tensor.new_tensor = new_tensor
+
+
+def summarize(torch, rig, opts, error) -> dict:
+    from torch._dynamo.utils import counters
+
+    phases = rig.phases
+    report = dict(size=opts.size, windows=opts.windows, world_sizes=opts.world_sizes, torch=torch.__version__,
+                  triton=__import__("triton").__version__, device=fake_h100.H100.name + " (fake)", error=error,
+                  settings=rig.info.get("settings"), notes=rig.info.get("notes"), compile_calls=rig.compile_calls)
+    report["graphs"] = {name: len(p["graphs"]) for name, p in phases.items()}
+    report["graph_breaks"] = sum(counters["graph_break"].values())
+    report["recompiles"] = {name: max(0, len(p["graphs"]) - 1) for name, p in phases.items()
+                            if not name.startswith("orthogonalize")}  # those compile once per shard shape
+    report["seconds"] = {name: p.get("seconds") for name, p in phases.items()}
+
+    # FP8 and any other custom op: run each distinct call's real body; its FLOPs join its graph's
+    fp8_calls, fp8_errors, op_flops = [], [], {}
+    for p in phases.values():
+        for g in p["aot"]:
+            for name, args in g["custom_ops"]:
+                key = (name, repr(args))
+                if key not in op_flops:
+                    error_message, op_flops[key] = run_custom_op(torch, name, args)
+                    shapes = [list(a[0]) for a in args if isinstance(a, tuple)]
+                    fp8_calls.append(dict(op=name, shapes=shapes, accepted=error_message is None))
+                    if error_message:
+                        fp8_errors.append(f"{name} {shapes}: {error_message}")
+                g["flops"][name] = g["flops"].get(name, 0) + op_flops[key]
+    report["custom_ops"] = dict(calls=fp8_calls, errors=fp8_errors,
+                                all_accepted=not fp8_errors if fp8_calls else None)
+
+    # FLOPs (totals by graph kind and op, and per token) and inductor's peak-memory estimates per phase and graph kind
+    attention = ("flex_attention", "flex_attention_backward")
+    report["flops"], report["flops_per_token"], report["peak_memory_bytes"], report["graph_bytes"] = {}, {}, {}, {}
+    for name, p in phases.items():
+        if p["tokens"]:
+            totals = {}
+            for g in p["aot"][:2 if name.startswith("train") else 1]:  # the first: forward + backward, or inference
+                kind = "backward" if g["kind"] == "backward" else "forward"
+                for op, f in g["flops"].items():
+                    totals.setdefault(kind, {})[op] = totals.get(kind, {}).get(op, 0) + f
+            dense = sum(f for ops in totals.values() for op, f in ops.items() if op not in attention)
+            attn = sum(f for ops in totals.values() for op, f in ops.items() if op in attention)
+            report["flops"][name] = dict(tokens=p["tokens"], **totals)
+            t = p["tokens"]
+            report["flops_per_token"][name] = dict(dense=dense / t, attention_counted_dense=attn / t,
+                                                   total=(dense + attn) / t)
+        for g in p["aot"]:  # the order inductor keeps is its lowest estimate
+            key = f"{name}_{g['kind']}"
+            report["graph_bytes"].setdefault(key, dict(inputs=g["inputs_bytes"], outputs=g["outputs_bytes"]))
+            if g["peak_memory"] and all(g["peak_memory"]):
+                estimate = max(min(group) for group in g["peak_memory"])
+                report["peak_memory_bytes"][key] = max(estimate, report["peak_memory_bytes"].get(key, 0))
+    report["peak_memory_gib"] = {k: round(v / 2**30, 3) for k, v in report["peak_memory_bytes"].items()}
+
+    # kernels: every Triton kernel built, its target, shared memory, registers, local memory (spills)
+    usage = [fake_h100.kernel_resources(k) for k in fake_h100.COMPILED_KERNELS]
+    limit = fake_h100.SHARED_MEMORY_LIMIT
+    report["kernels"] = dict(
+        count=len(usage), distinct=len({u["hash"] for u in usage}), targets=sorted({u["target"] for u in usage}),
+        by_phase={name: p["kernels_to"] - p["kernels_from"] for name, p in phases.items() if "kernels_to" in p},
+        max_shared_bytes=max((u["shared"] for u in usage), default=0), shared_limit_bytes=limit,
+        over_shared_limit=sorted({u["name"] for u in usage if u["shared"] > limit}),
+        max_registers=max((u["registers"] for u in usage), default=0),
+        local_memory_kernels=sorted({u["name"] for u in usage if u["local"] > 0}),
+        flex_attention=dict(forward=sum("flex_attention" in u["name"] and "backward" not in u["name"] for u in usage),
+                            backward=sum("flex_attention_backward" in u["name"] for u in usage)),
+        largest_shared=sorted(usage, key=lambda u: -u["shared"])[:3])
+
+    # the orthogonalizer: compiled once per distinct shard shape that the simulated ranks of a world size passed it
+    report["orthogonalizer"] = {}
+    for name, p in phases.items():
+        if name.startswith("orthogonalize_w"):
+            shapes = sorted({tuple(g["inputs"][0]) for g in p["graphs"] if g["inputs"]})
+            report["orthogonalizer"][name.removeprefix("orthogonalize_w")] = dict(
+                compiles=len(p["graphs"]), shapes=[list(s) for s in shapes])
+
+    failures = []
+    if error:
+        failures.append(f"compilation failed: {error}")
+    if report["graph_breaks"]:
+        failures.append(f"{report['graph_breaks']} graph break(s)")
+    for name in [n for n in phases if not n.startswith("orthogonalize")] or ["train"]:
+        if report["graphs"].get(name) != 1:
+            failures.append(f"{name}: {report['graphs'].get(name)} graphs across its windows, not 1")
+    if report["kernels"]["targets"] and report["kernels"]["targets"] != ["cuda:90"]:
+        failures.append(f"kernels built for {report['kernels']['targets']}, not only cuda:90")
+    if not error and not usage:
+        failures.append("no Triton kernel was built")
+    if report["kernels"]["over_shared_limit"]:
+        failures.append(f"over the {limit} B shared-memory limit: {report['kernels']['over_shared_limit']}")
+    if fp8_errors:
+        failures.append("custom ops rejected: " + "; ".join(fp8_errors))
+    for w, o in report["orthogonalizer"].items():
+        if o["compiles"] != len(o["shapes"]) or not o["compiles"]:
+            failures.append(f"orthogonalizer at world size {w}: {o['compiles']} compiles for shapes {o['shapes']}")
+    if not all(c.get("fullgraph") for c in rig.compile_calls):
+        failures.append(f"train_gpt compiles without fullgraph=True somewhere: {rig.compile_calls}")
+    report["failures"] = failures
+    return report
+
+
+def print_summary(report: dict):
+    s = report["settings"] or {}
+    print(f"fake {report['device']}: torch {report['torch']}, triton {report['triton']}; --size={report['size']}: "
+          f"{s.get('num_layers')}x{s.get('model_dim')}, train {s.get('train_seq_len')} tokens per stage, eval "
+          f"{s.get('val_seq_len')} tokens, {s.get('dtype')}, fp8 {s.get('use_fp8')}, block {s.get('block_size')}")
+    print(f"graphs {report['graphs']} (windows {report['windows']}), graph breaks {report['graph_breaks']}, "
+          f"recompiles {report['recompiles']}")
+    k = report["kernels"]
+    print(f"Triton kernels: {k['count']} built ({k['distinct']} distinct) for {k['targets']}; largest shared memory "
+          f"{k['max_shared_bytes']} B of {k['shared_limit_bytes']}; most registers {k['max_registers']}; kernels "
+          f"with local memory (spills): {len(k['local_memory_kernels'])}")
+    print(f"inductor's peak-memory estimates (GiB): {report['peak_memory_gib']}")
+    print("graph inputs / outputs it allocates (GiB): " + ", ".join(
+        f"{k} {v['inputs'] / 2**30:.3f} / {v['outputs'] / 2**30:.3f}" for k, v in report["graph_bytes"].items()
+        if not k.startswith("orthogonalize")))
+    for name, f in report["flops_per_token"].items():
+        print(f"{name} FLOPs/token: dense {f['dense']:.6g}, attention (every key, as torch counts) "
+              f"{f['attention_counted_dense']:.6g}")
+    c = report["custom_ops"]
+    print(f"custom ops (FP8 head, MLP) run for real on fake tensors: {len(c['calls'])} distinct calls, all accepted: "
+          f"{c['all_accepted']} {c['errors'] or ''}")
+    print(f"orthogonalizer compiles per world size: {report['orthogonalizer']}")
+    print(f"seconds per phase: {report['seconds']}")
+    print("FAILED: " + " | ".join(report["failures"]) if report["failures"] else "all checks passed")
+
+
+def main(argv: list[str]) -> int:
+    opts = parse_options(argv)
+    problems = fake_h100.problems()
+    if problems:
+        print(json.dumps(dict(size=opts.size, problems=problems, failures=problems)))
+        return 2
+    t0 = time.perf_counter()
+    torch = fake_h100.install()
+    sys.path.insert(0, str(ROOT))
+    import train_gpt as tg
+
+    rig = Rig(torch)
+    error = None
+    try:
+        drive_trainer(tg, rig, opts)
+    except Exception as e:  # noqa: BLE001  (a compile failure is the finding: report it)
+        traceback.print_exc()
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        error = f"{type(e).__name__}: {first.strip()[:500]}"
+    report = summarize(torch, rig, opts, error)
+    report["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    print_summary(report)
+    print(json.dumps(report, default=str), flush=True)
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
