@@ -31,8 +31,6 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.xfail(strict=False, reason="train_gpt.py/benchmark.py citations pending (the lead's rewrite); the golden "
-                                        "logs embed train_gpt.py's source and are rebuilt with it")
 def test_no_tracked_file_cites_files_users_do_not_have():
     found = [f"{name}:{number}: {line.strip()[:100]}" for name, text in tracked_text_files().items()
              for number, line in enumerate(text.splitlines(), start=1) if any(word in line for word in ABSENT)]

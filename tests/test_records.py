@@ -609,7 +609,8 @@ def test_golden_smoke_logs(capsys):
         assert last_val.startswith(f"step:{run.total_steps}/{run.total_steps} ")
         assert run.hardware != "unknown" and run.software != "unknown"
         if isinstance(run.hyperparameters, dict) and "num_iterations" in run.hyperparameters:
-            assert run.hyperparameters["num_iterations"] == run.total_steps
+            h = run.hyperparameters  # the scheduled steps, then the extension's
+            assert h["num_iterations"] + h.get("extension_iterations", 0) == run.total_steps
     _, report = run_json(GOLDEN, capsys=capsys)
     assert report["runs"]["n"] == len(logs)
     assert report["runs"]["incomplete"] == [] and report["runs"]["unreadable"] == []
