@@ -10,7 +10,8 @@
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
 runs --warmup untimed steps (compilation), then --steps timed steps, and reports tokens/s, ms/step, model FLOPs per
 token, MFU against --peak_tflops (default: 989, the H100 SXM dense bf16 figure, on a GPU; none on a CPU) and peak
-memory. Figures that count come from a GPU; the CPU run only shows that the benchmark works.
+memory. Figures that count come from a GPU; the CPU run only shows that the benchmark works. With no --preset on a
+machine without a GPU it times the smoke preset (the speedrun preset's windows would need tens of GB), and says so.
 
 --estimate times nothing: it compiles the training step and the evaluation for a fake H100 (tools/cuda_check.py, on
 a Linux machine with the CPU build of torch; a few minutes) and prints, in GiB, the parameters plus inductor's own
@@ -19,11 +20,14 @@ peak-memory estimate of the compiled graphs. What that leaves out: docs/cuda_che
 
 import dataclasses
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -145,27 +149,51 @@ def estimate_memory(settings: list[str]) -> dict:
     )
 
 
+def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """benchmark.py's own options, and the train_gpt.py settings; a ValueError says what is wrong with either."""
+    options, settings = dict(steps=20, warmup=5, real=False, peak_tflops=None, step=None), []
+    lowest = dict(steps=1, warmup=0, step=0)
+    for arg in argv:
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if name == "real":
+            if eq and value.lower() not in ("true", "false"):
+                raise ValueError(f"--real={value}: write --real (or --real=true/false)")
+            options["real"] = not eq or value.lower() == "true"
+        elif name in options and name != "real":
+            cast = float if name == "peak_tflops" else int
+            try:
+                options[name] = cast(value)
+            except ValueError:
+                raise ValueError(f"--{name}={value}: expected {'a number' if cast is float else 'a whole number'} "
+                                 "(see --help)") from None
+            if not math.isfinite(options[name]) or options[name] < lowest.get(name, 1e-9):
+                raise ValueError(f"--{name}={value} must be {'above 0' if cast is float else 'at least'} "
+                                 f"{lowest.get(name, '')}".rstrip() + " (see --help)")
+        else:
+            settings.append(arg)
+    return options, settings
+
+
 def main(argv: list[str]) -> dict:
     if "--estimate" in argv:
         result = estimate_memory([a for a in argv if a != "--estimate"])
         print(json.dumps(result), flush=True)
         return result
-    options = dict(steps=20, warmup=5, real=False, peak_tflops=None, step=None)
-    settings = []
-    for arg in argv:
-        name = arg.removeprefix("--").partition("=")[0]
-        if name in options:
-            value = arg.partition("=")[2]
-            options[name] = True if name == "real" else float(value) if name == "peak_tflops" else int(value)
-        else:
-            settings.append(arg)
+    options, settings = parse_options(argv)
     args = tg.parse_args(settings)
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and not any(s.startswith("--preset=") for s in settings):
+        print("note: no GPU: timing --preset=smoke (the speedrun preset's 49,152-token windows would need tens of "
+              "GB on a CPU); pass --preset=speedrun to time it anyway", file=sys.stderr)
+        args = tg.parse_args(["--preset=smoke", *settings])
     rt = tg.setup_runtime(args)
     args, notes = tg.adapt_to_device(args, rt.device)
     for note in notes if rt.is_master else []:
         print(f"note: {note}", file=sys.stderr)
     total = args.num_iterations + args.extension_iterations
     first = total - 1 if options["step"] is None else options["step"]  # default: the last stage's largest batch
+    if first >= total:
+        raise ValueError(f"--step={first} is past the schedule's last training step, {total - 1}")
     plans = [tg.plan_step(min(first + i, total - 1), args) for i in range(options["steps"] + options["warmup"] + 1)]
     plans = [dataclasses.replace(p, adam_step=(first + i) % args.adam_every == args.adam_every - 1, untie=False)
              for i, p in enumerate(plans)]
@@ -174,7 +202,7 @@ def main(argv: list[str]) -> dict:
         files = args.train_files if options["real"] else synthetic_shards(
             Path(tmp), (steps + 5) * args.windows_per_step * plans[0].seq_len * 2)
         loader = tg.TrainLoader(tg.find_shards(files), plans[0].seq_len, args.windows_per_step, rt.rank,
-                                rt.world_size, rt.device)
+                                rt.world_size, rt.device, vocab_size=args.vocab_size)
         torch.manual_seed(args.seed)
         model = tg.GPT(args).to(rt.device)
         optimizers = tg.build_optimizers(model, args, rt)
@@ -220,12 +248,29 @@ def main(argv: list[str]) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+def cli(argv: list[str]) -> int:
+    """As train_gpt.py's: one line `error: ...` (from rank 0) and exit status 1 for a bad argument or a failure, no
+    traceback unless --debug=true."""
+    if "--help" in argv or "-h" in argv:
         print(__doc__)
-        sys.exit(0)
+        return 0
     try:
-        main(sys.argv[1:])
+        main(argv)
+        return 0
+    except (Exception, KeyboardInterrupt) as e:
+        debug = "--debug=true" in argv
+        message, status = tg.console_message(e, debug=True)
+        if debug:
+            traceback.print_exc()
+        elif not isinstance(e, (ValueError, OSError, KeyboardInterrupt)):
+            message += " (--debug=true prints the traceback)"
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(message, file=sys.stderr, flush=True)
+        return status
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

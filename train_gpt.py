@@ -32,6 +32,7 @@ import concurrent.futures
 import copy
 import ctypes
 import dataclasses
+import datetime
 import difflib
 import glob
 import hashlib
@@ -78,6 +79,10 @@ class Hyperparameters:
     val_tokens: int = setting(10_485_760, "tokens of validation, the same for every world size")
     val_seq_len: int = setting(4 * 64 * 1024, "tokens in one validation window")
     windows_per_step: int = setting(8, "training windows per step; the world size must divide it (accumulation)")
+    micro_batch_split: int = setting(1, "run each window as k chunks, k more accumulation micro-steps: 1/k of the "
+                                     "activation memory, for 24-48 GB cards. Same batch and tokens, but a chunk sees "
+                                     "no other chunk (attention context, MTP targets at its end, smear/bigram/key "
+                                     "offset at its start) and has its own FP8 MLP scales")
     train_seq_len: str = setting("16384,32768,49152", "per stage: tokens in one training window (one rank, one "
                                  "micro-step)")
     max_doc_len: str = setting("896,2048,2048", "per stage: documents are cut to this many tokens and packed into "
@@ -197,6 +202,8 @@ class Hyperparameters:
     resume: str = setting("", "a checkpoint folder (.../<run_id>/step_<n>) to continue from")
     resume_anyway: bool = setting(False, "resume even if the code or the settings differ from the checkpoint's")
     debug: bool = setting(False, "print the traceback of an unexpected error (it is always in the log)")
+    collective_timeout_s: int = setting(600, "a collective that waits longer (a rank died or hung) ends the run; "
+                                        "rank 0's log names the rank")
 
     def __post_init__(self):
         def require(ok: bool, message: str):
@@ -205,14 +212,34 @@ class Hyperparameters:
 
         for name in ("train_seq_len", "max_doc_len", "stage_lr_mul"):  # per-stage lists may be given as numbers
             object.__setattr__(self, name, str(getattr(self, name)))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type is int and f.name != "attn_input_layer":
-                require(value >= 0, f"{f.name}={value} must not be negative")
-        for name in ("val_seq_len", "windows_per_step", "num_layers", "model_dim", "num_heads", "head_dim",
-                     "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
-                     "eval_chunk_tokens", "adam_every", "mudd_hidden"):
-            require(getattr(self, name) > 0, f"{name} must be positive")
+        positive = ("val_seq_len", "windows_per_step", "num_layers", "model_dim", "num_heads", "head_dim",
+                    "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
+                    "eval_chunk_tokens", "adam_every", "mudd_hidden", "micro_batch_split", "collective_timeout_s",
+                    "muon_lr", "adam_lr", "adam_eps", "mlp_lr_mul", "c_proj_lr_mul", "logit_softcap",
+                    "logit_temperature", "attn_scale", "rope_base", "fp8_x_scale", "fp8_w_scale", "fp8_grad_scale")
+        for f in dataclasses.fields(self):  # NaN passes no comparison: a float must be finite before anything else
+            value, real = getattr(self, f.name), f.type is float
+            if f.type not in (int, float) or f.name == "attn_input_layer":
+                continue
+            if f.name in positive:
+                ok, rule = math.isfinite(value) and value > 0, "be a finite number above 0" if real else "be above 0"
+            elif f.name == "logit_offset":
+                ok, rule = math.isfinite(value), "be a finite number"
+            else:
+                ok, rule = math.isfinite(value) and value >= 0, "be a finite number >= 0" if real else "not be negative"
+            require(ok, f"{f.name}={value} must {rule}. HINT: see --help; the default is {f.default}")
+        require(self.normuon_beta2 < 1, f"normuon_beta2={self.normuon_beta2} must lie in [0, 1)")
+        require(self.bigram_vocab_size != 1, "bigram_vocab_size=1 leaves no row for bigrams (the last row is "
+                "reserved): use 0 (off) or at least 2")
+        require(self.mudd_gate_layer > 0 or self.residual == "block", "mudd_gate_layer must be at least 1: layer "
+                "0's gates come from the gate MLP fed with x0")
+        require(all(c.isalnum() or c in "-_." for c in self.run_id) and not self.run_id.startswith("."),
+                f"run_id={self.run_id!r} must be a plain name (letters, digits, - _ .; no leading dot): it names the "
+                "log file and the checkpoint folder. HINT: e.g. --run_id=seed1, or leave it empty for a fresh one")
+        for name in ("log_dir", "checkpoint_dir"):
+            folder = getattr(self, name)
+            require(not folder or not os.path.exists(folder) or os.path.isdir(folder), f"{name}={folder!r} is a "
+                    f"file, not a folder. HINT: give a folder (it is created if missing), or leave it empty")
         require(self.num_heads * self.head_dim == self.model_dim,
                 f"num_heads*head_dim = {self.num_heads}*{self.head_dim} must equal model_dim={self.model_dim}")
         require(self.head_dim % 4 == 0, f"head_dim={self.head_dim} must be a multiple of 4 (rotary pairs, half frozen)")
@@ -229,8 +256,27 @@ class Hyperparameters:
         stages = self.num_stages  # parses every per-stage field
         require(stages <= self.num_iterations, f"{stages} stages need at least as many steps")
         for n in (*self.seq_lens, self.val_seq_len):
-            require(n % self.block_size == 0, f"sequence length {n} must be a multiple of block_size={self.block_size} "
-                    f"(the attention mask works in blocks); try {max(1, round(n / self.block_size)) * self.block_size}")
+            require(n % self.block_size == 0 and n > 0, f"sequence length {n} must be a positive multiple of "
+                    f"block_size={self.block_size} (the attention mask works in blocks); try "
+                    f"{max(1, round(n / self.block_size)) * self.block_size}")
+        chunk = self.block_size * self.micro_batch_split
+        require(all(n % chunk == 0 for n in self.seq_lens), f"micro_batch_split={self.micro_batch_split} must cut "
+                f"every train_seq_len ({self.train_seq_len}) into whole mask blocks of {self.block_size}: each must "
+                f"be a multiple of {chunk}. HINT: try --micro_batch_split=2 or 4")
+        require(all(v > 0 for v in self.per_stage("max_doc_len", int)), "max_doc_len must be at least 1 per stage")
+        require(all(math.isfinite(v) and v > 0 for v in self.per_stage("stage_lr_mul", float)),
+                f"stage_lr_mul={self.stage_lr_mul!r}: each multiplier must be a finite number above 0")
+        for name in ("mtp_weights", "prefix_loss_weight"):
+            weights = [x for spec in self.per_stage(name, str, ";") for w in spec.split(",") for x in w.split(">")]
+            try:
+                ok = all(math.isfinite(float(w)) and float(w) >= 0 for w in weights)
+            except ValueError:
+                ok = False
+            require(ok, f"{name}={getattr(self, name)!r}: weights must be finite numbers >= 0 (see --help)")
+        for pair in self.per_stage("window_blocks", str):
+            short, _, long = pair.partition("/")
+            require(short.isdigit() and long.isdigit() and int(short) > 0 and int(long) > 0, f"window_blocks pair "
+                    f"{pair!r} must be short/long, two whole numbers of blocks >= 1 (e.g. 1/3)")
         if self.use_fp8 or self.use_fp8_mlp:  # torch._scaled_mm takes only matrices whose sides are multiples of 16
             for name, value in (("train_seq_len", self.train_seq_len), ("model_dim", self.model_dim),
                                 ("vocab_size", self.vocab_size), ("mlp_hidden", self.mlp_hidden)):
@@ -338,6 +384,8 @@ class Hyperparameters:
                 raise ValueError(f"adam_table row {row!r}: write name:lr_mul:beta1:beta2:wd_mul") from None
             if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
                 raise ValueError(f"adam_table row {row!r}: betas must lie in [0, 1)")
+            if not (math.isfinite(lr_mul) and math.isfinite(wd_mul) and lr_mul >= 0 and wd_mul >= 0):
+                raise ValueError(f"adam_table row {row!r}: lr_mul and wd_mul must be finite numbers >= 0")
             rows[parts[0]] = (lr_mul, (beta1, beta2), wd_mul)
         return rows
 
@@ -589,7 +637,11 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     else:
         keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        if use_cuda and os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == "0":  # its watchdog would never abort
+            raise ValueError("TORCH_NCCL_ASYNC_ERROR_HANDLING=0 lets a collective wait forever for a dead rank. HINT: "
+                             "unset it; torch's default ends a collective stuck longer than --collective_timeout_s")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=args.collective_timeout_s))
     return Runtime(rank, world_size, device)
 
 
@@ -1505,9 +1557,10 @@ class GPT(nn.Module):
         self.register_buffer("loss_weights", torch.zeros(predictions + 1), persistent=False)
         self.register_buffer("prefix_table", torch.full((args.vocab_size,), -1), persistent=False)
         self.num_predictions, self.use_prefix = 1, False
-        if args.use_fp8_mlp:  # delayed FP8 scales of the MLPs, per layer and window (#89); state, so persistent
-            self.register_buffer("mlp_act_scales", torch.ones(L, args.windows_per_step))
-            self.register_buffer("mlp_w2_scales", torch.ones(L, args.windows_per_step))
+        if args.use_fp8_mlp:  # delayed FP8 scales of the MLPs, per layer and window (#89) or window chunk; state
+            chunks = args.windows_per_step * args.micro_batch_split
+            self.register_buffer("mlp_act_scales", torch.ones(L, chunks))
+            self.register_buffer("mlp_w2_scales", torch.ones(L, chunks))
             self.register_buffer("fp8_window", torch.zeros(1, dtype=torch.int64), persistent=False)
             self.register_buffer("fp8_bootstrap", torch.ones((), dtype=torch.bool), persistent=False)
         self.loss_weights[0] = 1.0
@@ -1526,8 +1579,9 @@ class GPT(nn.Module):
             self.fp8_bootstrap.fill_(plan.step < 16)
 
     def set_window_index(self, index: int):
-        """Which of the step's windows comes next: it has its own delayed FP8 scales, so that every world size
-        quantizes window k with the scales window k measured at the previous step (as 8 GPUs do)."""
+        """Which of the step's windows (or window chunks, with micro_batch_split) comes next: it has its own delayed
+        FP8 scales, so that every world size quantizes window k with the scales window k measured at the previous
+        step (as 8 GPUs do)."""
         if self.args.use_fp8_mlp:
             self.fp8_window.fill_(index)
 
@@ -1713,6 +1767,17 @@ def load_shard(path: str | os.PathLike) -> torch.Tensor:
     return tokens
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike) -> np.ndarray:
+    """Refuses a token the embedding has no row for before it reaches the model (where it would be an IndexError on
+    a CPU, a device-side assert on a GPU, mid-run); one vectorized max per shard."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        i = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"shard {path} holds token id {tokens[i]} (token {i:,} of the file), but vocab_size="
+                         f"{vocab_size}: it was made with another tokenizer, or is corrupt. HINT: rebuild it with "
+                         "`python data/tokenize_text.py` (GPT-2 tokens), or raise --vocab_size to cover its ids")
+    return tokens
+
+
 def write_shard(path: str | os.PathLike, tokens) -> None:
     """Writes tokens (any integer array-like, each < 2**16) as a shard; atomic, so a crash never leaves half a file."""
     tokens = np.asarray(tokens)
@@ -1772,12 +1837,13 @@ class TrainLoader:
     For every step all ranks compute the same plan of windows_per_step windows; rank r's micro-step a reads window
     a*world_size + r, so every world size trains on the same windows. When a shard cannot hold a whole step, the step
     is planned again from the first BOS of the next shard, read in the background while this one is used.
-    The position (shard, pos) is all the state: the next window starts at the first BOS at or after pos."""
+    The position (shard, pos) is all the state: the next window starts at the first BOS at or after pos.
+    With vocab_size, a shard holding a token id >= vocab_size is refused when it is read (a ShardError)."""
 
     def __init__(self, files: list[Path], seq_len: int, windows_per_step: int, rank: int, world_size: int,
-                 device: torch.device, state: dict | None = None):
+                 device: torch.device, state: dict | None = None, vocab_size: int | None = None):
         assert windows_per_step % world_size == 0, "every rank reads the same number of windows"
-        self.files, self.seq_len, self.windows = files, seq_len, windows_per_step
+        self.files, self.seq_len, self.windows, self.vocab_size = files, seq_len, windows_per_step, vocab_size
         self.rank, self.world_size, self.device = rank, world_size, device
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         state = state or dict(shard=0, pos=0)
@@ -1794,6 +1860,8 @@ class TrainLoader:
 
     def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         tokens = load_shard(path).numpy()
+        if self.vocab_size is not None:
+            check_token_ids(tokens, self.vocab_size, path)
         return tokens, np.flatnonzero(tokens == BOS_ID)
 
     def _next_shard(self):
@@ -1874,12 +1942,14 @@ def prefix_token_table(vocab_size: int) -> np.ndarray:
     return table
 
 
-def load_val_tokens(files: list[Path], num_tokens: int) -> np.ndarray:
-    """The first num_tokens tokens of the validation shards, in order."""
+def load_val_tokens(files: list[Path], num_tokens: int, vocab_size: int | None = None) -> np.ndarray:
+    """The first num_tokens tokens of the validation shards, in order; with vocab_size, every id checked below it."""
     parts, need = [], num_tokens
     for f in files:
         take = min(need, read_shard_header(f))
         parts.append(np.fromfile(f, dtype="<u2", count=take, offset=SHARD_HEADER_BYTES))
+        if vocab_size is not None:
+            check_token_ids(parts[-1], vocab_size, f)
         need -= take
         if need == 0:
             return np.concatenate(parts)
@@ -1937,16 +2007,18 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
 
 
 def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters, stop: Tensor | None = None) -> Tensor:
-    """One optimizer step over this rank's micro-batches; returns, on the device (reading it here would make the host
-    wait for the GPU every step), the mean training loss per token over all ranks and the number of ranks that
-    asked to stop (`stop`: 1 or 0 from this rank)."""
+    """One optimizer step over this rank's windows, each run as micro_batch_split chunks (micro-steps); returns, on
+    the device (reading it here would make the host wait for the GPU every step), the mean training loss per token
+    over all ranks and the number of ranks that asked to stop (`stop`: 1 or 0 from this rank)."""
     loss_sum = torch.zeros((), device=batches[0][0].device)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    for micro_step, (inputs, targets) in enumerate(batches):
-        model.set_window_index(micro_step * world_size + rank)
-        loss = model(inputs, targets)
-        loss.backward()  # gradients accumulate as a sum; the optimizers scale and reduce them
-        loss_sum += loss.detach()
+    k = args.micro_batch_split
+    for window, (inputs, targets) in enumerate(batches):
+        for chunk, (chunk_inputs, chunk_targets) in enumerate(zip(inputs.chunk(k), targets.chunk(k))):
+            model.set_window_index((window * world_size + rank) * k + chunk)
+            loss = model(chunk_inputs, chunk_targets)
+            loss.backward()  # gradients accumulate as a sum; the optimizers scale and reduce them
+            loss_sum += loss.detach()
     for opt in optimizers:
         opt.step(plan)
     return all_reduce_sum(torch.stack([loss_sum / plan.tokens, loss_sum.new_zeros(()) if stop is None else stop]))
@@ -2024,12 +2096,56 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
-                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug")  # they never change the math
+                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
 
 
 class Stop(Exception):
     """A stop that was asked for (SIGTERM): the run ends at a step boundary, after writing a checkpoint if they are
     on."""
+
+
+class RunFailure(RuntimeError):
+    """A failure put into words (a lost rank, out of memory): the message says what happened and what to do."""
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """NCCL raises DistError; gloo a RuntimeError that names itself, a closed connection or a timeout."""
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(
+        s in str(e).lower() for s in ("gloo", "nccl", "connection", "timed out", "timeout"))
+
+
+STOPPED_KEY = "train_gpt/stopped/"  # + rank: each rank's last word, in the process group's store
+
+
+def roll_call(rt: Runtime, wait_s: float) -> dict[int, str | None]:
+    """After a collective failed: what every other rank said when it stopped, None for a rank silent for wait_s."""
+    store = dist.distributed_c10d._get_default_store()
+    keys = {r: STOPPED_KEY + str(r) for r in range(rt.world_size) if r != rt.rank}
+    deadline = time.monotonic() + wait_s
+    while not store.check(list(keys.values())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {r: store.get(key).decode() if store.check([key]) else None for r, key in keys.items()}
+
+
+def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFailure | None:
+    """Out of memory, or a collective that failed, in words with a HINT (rank 0 asks the other ranks what happened
+    to them); None for any other error."""
+    seen = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return RunFailure(f"out of memory ({seen}). HINT: --micro_batch_split=2 (or 4) runs each window as 2 (4) "
+                          "chunks, with 1/2 (1/4) of the activation memory and the same batch (README: Smaller GPUs)")
+    if rt.world_size == 1 or not is_collective_failure(e):
+        return None
+    seen = f"{type(e).__name__}: {str(e).partition('] ')[2] if str(e).startswith('[') else e}".split(". ")[0]
+    if not rt.is_master:  # (gloo's messages start with its source file, then say more than the first sentence)
+        return RunFailure(f"a collective failed ({seen})")
+    wait_s = min(5, args.collective_timeout_s)
+    answers = roll_call(rt, wait_s)
+    lost = [f"rank {r} died or hung (no word from it within {wait_s} s)" for r, a in answers.items() if a is None]
+    lost += [f"rank {r} said {a!r}" for r, a in answers.items() if a and "a collective failed" not in a]
+    return RunFailure(f"a collective failed: {'; '.join(lost) or 'every rank saw it fail (the network?)'}; rank 0 "
+                      f"saw {seen}. HINT: look at the lost rank's own output and machine; with --save_every, "
+                      "continue from the last checkpoint with --resume")
 
 
 def source_sha256() -> str:
@@ -2049,6 +2165,9 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
+    if not partial.is_dir():
+        raise ValueError(f"rank {rt.rank} cannot see {partial}, which rank 0 made: on more than one machine, "
+                         "checkpoint_dir must be a folder they all share. HINT: pass --checkpoint_dir=<shared folder>")
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
     torch.save(dict(optimizers=[opt.state_dict() for opt in optimizers], grads=grads), partial / f"rank{rt.rank}.pt")
     barrier()
@@ -2145,7 +2264,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
         raise ShardError(f"the training shards hold {available:,} tokens but {total} steps need at least "
                          f"{needed:,}. HINT: download more shards (python data/cached_fineweb10B.py N) or lower "
                          "--num_iterations.")
-    val_tokens = load_val_tokens(val_files, args.val_tokens + 1)
+    val_tokens = load_val_tokens(val_files, args.val_tokens + 1, args.vocab_size)
 
     torch.manual_seed(args.seed)
     model = GPT(args)  # built on the CPU from the seed: the same weights on every rank and machine
@@ -2155,7 +2274,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     optimizers = build_optimizers(model, args, rt)
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
     new_loader = lambda state=None: TrainLoader(train_files, plans[0].seq_len, args.windows_per_step, rt.rank,
-                                                rt.world_size, rt.device, state)
+                                                rt.world_size, rt.device, state, args.vocab_size)
     progress = dict(step=0, loader=None, train_time_ms=0.0, val_losses={})
     if args.resume:
         progress = load_checkpoint(Path(args.resume), model, optimizers, args, rt)
@@ -2291,8 +2410,20 @@ def main(argv: list[str] | None = None) -> dict:
             pass  # the message goes to the console; the log keeps its complete lines
 
     try:
-        with StopSignal() as stop:
-            return train(args, rt, log, run_id, stop)
+        with StopSignal() as stop:  # still on while a failure is put into words: torchrun's SIGTERM waits for it
+            try:
+                return train(args, rt, log, run_id, stop)
+            except BaseException as e:
+                failure = explain_failure(e, rt, args) if isinstance(e, Exception) else None
+                if rt.world_size > 1:  # the rank's last word, for rank 0's roll call
+                    try:
+                        word = console_message(failure or e, debug=True)[0]
+                        dist.distributed_c10d._get_default_store().set(STOPPED_KEY + str(rt.rank), word)
+                    except Exception:
+                        pass  # the store is gone with the launcher: nobody is left to read it
+                if failure is None:
+                    raise
+                raise failure from e
     except (Stop, ValueError, FloatingPointError) as e:
         stopped(str(e))
         raise
@@ -2307,7 +2438,7 @@ def main(argv: list[str] | None = None) -> dict:
                 log("".join(traceback.format_exception(e)).rstrip(), console=False)
             except LogWriteError:
                 pass
-        stopped(f"{type(e).__name__}: {e}")
+        stopped(str(e) if isinstance(e, RunFailure) else f"{type(e).__name__}: {e}")
         raise
     finally:
         log.close()
@@ -2319,7 +2450,7 @@ def console_message(e: BaseException, debug: bool) -> tuple[str, int]:
         return "stopped: interrupted (Ctrl-C)", 130
     if isinstance(e, Stop):
         return f"stopped: {e}", 143
-    if isinstance(e, (ValueError, FloatingPointError, OSError)):
+    if isinstance(e, (ValueError, FloatingPointError, OSError, RunFailure)):
         return f"error: {e}", 1
     hint = "" if debug else " (the traceback is in the run's log; --debug=true prints it)"
     return f"error: {type(e).__name__}: {e}{hint}", 1

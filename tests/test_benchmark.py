@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,3 +56,30 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
     assert report["device"] == "cpu" and report["steps"] == 2 and report["tokens_per_step"] == 1024
     assert report["ms_per_step"] > 0 and report["tokens_per_s"] > 0 and report["mfu"] is None
     assert report["model_flops_per_token"] > 6 * 12 * 128**2 and report["peak_memory_allocated_mib"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "error: cannot read '--bogus': settings are given as --name=value (see --help)"),
+    (["--bogus=1"], "error: unknown setting --bogus (see --help)"),
+    (["--steps=0"], "error: --steps=0 must be at least 1 (see --help)"),
+    (["--steps=x"], "error: --steps=x: expected a whole number (see --help)"),
+    (["--warmup=-1"], "error: --warmup=-1 must be at least 0 (see --help)"),
+    (["--peak_tflops=nan"], "error: --peak_tflops=nan must be above 0 (see --help)"),
+    (["--real=maybe"], "error: --real=maybe: write --real (or --real=true/false)"),
+    (["--preset=nope"], "error: unknown preset 'nope'; choose one of speedrun, smoke, record_2025_08_23, "
+     "smoke_2025_08_23"),
+    (["--preset=smoke", "--step=14"], "error: --step=14 is past the schedule's last training step, 13"),
+    (["--preset=smoke", "--muon_lr=nan"], "error: muon_lr=nan must be a finite number above 0"),
+])
+def test_bad_arguments_give_one_error_line_and_exit_1(argv, message, capsys):
+    assert benchmark.cli(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(message), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the preset is only switched on a machine without a GPU")
+def test_without_a_gpu_the_default_preset_is_the_smoke_preset_with_a_note(capsys):
+    result = benchmark.main(["--steps=1", "--warmup=0"])
+    assert result["tokens_per_step"] == 1024 and result["settings"]["model_dim"] == 128  # smoke, not 49,152 x 8
+    assert "note: no GPU: timing --preset=smoke" in capsys.readouterr().err

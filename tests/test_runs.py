@@ -161,3 +161,256 @@ def test_an_unexpected_error_is_one_line_on_the_console_and_a_traceback_in_the_l
     lines = log_lines(tmp_path, "bug")
     assert lines[-1] == "stopped: ZeroDivisionError: division by zero"
     assert any(s.startswith("Traceback (most recent call last)") for s in lines)
+
+
+# --- Bad input is refused before training, with a message and no traceback ---------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(muon_lr="nan"), "muon_lr=nan must be a finite number above 0. HINT: see --help; the default is 0.023"),
+    (dict(adam_lr=-0.01), "adam_lr=-0.01 must be a finite number above 0"),
+    (dict(muon_weight_decay="nan"), "muon_weight_decay=nan must be a finite number >= 0"),
+    (dict(logit_offset="inf"), "logit_offset=inf must be a finite number"),
+    (dict(logit_softcap=0), "logit_softcap=0.0 must be a finite number above 0"),
+    (dict(logit_temperature=0), "logit_temperature=0.0 must be a finite number above 0"),
+    (dict(rope_base=0), "rope_base=0.0 must be a finite number above 0"),
+    (dict(model_dim=0), "model_dim=0 must be above 0"),
+    (dict(stage_lr_mul="1,nan,1"), "stage_lr_mul='1,nan,1': each multiplier must be a finite number above 0"),
+    (dict(mtp_weights="1,nan"), "mtp_weights='1,nan': weights must be finite numbers >= 0"),
+    (dict(adam_table="scalars:nan:0.9:0.99:0"), "lr_mul and wd_mul must be finite numbers >= 0"),
+    (dict(window_blocks="0/2"), "window_blocks pair '0/2' must be short/long, two whole numbers of blocks >= 1"),
+    (dict(max_doc_len="0"), "max_doc_len must be at least 1 per stage"),
+    (dict(bigram_vocab_size=1), "bigram_vocab_size=1 leaves no row for bigrams"),
+    (dict(mudd_gate_layer=0), "mudd_gate_layer must be at least 1"),
+    (dict(micro_batch_split=3), "micro_batch_split=3 must cut every train_seq_len (64) into whole mask blocks of 16: "
+     "each must be a multiple of 48. HINT: try --micro_batch_split=2 or 4"),
+    (dict(collective_timeout_s=0), "collective_timeout_s=0 must be above 0"),
+    (dict(run_id="../../escaped"), "run_id='../../escaped' must be a plain name (letters, digits, - _ .; no leading "
+     "dot): it names the log file and the checkpoint folder. HINT"),
+    (dict(run_id=".hidden"), "run_id='.hidden' must be a plain name"),
+    (dict(run_id="a/b"), "run_id='a/b' must be a plain name"),
+    (dict(log_dir="A_FILE"), "log_dir='A_FILE' is a file, not a folder. HINT: give a folder"),
+    (dict(checkpoint_dir="A_FILE"), "checkpoint_dir='A_FILE' is a file, not a folder. HINT: give a folder"),
+])
+def test_senseless_settings_are_refused_with_a_hint_and_no_traceback(shard_dir, tmp_path, capsys, overrides,
+                                                                     message):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "A_FILE").write_text("not a folder\n")
+    overrides = {k: (str(work / "A_FILE") if v == "A_FILE" else v) for k, v in overrides.items()}
+    message = message.replace("'A_FILE'", repr(str(work / "A_FILE")))
+    assert tg.cli(argv(shard_dir, work, **overrides)) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    assert not (work / "logs").exists() and not list(tmp_path.glob("*.txt"))  # refused before any log was made
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("smoke_2025_08_23", dict(attn_gate_dim=0)),  # the 2025-08-23 recipe without its sparse attention gate
+    ("smoke", dict(ve_gate_dim=0, attn_gate_dim=4, mudd_gate_layer=5, dc_window=0, bigram_vocab_size=2)),
+])
+def test_settings_at_their_edges_still_train(shard_dir, tmp_path, preset, overrides):
+    small = dict(num_iterations=4, extension_iterations=0, val_every=0, warmup_steps=0, val_tokens=1024,
+                 val_seq_len=256, train_files=str(shard_dir / "r_train_*.bin"),
+                 val_files=str(shard_dir / "r_val_*.bin"), log_dir=str(tmp_path),
+                 **({"train_seq_len": "256"} if preset == "smoke" else {}))
+    result = tg.main([f"--preset={preset}"] + [f"--{k}={v}" for k, v in {**small, **overrides}.items()])
+    assert all(np.isfinite(list(result["val_losses"].values())))
+    assert result["val_losses"][4] < result["val_losses"][0]
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_a_token_id_beyond_the_vocabulary_is_refused_naming_the_file_and_the_id(shard_dir, tmp_path, capsys, which):
+    bad = tmp_path / f"bad_{which}_000001.bin"
+    tokens = tg.load_shard(shard_dir / f"r_{which}_00000{1 if which == 'train' else 0}.bin").numpy().copy()
+    tokens[100] = 50304  # the first id past the padded vocabulary, early enough to be in the validation tokens
+    tg.write_shard(bad, tokens)
+    assert tg.cli(argv(shard_dir, tmp_path, run_id="bad", **{f"{which}_files": str(bad)})) == 1
+    err = capsys.readouterr().err
+    expected = (f"shard {bad} holds token id 50304 (token 100 of the file), but vocab_size=50304: it was made with "
+                "another tokenizer, or is corrupt. HINT: rebuild it")
+    assert err.startswith(f"error: {expected}") and "Traceback" not in err, err
+    assert log_lines(tmp_path, "bad")[-1].startswith(f"stopped: {expected}")
+    assert not any(s.startswith("step:1/") for s in log_lines(tmp_path, "bad"))  # before the first step
+    tokens[100] = 50303  # the last id with a row is fine
+    tg.write_shard(bad, tokens)
+    assert tg.check_token_ids(tokens, 50304, bad) is tokens
+
+
+# --- Smaller GPUs: each window as micro_batch_split chunks ----------------------------------------------------------
+
+class Recording:
+    """The model as train_step sees it, recording the chunks and window indices it is given."""
+
+    def __init__(self, model: tg.GPT):
+        self.model, self.inputs, self.targets, self.indices = model, [], [], []
+
+    def set_window_index(self, index: int):
+        self.indices.append(index)
+        self.model.set_window_index(index)
+
+    def __call__(self, inputs, targets):
+        self.inputs.append(inputs)
+        self.targets.append(targets)
+        return self.model(inputs, targets)
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_split_windows_are_the_same_tokens_in_smaller_micro_steps(shard_dir, split):
+    import torch
+
+    losses, seen = {}, {}
+    for k in (1, split):
+        args = tiny_args(micro_batch_split=k, dtype="float32")
+        torch.manual_seed(0)
+        model = tg.GPT(args)
+        rt = tg.Runtime(0, 1, torch.device("cpu"))
+        loader = tg.TrainLoader(tg.find_shards(str(shard_dir / "r_train_*.bin")), 64, args.windows_per_step, 0, 1,
+                                rt.device)
+        plan = tg.plan_step(0, args)
+        model.set_step(plan)
+        recording = Recording(model)
+        batches = loader.next_step(plan.seq_len, plan.max_doc_len)
+        losses[k] = tg.train_step(recording, tg.build_optimizers(model, args, rt), batches, plan, args)[0].item()
+        seen[k] = recording
+        assert len(recording.inputs) == k * args.windows_per_step and recording.indices == list(range(k * 4))
+        assert {len(x) for x in recording.inputs} == {plan.seq_len // k}
+        assert torch.equal(torch.cat(recording.inputs), torch.cat([x for x, _ in batches]))
+        assert torch.equal(torch.cat(recording.targets), torch.cat([y for _, y in batches]))
+        assert sum(map(len, recording.inputs)) == plan.tokens == 4 * 64  # the step's tokens do not change
+    assert all(torch.equal(a, b) for a, b in zip(torch.cat(seen[1].inputs), torch.cat(seen[split].inputs)))
+    assert losses[split] == pytest.approx(losses[1], rel=0.05)  # only the chunk boundaries differ
+    with torch.device("meta"):  # FP8 MLP scales: one pair per chunk of the step
+        assert tg.GPT(tiny_args(micro_batch_split=split, use_fp8_mlp=True)).mlp_act_scales.shape == (6, 4 * split)
+
+
+def test_a_split_run_trains_and_lands_close_to_the_unsplit_run(shard_dir, tmp_path):
+    whole = tg.main(argv(shard_dir, tmp_path, run_id="whole"))
+    split = tg.main(argv(shard_dir, tmp_path, run_id="split", micro_batch_split=2))
+    assert split["val_losses"][11] < split["val_losses"][0] - 0.5
+    assert split["val_losses"][0] == whole["val_losses"][0]  # validation is not split
+    assert split["val_losses"][11] == pytest.approx(whole["val_losses"][11], rel=0.03)
+    assert split["val_losses"][11] != whole["val_losses"][11]  # the chunks really were trained apart
+
+
+@pytest.mark.parametrize("error", ["torch.OutOfMemoryError", "RuntimeError"])
+def test_out_of_memory_names_the_micro_batch_split_knob(shard_dir, tmp_path, monkeypatch, capsys, error):
+    import torch
+
+    kind = torch.OutOfMemoryError if error == "torch.OutOfMemoryError" else RuntimeError
+    text = ("CUDA out of memory. Tried to allocate 9.00 GiB" if kind is torch.OutOfMemoryError else
+            "[enforce fail at alloc_cpu.cpp:117] out of memory")
+
+    def hidden(self, input_seq):
+        raise kind(text)
+
+    monkeypatch.setattr(tg.GPT, "hidden", hidden)
+    assert tg.cli(argv(shard_dir, tmp_path, run_id="oom")) == 1
+    err = capsys.readouterr().err
+    reason = (f"out of memory ({kind.__name__}: {text}). HINT: --micro_batch_split=2 (or 4) runs each window as 2 (4) "
+              "chunks, with 1/2 (1/4) of the activation memory and the same batch (README: Smaller GPUs)")
+    assert err.strip().splitlines() == [f"error: {reason}"], err
+    assert log_lines(tmp_path, "oom")[-1] == f"stopped: {reason}"
+
+
+# --- A dead rank ends the job; more nodes -------------------------------------------------------------------------
+
+def worker_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of torchrun's worker with RANK=rank, from /proc (Linux)."""
+    start = time.time()
+    while time.time() - start < timeout:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == launcher.pid and \
+                        f"\0RANK={rank}\0" in "\0" + (stat.parent / "environ").read_text():
+                    return int(stat.parent.name)
+            except (OSError, ValueError, IndexError):
+                continue  # a process that ended while we looked
+        time.sleep(0.2)
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher.pid}")
+
+
+FAILING_RANK = '''import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import train_gpt as tg
+if os.environ["RANK"] == "1":  # rank 1 runs out of memory in its 40th forward pass
+    calls, hidden = [0], tg.GPT.hidden
+    def failing(self, input_seq):
+        calls[0] += 1
+        if calls[0] == 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return hidden(self, input_seq)
+    tg.GPT.hidden = failing
+sys.exit(tg.cli(sys.argv[2:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fate", ["killed", "stopped", "out_of_memory"])
+def test_a_lost_rank_ends_the_job_and_rank_0_names_it(shard_dir, tmp_path, fate):
+    """torchrun --nproc_per_node=2 (gloo): rank 1 is killed (SIGKILL), stopped (SIGSTOP: hung), or fails on its own;
+    rank 0's log ends with one stopped: line naming rank 1, within the collective timeout and the roll call."""
+    timeout = 10
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(ROOT)] + argv(shard_dir, tmp_path, run_id="lost", num_iterations=200, val_every=0,
+                                 collective_timeout_s=timeout)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / "logs" / "lost.txt"
+    try:
+        wait_for(log, "step:5/", launcher)
+        rank1 = worker_pid(launcher, 1)
+        start = time.time()
+        if fate != "out_of_memory":
+            os.kill(rank1, signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
+        wait_for(log, "\nstopped: ", launcher, timeout=timeout + 60)
+        noticed = time.time() - start
+        if fate == "stopped":
+            assert noticed < timeout + 5 + 10, noticed  # the collective timeout, the roll call, a margin
+            os.kill(rank1, signal.SIGKILL)  # else torchrun waits 30 s for the stopped process to take its SIGTERM
+        out, err = launcher.communicate(timeout=60)
+        ended = time.time() - start
+    finally:
+        launcher.kill()
+    lines = log.read_text().splitlines()
+    assert sum(s.startswith("stopped: ") for s in lines) == 1 and lines[-1].startswith("stopped: a collective failed: ")
+    if fate == "out_of_memory":  # rank 1's own last word reaches rank 0's log
+        assert "rank 1 said 'error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 " \
+               "GiB). HINT: --micro_batch_split=2" in lines[-1], lines[-1]
+    else:
+        assert "rank 1 died or hung (no word from it within 5 s); rank 0 saw RuntimeError" in lines[-1], lines[-1]
+    assert lines[-1].endswith("HINT: look at the lost rank's own output and machine; with --save_every, continue "
+                              "from the last checkpoint with --resume")
+    assert f"error: {lines[-1].removeprefix('stopped: ')}" in err.splitlines()
+    assert launcher.returncode != 0 and ended < timeout + 60, ended
+    print(f"{fate}: stopped line after {noticed:.1f} s, job ended after {ended:.1f} s")
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_rendezvous_train_as_one_process(shard_dir, tmp_path):
+    """Two torchrun launches, one rank each, meet at a c10d rendezvous (as two machines would) and give the val
+    losses of one process that accumulates over both ranks' windows."""
+    import socket
+
+    settings = argv(shard_dir, tmp_path, run_id="nodes", num_iterations=6, extension_iterations=0, val_every=3)
+    one = run_dumping_metrics([sys.executable], [s for s in settings if "run_id" not in s], tmp_path / "one.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "dump_metrics.py"  # written by run_dumping_metrics: train_gpt.main, metrics to a JSON file
+    start, env = time.time(), {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test_nodes",
+                               str(script), str(ROOT), str(tmp_path / "two.json")] + settings,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert "(world size 2, device cpu)" in "".join(outputs)
+    assert one["val_losses"].keys() == two["val_losses"].keys() == {"0", "3", "6"}
+    for step, loss in one["val_losses"].items():
+        assert abs(two["val_losses"][step] - loss) / loss < 1e-5, (step, loss, two["val_losses"][step])
+    print(f"two nodes: {time.time() - start:.1f} s")
