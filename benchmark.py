@@ -80,7 +80,9 @@ def flops_per_token(model: tg.GPT, args: tg.Hyperparameters, attended_keys: floa
     """6 x the dense weights each token touches (attention projections, gates, MLP, LM head, the gate and MUDD MLPs;
     embeddings are lookups) plus the attention score and value products actually computed: 4 * head_dim * heads
     per attended key and attention layer, x3 for forward and backward."""
-    dense = sum(p.numel() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in MATMUL_WEIGHTS)
+    unused = {f"blocks.{args.num_layers - 1}.attn.ve_gate"} if args.use_mudd else set()  # MUDD gates that V
+    dense = sum(p.numel() for name, p in model.named_parameters()
+                if name.rsplit(".", 1)[-1] in MATMUL_WEIGHTS and name not in unused)
     for mlp in (getattr(model, "gate", None), getattr(model, "mudd", None)):
         if mlp is not None and not mlp.static:  # the second matrix's rows that are used
             dense += mlp.w1.numel() + sum(mlp.sizes) * mlp.w1.size(1)

@@ -104,7 +104,10 @@ def assert_flops_match_the_benchmark_formula(report: dict):
     causal or block skipping (which is what benchmark.mean_attended_keys measures). So the graph's forward must equal
     4·D·heads per (query, key) pair of every layer's full sequence (a paired-head layer: 2T slots, half the heads),
     and its backward counts 5 products to the forward's 2 (the kernel recomputes Q·K^T), where the formula follows
-    the usual model-FLOPs convention, backward = 2 x forward."""
+    the usual model-FLOPs convention, backward = 2 x forward. Two products are counted a little differently, so the
+    dense part is compared to 1e-4: the smear gate runs on T-1 positions (the formula counts T), and torch computes one
+    gradient of the DC correction's head mixing (a product over 6 heads) without a matmul, so its flop counter
+    leaves it out."""
     args = tg.Hyperparameters(**report["settings"])
     with torch.device("meta"):
         model = tg.GPT(args)
@@ -124,12 +127,12 @@ def assert_flops_match_the_benchmark_formula(report: dict):
         if not name.startswith("train"):
             continue
         T = train["tokens"]
-        assert dense(train["forward"]) + dense(train["backward"]) == dense_per_token * T, name
-        assert 3 * dense(train["forward"]) == dense_per_token * T, name
+        assert dense(train["forward"]) + dense(train["backward"]) == pytest.approx(dense_per_token * T, rel=1e-4)
+        assert 3 * dense(train["forward"]) == pytest.approx(dense_per_token * T, rel=1e-6), name
         assert train["forward"]["flex_attention"] == 4 * H * D * pair_weight * T * T, name
         assert 2 * train["backward"]["flex_attention_backward"] == 5 * train["forward"]["flex_attention"], name
-        assert report["flops_per_token"][name]["dense"] == dense_per_token
-    assert 3 * dense(evaluation["forward"]) == dense_per_token * E
+        assert report["flops_per_token"][name]["dense"] == pytest.approx(dense_per_token, rel=1e-4)
+    assert 3 * dense(evaluation["forward"]) == pytest.approx(dense_per_token * E, rel=1e-6)
     assert evaluation["forward"]["flex_attention"] == 4 * H * D * pair_weight * E * E
 
 
