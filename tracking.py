@@ -1,0 +1,61 @@
+"""tracking.py: optional Weights & Biases logging of a training run's step metrics.
+
+    python train_gpt.py --preset=smoke --wandb_project=gpt2-speedrun                  # needs `wandb login` once
+    WANDB_MODE=offline python train_gpt.py --preset=smoke --wandb_project=gpt2-speedrun   # no account, no network
+
+The run's log stays the record; W&B gets a copy of what its step lines say. WandbLog wraps the trainer's RunLog: every
+line goes to the log file as before, and each step line ("step:S/N val_loss:... train_time:...ms ...") is also sent to
+W&B as metrics at step S (val_loss, train_loss, train_time_ms, step_avg_ms). The settings become the W&B run's config.
+wandb is imported only when asked for (`pip install wandb`); W&B's own variables (WANDB_MODE, WANDB_DIR,
+WANDB_API_KEY, WANDB_ENTITY) work as usual. Offline runs are uploaded later with `wandb sync <run folder>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+STEP_LINE = re.compile(r"step:(\d+)/(\d+)\s+(.*)")
+
+
+def step_metrics(line: str) -> tuple[int, dict[str, float]] | None:
+    """(step, {metric: value}) from a step line of the log; None for any other line. 'train_time:1234ms' becomes
+    train_time_ms=1234.0."""
+    m = STEP_LINE.fullmatch(line.strip())
+    if not m:
+        return None
+    metrics = {}
+    for field in m.group(3).split():
+        name, _, text = field.partition(":")
+        unit = "_ms" if text.endswith("ms") else ""
+        try:
+            metrics[name + unit] = float(text.removesuffix("ms"))
+        except ValueError:
+            continue
+    return int(m.group(1)), metrics
+
+
+class WandbLog:
+    """The trainer's RunLog, also sending each step line's metrics to a W&B run; close() finishes the run."""
+
+    def __init__(self, log, args, **init_kwargs):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb_project needs the wandb package. HINT: pip install wandb (or leave "
+                             "--wandb_project empty)") from None
+        self.log, self.path = log, log.path
+        name = args.run_id or (log.path.stem if log.path else None)
+        self.run = wandb.init(project=args.wandb_project, name=name, config=dataclasses.asdict(args), **init_kwargs)
+
+    def __call__(self, text: str, console: bool = True):
+        self.log(text, console)
+        parsed = step_metrics(text)
+        if parsed and parsed[1]:
+            self.run.log(parsed[1], step=parsed[0])
+
+    def close(self):
+        try:
+            self.run.finish()
+        finally:
+            self.log.close()
