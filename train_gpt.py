@@ -188,6 +188,11 @@ class Hyperparameters:
     warmup_steps: int = setting(2, "untimed steps that compile and warm up kernels (plus 4 around each stage "
                                 "change); the model is then reset")
     seed: int = setting(0, "seed of the model's initialization")
+    sample_tokens: int = setting(0, "after training, log a few samples of this many tokens each (sample.py); 0: none")
+    hellaswag_items: int = setting(0, "after training, log the HellaSwag accuracy on the first n validation items "
+                                   "(evals/hellaswag.py; downloads them once); -1: all 10,042; 0: none")
+    wandb_project: str = setting("", "also send the step metrics to this Weights & Biases project (tracking.py; "
+                                 "WANDB_MODE=offline works); empty: none")
     # system (never changes the math, only where and how fast it runs)
     device: str = setting("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = setting("bfloat16", "activation and orthogonalization precision: bfloat16 or float32")
@@ -2096,7 +2101,8 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
-                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
+                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s",  # no math
+                "sample_tokens", "hellaswag_items", "wandb_project")
 
 
 class Stop(Exception):
@@ -2372,6 +2378,12 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     if args.save_final:
         checkpoint(total)
     log(peak_memory_line(rt.device))
+    if args.sample_tokens and rt.is_master:  # issue 12: samples from the trained model (sample.py)
+        from sample import log_samples
+        log_samples(model, args.sample_tokens, log)
+    if args.hellaswag_items and rt.is_master:  # issue 12: HellaSwag accuracy (evals/hellaswag.py)
+        from evals.hellaswag import log_hellaswag
+        log_hellaswag(model, args.hellaswag_items, log)
     return dict(val_loss=val_losses[total], val_losses=val_losses, train_time_ms=training_time_ms, steps=total,
                 log_path=str(log.path) if log.path else None)
 
@@ -2410,6 +2422,9 @@ def main(argv: list[str] | None = None) -> dict:
             pass  # the message goes to the console; the log keeps its complete lines
 
     try:
+        if args.wandb_project and rt.is_master:  # issue 12: the step metrics to Weights & Biases too (tracking.py)
+            from tracking import WandbLog
+            log = WandbLog(log, args)
         with StopSignal() as stop:  # still on while a failure is put into words: torchrun's SIGTERM waits for it
             try:
                 return train(args, rt, log, run_id, stop)
