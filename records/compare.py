@@ -32,7 +32,7 @@ import re
 import sys
 import textwrap
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ FILE_RULE = "-" * 40  # embedded files after the script are introduced by FILE_R
 STEP_RE = re.compile(r"step:(\d+)/(\d+)((?:\s.*)?)")
 TRAIN_TIME_RE = re.compile(r"(\d+(?:\.\d*)?)ms")
 NOT_FINITE_LOSS_RE = re.compile(r"\bloss\b[^.]*?\b(?:nan|-?inf)\b", re.IGNORECASE)  # in a 'stopped:' line
+TRAIN_LOSS_RE = re.compile(r"\strain_loss:(\S+)")  # our step lines' training loss (records/curves.py)
 GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|")  # one GPU's first row in the nvidia-smi table
 VERSION_RES = (("Python", re.compile(r"Running Python (\S+)")),
                ("PyTorch", re.compile(r"Running PyTorch (\S+)", re.IGNORECASE)),  # 2024 logs say "pytorch"
@@ -75,6 +76,7 @@ class RunLog:
     hardware: str
     software: str
     hyperparameters: dict | None  # our logs print them as one JSON line; the reference's do not
+    train: list[tuple[int, float]] = field(default_factory=list)  # (step, train_loss) of the lines that have one
 
     @property
     def final_val_loss(self) -> float:
@@ -138,6 +140,7 @@ def parse_log(text: str, path: Path) -> RunLog:
 
     total = last_step = hyperparameters = stopped = None
     val: list[tuple[int, float, float]] = []
+    train: list[tuple[int, float]] = []
     cut_off = False
     for i in range(env_end + 1, len(lines)):
         line = lines[i]
@@ -167,6 +170,11 @@ def parse_log(text: str, path: Path) -> RunLog:
         last_step = step if last_step is None else max(last_step, step)
         if val_loss is not None:
             val.append((step, val_loss, train_time_ms))
+        if m := TRAIN_LOSS_RE.search(line):
+            try:
+                train.append((step, float(m.group(1))))
+            except ValueError:
+                pass  # a garbled loss is left out of the curves; it decides nothing here
 
     status, reason = "complete", ""
     if env_end == len(lines):
@@ -189,7 +197,8 @@ def parse_log(text: str, path: Path) -> RunLog:
                 if source[i] == FILE_RULE and source[i + 2] == FILE_RULE and source[i + 1].startswith("# ")]
     return RunLog(path=path, status=status, reason=reason, total_steps=total, val=val,
                   source_sha256=hashlib.sha256("\n".join(source).encode()).hexdigest(), embedded_files=embedded,
-                  hardware=describe_hardware(env), software=describe_software(env), hyperparameters=hyperparameters)
+                  hardware=describe_hardware(env), software=describe_software(env), hyperparameters=hyperparameters,
+                  train=train)
 
 
 def read_log(path: str | Path) -> RunLog:

@@ -614,3 +614,41 @@ def test_golden_smoke_logs(capsys):
     _, report = run_json(GOLDEN, capsys=capsys)
     assert report["runs"]["n"] == len(logs)
     assert report["runs"]["incomplete"] == [] and report["runs"]["unreadable"] == []
+
+
+# -----------------------------------------------------------------------------
+# records/curves.py: one run's loss curves
+
+CURVES = REPO / "records" / "curves.py"
+
+
+def test_train_losses_are_read_from_our_step_lines():
+    path = GOLDEN / "smoke_seed0.txt"
+    run = compare.read_log(path)
+    lines = [line for line in path.read_text().split("=" * 100)[-1].splitlines() if " train_loss:" in line]
+    assert [step for step, _ in run.train] == list(range(1, 21))  # our logs: one per step
+    assert run.train == [(int(re.match(r"step:(\d+)/", line).group(1)),
+                          float(re.search(r" train_loss:(\S+)", line).group(1))) for line in lines]
+    assert run.train[1] == (2, 10.2504)
+    reference = compare.read_log(FIXTURES / "reference" / "020630eb-style-2025-08-23.txt")
+    assert reference.train == [] and len(reference.val) > 0  # that layout logs no train loss
+
+
+def test_curves_are_plotted(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(CURVES), *map(str, args)], capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
+
+    png = tmp_path / "curves.png"
+    ok = run(GOLDEN / "smoke_seed0.txt", GOLDEN / "smoke_seed1.txt", "--out", png)
+    assert ok.returncode == 0, ok.stderr
+    assert f"plot written to {png}" in ok.stdout and "20 train losses, 5 val losses (complete)" in ok.stdout
+    assert png.stat().st_size > 20_000 and _png_size(png) == (1000, 600)
+    crashed = run(FIXTURES / "broken" / "crashed.txt", "--out", tmp_path / "crashed.png")  # incomplete: still drawn
+    assert crashed.returncode == 0 and "(incomplete)" in crashed.stdout
+    for args, message in ((["--out", tmp_path / "x.jpg"], "ending in .png"),
+                          (["--out", tmp_path / "no" / "x.png"], "does not exist"),
+                          ([FIXTURES / "broken" / "not_a_log.txt", "--out", png], "not a training log"),
+                          ([FIXTURES / "broken" / "no_output.txt", "--out", png], "nothing to plot")):
+        bad = run(*([GOLDEN / "smoke_seed0.txt"] if args[0] == "--out" else []), *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
