@@ -190,7 +190,7 @@ class Hyperparameters:
     seed: int = setting(0, "seed of the model's initialization")
     sample_tokens: int = setting(0, "after training, log a few samples of this many tokens each (sample.py); 0: none")
     hellaswag_items: int = setting(0, "after training, log the HellaSwag accuracy on the first n validation items "
-                                   "(evals/hellaswag.py; downloads them once); -1: all 10,042; 0: none")
+                                   "(evals/hellaswag.py; downloads them once); 10042: all; 0: none")
     wandb_project: str = setting("", "also send the step metrics to this Weights & Biases project (tracking.py; "
                                  "WANDB_MODE=offline works); empty: none")
     # system (never changes the math, only where and how fast it runs)

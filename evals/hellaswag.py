@@ -243,14 +243,14 @@ def default_seq_len(device: torch.device) -> int:
 
 
 def log_hellaswag(model: train_gpt.GPT, num_items: int, log) -> dict | None:
-    """The trainer's end-of-run evaluation on the first num_items validation items (-1: all). A missing network
-    must not fail a finished run: the reason is logged instead."""
+    """The trainer's end-of-run evaluation on the first num_items validation items (all of them when num_items is
+    10,042 or more). A missing network must not fail a finished run: the reason is logged instead."""
     try:
         items = load_items()
     except HellaSwagError as e:
         log(f"hellaswag: skipped: {e}")
         return None
-    items = items if num_items < 0 else items[:num_items]
+    items = items[:num_items]
     t0 = time.perf_counter()
     result = evaluate(model, items, default_seq_len(next(model.parameters()).device))
     log(f"hellaswag: items:{result['items']} acc:{result['acc']:.4f} acc_norm:{result['acc_norm']:.4f} "
