@@ -32,9 +32,8 @@ import train_gpt  # noqa: E402
 from sample import max_context, resolve_checkpoint  # noqa: E402
 
 LOG_NAME, CARD_NAME = "training_log.txt", "README.md"
-# Settings that say where and how a run ran, not what model it trains: ignored when naming the closest preset.
-RUN_SETTINGS = {"train_files", "val_files", "seed", "device", "use_compile", "use_flex_attention", "eval_chunk_tokens",
-                "log_dir", "run_id", "sample_tokens", "hellaswag_items", "wandb_project"}
+# Settings that never change the math, the data files and the seed: not recipe changes, when naming the closest preset.
+RUN_SETTINGS = {*train_gpt.RUN_SETTINGS, "train_files", "val_files", "seed"}
 
 
 class ExportError(RuntimeError):
@@ -121,7 +120,8 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
         f"- GPT-2 tokenizer (tiktoken `gpt2`); {args.vocab_size} output rows, of which ids 50257 and up are padding. "
         f"Every document starts with `<|endoftext|>` (id 50256). Context when sampling: {max_context(args):,} "
         f"tokens (the final attention window and the longest training document).",
-        f"- Training: step {step} of {total}, {tokens:,} tokens from `{args.train_files}`{hardware}.",
+        f"- Training: step {step} of {total}, {tokens:,} tokens from `{args.train_files}`, seed {args.seed}"
+        f"{hardware}.",
         f"- Validation loss: {val_line}.", "",
         "## Files", "",
         "- `model.safetensors`: weights and persistent state (safetensors; loading runs no pickle)",

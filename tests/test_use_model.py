@@ -533,8 +533,8 @@ def test_wandb_missing_says_how_to_install(monkeypatch):
 @pytest.mark.slow
 def test_training_run_with_samples_hellaswag_and_wandb_offline(tmp_path, enc):
     """One short smoke run with every end-of-run hook on: samples and HellaSwag (from a cache seeded with the
-    fixture) are logged, W&B (offline) writes a run folder holding the step metrics, and the log still reads as a
-    complete run."""
+    fixture) are logged, W&B (offline) writes a run folder holding the step metrics, the log still reads as a
+    complete run, and the trainer's final checkpoint exports with its log."""
     cache = tmp_path / "cache" / "gpt2-speedrun" / "hellaswag"
     cache.mkdir(parents=True)
     (cache / "hellaswag_val.jsonl").write_bytes(FIXTURE.read_bytes())
@@ -544,7 +544,8 @@ def test_training_run_with_samples_hellaswag_and_wandb_offline(tmp_path, enc):
                     WANDB_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
     result = run("train_gpt.py", "--preset=smoke", "--num_iterations=3", "--extension_iterations=0",
                  "--val_every=0", "--model_dim=64", "--head_dim=32", f"--log_dir={tmp_path}", "--run_id=hooks",
-                 "--sample_tokens=5", "--hellaswag_items=2", "--wandb_project=test-project", env=env, timeout=600)
+                 "--sample_tokens=5", "--hellaswag_items=2", "--wandb_project=test-project", "--save_final=true",
+                 f"--checkpoint_dir={tmp_path / 'checkpoints'}", env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "hooks.txt").read_text()
     samples = [json.loads(line.split(": ", 1)[1]) for line in log.splitlines() if line.startswith("sample ")]
@@ -556,3 +557,7 @@ def test_training_run_with_samples_hellaswag_and_wandb_offline(tmp_path, enc):
     assert b"val_loss" in data and data.count(b"train_loss") >= 3 and b"test-project" in data
     run_log = export.read_run_log(tmp_path / "hooks.txt")  # records/compare.py's reading
     assert run_log.status == "complete" and [s for s, *_ in run_log.val] == [0, 3]
+    out = export.export(tmp_path / "checkpoints" / "hooks", tmp_path / "export")  # the run's latest step: step_3
+    assert (out / "training_log.txt").read_bytes() == (tmp_path / "hooks.txt").read_bytes()
+    card = (out / "README.md").read_text()
+    assert "step 3 of 3" in card and f"{run_log.final_val_loss:.4f} at step 3" in card and "preset `smoke`" in card
