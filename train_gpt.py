@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -479,8 +480,9 @@ def usage(argv: list[str] = ()) -> str:
     rows = []
     for f in dataclasses.fields(Hyperparameters):
         value = getattr(args, f.name)
-        rows.append((f"--{f.name}={value}", f.metadata["help"] + ("" if value == f.default else
-                                                                   f" [speedrun: {f.default}]")))
+        text = shlex.quote(str(value)) if " " in str(value) else value  # ready to paste into a shell
+        rows.append((f"--{f.name}={text}", f.metadata["help"] + ("" if value == f.default else
+                                                                  f" [speedrun: {f.default}]")))
     width = min(max(len(left) for left, _ in rows), 38)
     lines = [__doc__.split("\n\n")[0], "", "usage: [torchrun ...] train_gpt.py [--preset=NAME] [--field=value ...]", "",
              f"presets: {', '.join(PRESETS)} (default speedrun); `--preset=NAME --help` shows that preset's values", "",

@@ -84,7 +84,8 @@ def test_installs_what_is_missing_then_is_a_no_op(repo):
     again, pip = setup(repo)
     assert again.returncode == 0 and pip == [], again.stderr
     assert again.stderr.splitlines() == [f"setup: .venv is ready (torch {TORCH_HERE}, CUDA {CUDA_HERE}, Python "
-                                         f"{sys.version.split()[0]}); nothing to install"]
+                                         f"{sys.version.split()[0]}); nothing to install",
+                                         "setup: to use .venv in your shell: . .venv/bin/activate"]  # run on its own
 
     with (repo / "requirements.txt").open("a") as f:  # a new requirement: installed, torch left alone
         f.write("tabulate\n")

@@ -32,7 +32,7 @@ def meaning_columns(text: str) -> list[int]:
     for i, line in enumerate(lines):
         if not line.startswith("  --"):
             continue
-        m = re.match(r"  --\S+( +)\S", line)
+        m = re.match(r"  --\w+=(?:'[^']*'|[^'\s]\S*|)( +)\S", line)  # a value with spaces is quoted
         columns.append(m.end() - 1 if m else len(lines[i + 1]) - len(lines[i + 1].lstrip()))
     return columns
 
@@ -43,21 +43,23 @@ def test_help_columns_line_up():
     assert result.returncode == 0, result.stderr
     columns = meaning_columns(result.stdout)
     assert len(columns) == len(tg.dataclasses.fields(tg.Hyperparameters)) and len(set(columns)) == 1, columns
-    assert "--num_layers=12" in result.stdout and "[speedrun:" not in result.stdout  # defaults: nothing differs
+    assert "--num_layers=11" in result.stdout and "[speedrun:" not in result.stdout  # defaults: nothing differs
+    assert "--adam_table='scalars:5:0.9:0.99:0 smear_gate:" in result.stdout  # quoted, ready for a shell
 
 
 def test_help_of_a_preset_shows_its_values():
     text = tg.usage(["--preset=smoke"])
     assert "settings under --preset=smoke (value, meaning)" in text
-    assert re.search(r"^  --num_layers=4 +transformer blocks \[speedrun: 12\]$", text, re.M)
+    assert re.search(r"^  --num_layers=6 +transformer blocks \[speedrun: 11\]$", text, re.M)
     assert re.search(r"^  --use_compile=False +.*\[speedrun: True\]$", text, re.M)
-    assert re.search(r"^  --attn_scale=0.12 +fixed softmax scale \(not 1/sqrt\(head_dim\)\)$", text, re.M)  # same
+    assert re.search(r"^  --attn_scale=0.1 +softmax scale \(not 1/sqrt\(head_dim\)\)$", text, re.M)  # the same
     assert len(set(meaning_columns(text))) == 1
-    overridden = tg.usage(["--preset=smoke", "--num_layers=2", "--attn_pattern=L-", "--value_embed_pattern=0-"])
-    assert "--preset=smoke and the overrides given" in overridden and "  --num_layers=2 " in overridden
+    overridden = tg.usage(["--preset=smoke_2025_08_23", "--num_layers=2", "--attn_pattern=L-",
+                           "--value_embed_pattern=0-", "--skip_connections=0>1"])
+    assert "--preset=smoke_2025_08_23 and the overrides given" in overridden and "  --num_layers=2 " in overridden
     result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--preset=smoke", "--help"],
                             capture_output=True, text=True, timeout=120, env=clean_env())
-    assert result.returncode == 0 and "--num_layers=4 " in result.stdout
+    assert result.returncode == 0 and "--num_layers=6 " in result.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny", "--help"],
                          capture_output=True, text=True, timeout=120, env=clean_env())
     assert bad.returncode == 1 and "unknown preset 'tiny'; choose one of speedrun, smoke" in bad.stderr
@@ -94,7 +96,7 @@ def test_relative_shard_globs_fall_back_to_the_repository(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_a_run_started_in_another_directory_finds_the_repositorys_shards(tmp_path):
-    argv = ["--preset=smoke", "--train_files=data/sample/sample_train_*.bin",
+    argv = ["--preset=smoke_2025_08_23", "--train_files=data/sample/sample_train_*.bin",
             "--val_files=data/sample/sample_val_*.bin", "--val_tokens=4096", "--num_iterations=1", "--val_every=0",
             "--warmup_steps=0",
             f"--log_dir={tmp_path}"]
@@ -109,7 +111,7 @@ def test_a_run_started_in_another_directory_finds_the_repositorys_shards(tmp_pat
 
 @pytest.mark.slow
 def test_torchrun_with_a_world_size_that_cannot_work_says_so_once(tmp_path):
-    result = subprocess.run([*TORCHRUN, "--nproc_per_node=3", str(ROOT / "train_gpt.py"), "--preset=smoke",
+    result = subprocess.run([*TORCHRUN, "--nproc_per_node=3", str(ROOT / "train_gpt.py"), "--preset=smoke_2025_08_23",
                              f"--log_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=clean_env())
     output = result.stdout + result.stderr
     assert output.count("world size 3 cannot keep the batch of windows_per_step=4 windows") == 1, output
@@ -129,8 +131,9 @@ def test_two_ranks_train_without_deprecation_warnings(tmp_path):
         tokens = rng.integers(0, 1000, n)
         tokens[::50] = tg.BOS_ID
         tg.write_shard(shards / name, tokens)
-    argv = [f"--train_files={shards}/t_train_*.bin", f"--val_files={shards}/t_val_*.bin", "--val_tokens=512",
-            "--train_seq_len=128", "--val_seq_len=128", "--windows_per_step=4", "--num_layers=2", "--model_dim=64",
+    argv = ["--preset=smoke_2025_08_23", f"--train_files={shards}/t_train_*.bin", f"--val_files={shards}/t_val_*.bin",
+            "--val_tokens=512", "--train_seq_len=128", "--val_seq_len=128", "--windows_per_step=4", "--num_layers=2",
+            "--skip_connections=0>1", "--model_dim=64",
             "--num_heads=2", "--head_dim=32", "--mlp_hidden=128", "--attn_pattern=LS", "--value_embed_pattern=0-",
             "--block_size=32", "--max_window_tokens=64", "--num_iterations=2", "--val_every=0", "--warmup_steps=0",
             "--dtype=float32", "--use_fp8=false", "--use_compile=false", f"--log_dir={tmp_path}"]
