@@ -666,9 +666,10 @@ def keep_freed_memory():
 def adapt_to_device(args: Hyperparameters, device: torch.device) -> tuple[Hyperparameters, list[str]]:
     """Turns off the fast paths this device cannot run (their plain twins compute the same function); says so."""
     notes = []
-    if args.use_fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        notes.append("FP8 needs compute capability 8.9+: the LM head runs in plain bf16 (use_fp8=False)")
-        args = dataclasses.replace(args, use_fp8=False)
+    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+    if (args.use_fp8 or args.use_fp8_mlp) and old_gpu:
+        notes.append("FP8 needs compute capability 8.9+: the LM head and the MLP run in plain bf16")
+        args = dataclasses.replace(args, use_fp8=False, use_fp8_mlp=False)
     if args.use_flex_attention and device.type == "cpu":
         notes.append("FlexAttention has no backward pass on a CPU: the dense reference attention runs instead")
         args = dataclasses.replace(args, use_flex_attention=False)
@@ -1079,12 +1080,6 @@ class Muon:
             p, state["mantissa"] = split_mantissa(p)
         return p
 
-    def state_dict(self) -> dict:
-        return copy.deepcopy(self.state)
-
-    def load_state_dict(self, state: dict):
-        self.state = copy.deepcopy(state)
-
 
 class DistAdam:
     """Adam (Kingma & Ba) as record #28 computes it (bias corrections folded into the step size, eps added to the
@@ -1166,12 +1161,6 @@ class DistAdam:
             self.state[ids[id(embed)]] = copy.deepcopy(self.state[ids[id(head)]])
         for p, *_ in self.work:
             p.grad = None
-
-    def state_dict(self) -> dict:
-        return copy.deepcopy(self.state)
-
-    def load_state_dict(self, state: dict):
-        self.state = copy.deepcopy(state)
 
 
 # -----------------------------------------------------------------------------
@@ -1370,8 +1359,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = self.attend(q, k, v, ctx["masks"][self.kind], scale)
         if self.dc_window:
-            y = y + dc_correction(q, k, v, ctx["docs"], norm_heads(gates["dc_w1"]), gates["dc_w2"], scale,
-                                  self.dc_window, self.block_size)
+            w1 = F.rms_norm(gates["dc_w1"].float(), (H,), eps=1e-6)  # the heads' mixing weights, RMS-normed
+            y = y + dc_correction(q, k, v, ctx["docs"], w1, gates["dc_w2"], scale, self.dc_window, self.block_size)
         if self.xsa:  # remove the part of each head's output along the token's own value (#82)
             along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-8)
             y = y - torch.tanh(gates["xsa"])[..., None] * along * v
@@ -1380,10 +1369,6 @@ class CausalSelfAttention(nn.Module):
         if hasattr(self, "attn_gate"):  # sparse attention gate (#28): a sigmoid of the first channels
             y = y * torch.sigmoid(F.linear(x[..., :self.attn_gate.size(-1)], self.attn_gate.type_as(x)))[..., None]
         return F.linear(y.reshape(B, T, -1), w_o)
-
-
-def norm_heads(w: Tensor) -> Tensor:
-    return F.rms_norm(w.float(), (w.size(-1),), eps=1e-6)
 
 
 class MLP(nn.Module):
@@ -2108,8 +2093,7 @@ RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_token
 
 
 class Stop(Exception):
-    """A stop that was asked for (SIGTERM): the run ends at a step boundary, after writing a checkpoint if they are
-    on."""
+    """A stop that was asked for (SIGTERM): the run ends at a step boundary, with a checkpoint if they are on."""
 
 
 class RunFailure(RuntimeError):
@@ -2177,7 +2161,7 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
         raise ValueError(f"rank {rt.rank} cannot see {partial}, which rank 0 made: on more than one machine, "
                          "checkpoint_dir must be a folder they all share. HINT: pass --checkpoint_dir=<shared folder>")
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
-    torch.save(dict(optimizers=[opt.state_dict() for opt in optimizers], grads=grads), partial / f"rank{rt.rank}.pt")
+    torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), partial / f"rank{rt.rank}.pt")
     barrier()
     if rt.is_master:
         save_model(model, partial)
@@ -2215,7 +2199,7 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
     except Exception as e:  # a damaged file: safetensors, pickle-free torch.load and shape checks all land here
         raise ValueError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {str(e)[:200]}. {hint}") from None
     for opt, state in zip(optimizers, shard["optimizers"]):
-        opt.load_state_dict(state)
+        opt.state = state
     for name, p in model.named_parameters():
         p.grad = shard["grads"].get(name)
     return progress
@@ -2297,14 +2281,14 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
 
     # Untimed warm-up: compile and run real steps, then restore the initial weights, optimizer state and data order.
     if warmup := warmup_steps(args):
-        initial_state = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers],
+        initial_state = copy.deepcopy((model.state_dict(), [opt.state for opt in optimizers],
                                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
         loader = new_loader()
         for step in warmup:
             run_step(plans[step], loader)
         model.load_state_dict(initial_state[0])
         for opt, state in zip(optimizers, initial_state[1]):
-            opt.load_state_dict(state)
+            opt.state = state
         for name, p in model.named_parameters():  # Adam's gradients wait for its next step: drop the warm-up's
             p.grad = initial_state[2].get(name)
         log(f"warm-up: {len(warmup)} untimed steps {warmup}, then the initial model and optimizer state restored")
@@ -2379,13 +2363,13 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
             checkpoint(step + 1)
     if args.save_final:
         checkpoint(total)
-    log(peak_memory_line(rt.device))
-    if args.sample_tokens and rt.is_master:  # issue 12: samples from the trained model (sample.py)
+    if args.sample_tokens and rt.is_master:  # text from the trained model (sample.py)
         from sample import log_samples
         log_samples(model, args.sample_tokens, log)
-    if args.hellaswag_items and rt.is_master:  # issue 12: HellaSwag accuracy (evals/hellaswag.py)
+    if args.hellaswag_items and rt.is_master:  # its HellaSwag accuracy (evals/hellaswag.py)
         from evals.hellaswag import log_hellaswag
         log_hellaswag(model, args.hellaswag_items, log)
+    log(peak_memory_line(rt.device))
     return dict(val_loss=val_losses[total], val_losses=val_losses, train_time_ms=training_time_ms, steps=total,
                 log_path=str(log.path) if log.path else None)
 
@@ -2424,7 +2408,7 @@ def main(argv: list[str] | None = None) -> dict:
             pass  # the message goes to the console; the log keeps its complete lines
 
     try:
-        if args.wandb_project and rt.is_master:  # issue 12: the step metrics to Weights & Biases too (tracking.py)
+        if args.wandb_project and rt.is_master:  # the step metrics to Weights & Biases too (tracking.py)
             from tracking import WandbLog
             log = WandbLog(log, args)
         with StopSignal() as stop:  # still on while a failure is put into words: torchrun's SIGTERM waits for it

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "data")]
+sys.path[:0] = [str(ROOT), str(ROOT / "data"), str(ROOT / "tests")]
 from gpt2_tokenizer import get_encoding  # noqa: E402
+from test_recipe_2026 import randomized  # noqa: E402
 
 import export  # noqa: E402
 import sample  # noqa: E402
@@ -69,17 +70,6 @@ def tiny(preset: str, **overrides) -> tg.Hyperparameters:
     shape = dict(model_dim=32, num_heads=2, head_dim=16, mlp_hidden=64, mudd_hidden=16, use_compile=False,
                  bigram_vocab_size=min(args.bigram_vocab_size, 4096), bigram_sign_rows=min(args.bigram_sign_rows, 64))
     return dataclasses.replace(args, **{**shape, **overrides})
-
-
-def randomized(model: tg.GPT, seed: int = 0) -> tg.GPT:
-    """Zero-initialized weights (output projections, bigram table, the small MLPs' second layers) would hide most
-    bugs: give every matrix a value."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and "b2" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "w2" in name or "gate" in name else 0.1))
-    return model
 
 
 def final_model(args: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
