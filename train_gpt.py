@@ -1484,8 +1484,10 @@ def prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions:
     loss = weights[0] * F.cross_entropy(z, target_seq, reduction="sum")
     if predictions > 1 or prefixes is not None:  # more targets per position share one log-sum-exp
         T, lse = len(target_seq), z.logsumexp(dim=-1)
-        for k in range(1, predictions):
-            loss = loss + weights[k] * (lse[:T - k] - z[:T - k].gather(1, target_seq[k:, None])[:, 0]).sum()
+        for k in range(1, predictions):  # full-length tensors, masked: slices of T-k rows trip inductor's fusion
+            later = torch.cat([target_seq[k:], target_seq.new_zeros(k)])
+            inside = torch.arange(T, device=z.device) < T - k
+            loss = loss + weights[k] * torch.where(inside, lse - z.gather(1, later[:, None])[:, 0], 0).sum()
         if prefixes is not None:
             picked = z.gather(1, prefixes.clamp_min(0)[:, None])[:, 0]
             loss = loss + weights[predictions] * torch.where(prefixes >= 0, lse - picked, 0).sum()

@@ -27,7 +27,7 @@ def test_model_flops_count_the_dense_weights_and_the_attended_keys():
         model = tg.GPT(args)
     dense = 10 * 4 * 768**2 + 11 * 2 * 768 * 3072 + 50304 * 768 + 4 * 6 * 12 + 12  # layer 10's VE gate: MUDD's
     dense += 2 * 64 * 768 + (14 + 5) * 64 + 2 * 64 * 768 + (26 + 41) * 64  # MUDD; the gate MLP (26 and 41 outputs)
-    dc = 3 * (4 * 6 * 256 * 128 + 4 * 256 * 6)  # one DC layer: 256 keys per query (its block and the previous one)
+    dc = 3 * (4 * 6 * 256 * 128 + 2 * 256 * 6)  # one DC layer: 256 keys per query (its block and the previous one)
     assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense + dc
 
 
