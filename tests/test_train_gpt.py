@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -167,8 +168,9 @@ def test_help_lists_every_setting():
     result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0
-    for f in dataclasses.fields(tg.Hyperparameters):
-        assert re.search(rf"--{f.name}={re.escape(str(f.default))}\s+\S", result.stdout), f.name
+    for f in dataclasses.fields(tg.Hyperparameters):  # values with spaces are quoted for a shell
+        value = shlex.quote(str(f.default)) if " " in str(f.default) else str(f.default)
+        assert re.search(rf"--{f.name}={re.escape(value)}\s+\S", result.stdout), f.name
     assert "smoke" in result.stdout and "DATA_PATH" in result.stdout
 
 

@@ -111,6 +111,7 @@ def drive_trainer(tg, rig, opts):
         model.train()
 
     for world_size in opts.world_sizes:  # each rank's Muon shards, as that rank's process compiles them
+        torch._dynamo.reset()  # a fresh job: dynamo's recompile limit (8 per function) counts one job's shapes
         with rig.phase(f"orthogonalize_w{world_size}", tokens=None):
             for rank in range(world_size):
                 with rig.process_group(rank, world_size):
