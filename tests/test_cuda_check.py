@@ -192,8 +192,9 @@ def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(spee
     """Inductor's per-graph peak estimates (they leave the parameters out) against what the backward needs whole,
     counted by hand in bf16, at the largest stage (49,152 tokens): per MLP its normed input (T x D) and its hidden
     activation (T x hidden); per attention layer q, k, v, its output and its normed input (5 x T x D); the FP8 head's
-    bf16 output (T x V) and the e4m3 copies it saves. The evaluation holds its bf16 logits (E x V) whole. Each graph,
-    with the parameters, must fit an H100's 80 GB."""
+    bf16 output (T x V) and the e4m3 copies it saves. The evaluation computes its loss in chunks of eval_chunk_tokens:
+    it holds one chunk's bf16 logits, never all E x V of them (24.6 GiB at the speedrun shapes). Each graph, with
+    the parameters, must fit an H100's 80 GB."""
     args = tg.parse_args([])
     T, E, V, D = max(args.seq_lens), args.val_seq_len, args.vocab_size, args.model_dim
     layers, attention_layers = args.num_layers, sum(c != "-" for c in args.attn_pattern)
@@ -203,7 +204,7 @@ def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(spee
     assert graph[f"{last}_forward"]["outputs"] >= must_save
     assert peak[f"{last}_forward"] >= graph[f"{last}_forward"]["outputs"]
     assert peak[f"{last}_backward"] >= graph[f"{last}_backward"]["inputs"] + graph[f"{last}_backward"]["outputs"]
-    assert peak["eval_inference"] >= 2 * E * V
+    assert 2 * args.eval_chunk_tokens * V <= peak["eval_inference"] < 2 * E * V
     parameters = graph[f"{last}_forward"]["inputs"]  # the parameters and one window of tokens
     assert parameters + max(peak.values()) < fake_h100.H100.total_memory
     # for scale: the 2026-08 record measured 30,220-32,160 MiB peak allocated per GPU on 8xH100
