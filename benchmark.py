@@ -146,7 +146,7 @@ def estimate_memory(settings: list[str]) -> dict:
         train_forward_graph_gib=gib(peak["train_forward"]), train_backward_graph_gib=gib(peak["train_backward"]),
         eval_graph_gib=gib(peak["eval_inference"]),
         saved_for_backward_gib=gib(report["graph_bytes"][largest]["outputs"]),
-        train_tokens=max(args.seq_lens), eval_tokens=args.val_seq_len, torch=report["torch"],
+        train_tokens=max(args.seq_lens) // args.micro_batch_split, eval_tokens=args.val_seq_len, torch=report["torch"],
         check_failures=report["failures"], check_seconds=report["seconds"]["total"],
     )
 

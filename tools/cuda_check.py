@@ -100,9 +100,10 @@ def drive_trainer(tg, rig, opts):
         variants = [plan] + [dataclasses.replace(plan, window_long=w, window_short=max(1, w // 2))
                              for w in opts.windows]
         variants += [p for p in stage_plans[1:] if p.stage != plan.stage][:1]  # the extension, in the last stage
-        with rig.phase(f"train_stage{stage}", tokens=plan.seq_len):
+        chunk = plan.seq_len // args.micro_batch_split  # train_step() runs each window as micro_batch_split chunks
+        with rig.phase(f"train_stage{stage}", tokens=chunk):
             for p in variants:
-                run(p, p.seq_len, train=True)
+                run(p, p.seq_len // args.micro_batch_split, train=True)
 
     with rig.phase("eval", tokens=args.val_seq_len), torch.no_grad():  # evaluate()
         model.eval()
