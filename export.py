@@ -109,7 +109,8 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
         "---", "library_name: pytorch", "pipeline_tag: text-generation", "tags:", "- gpt2", "- nanogpt-speedrun",
         "---", "",
         f"# {repo_id.split('/')[-1] if repo_id else 'GPT-2 speedrun model'}", "",
-        "A GPT-2-small-class language model trained by `train_gpt.py`, an open reimplementation of the NanoGPT "
+        f"A {'GPT-2-small-class' if params >= 100e6 else f'small ({params / 1e6:.0f}M-parameter) test'} language model "
+        "trained by `train_gpt.py`, an open reimplementation of the NanoGPT "
         "speedrun: a model trained to a target validation loss on FineWeb as fast as possible, not a general-purpose "
         "or instruction-following model.", "",
         "## The model", "",
@@ -120,7 +121,7 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
         f"- GPT-2 tokenizer (tiktoken `gpt2`); {args.vocab_size} output rows, of which ids 50257 and up are padding. "
         f"Every document starts with `<|endoftext|>` (id 50256). Context when sampling: {max_context(args):,} "
         f"tokens (the final attention window and the longest training document).",
-        f"- Training: step {step} of {total}, {tokens:,} tokens from `{args.train_files}`, seed {args.seed}"
+        f"- Training: step {step} of {total}, {tokens:,} tokens from `{Path(args.train_files).name}`, seed {args.seed}"
         f"{hardware}.",
         f"- Validation loss: {val_line}.", "",
         "## Files", "",

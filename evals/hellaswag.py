@@ -73,10 +73,12 @@ def read_items(path: Path) -> list[dict]:
                 ok = False
             if not ok:
                 raise HellaSwagError(f"{path}, line {n}: not a HellaSwag item (a JSON object with ctx, four endings "
-                                     f"and a label 0-3). HINT: delete the file to download it again, or check --data")
+                                     f"and a label 0-3). HINT: delete the file to download it again (or, "
+                                     f"for evals/hellaswag.py --data=FILE, check the file)")
             items.append(item)
     if not items:
-        raise HellaSwagError(f"{path} holds no items. HINT: delete it to download it again, or check --data")
+        raise HellaSwagError(f"{path} holds no items. HINT: delete it to download it again (or, "
+                             f"for evals/hellaswag.py --data=FILE, check the file)")
     return items
 
 
@@ -99,7 +101,8 @@ def download(url: str, path: Path) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(f"could not download {url}: {reason}. HINT: check your network connection and proxy "
-                             f"settings, or fetch the file elsewhere and copy it to {path} (or pass --data=FILE)"
+                             f"settings, or fetch the file elsewhere and copy it to {path} (evals/hellaswag.py "
+                             f"also reads --data=FILE)"
                              ) from None
     finally:
         tmp.unlink(missing_ok=True)

