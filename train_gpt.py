@@ -2060,10 +2060,11 @@ MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
 
 def save_model(model: "GPT", folder: Path):
     """A trained model as two files: its weights and persistent state (safetensors, no pickle) and its settings."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / MODEL_FILE))
+    with open(folder / MODEL_FILE, "wb") as f:  # Python's write: a full disk is an OSError that names itself
+        f.write(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     (folder / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(model.args), indent=1) + "\n")
 
 
@@ -2155,22 +2156,55 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
     """folder (.../step_<n>) appears whole or not at all: every rank writes its optimizer shard and pending gradients,
     rank 0 the model, settings and progress, into a temporary folder that is renamed into place once complete."""
     partial = folder.with_name(f".{folder.name}.partial")
-    if rt.is_master:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier()
-    if not partial.is_dir():
-        raise ValueError(f"rank {rt.rank} cannot see {partial}, which rank 0 made: on more than one machine, "
-                         "checkpoint_dir must be a folder they all share. HINT: pass --checkpoint_dir=<shared folder>")
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
-    torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), partial / f"rank{rt.rank}.pt")
-    barrier()
-    if rt.is_master:
-        save_model(model, partial)
-        (partial / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
-    barrier()
+    try:  # a failure or Ctrl-C on the way leaves no partial folder behind
+        if rt.is_master:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        if not partial.is_dir():
+            raise ValueError(f"rank {rt.rank} cannot see {partial}, which rank 0 made: on more than one machine, "
+                             "checkpoint_dir must be a folder they all share. HINT: pass --checkpoint_dir=<shared>")
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
+        with open(partial / f"rank{rt.rank}.pt", "wb") as f:  # (torch.save to a path fails in C++ on a full disk)
+            torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), f)
+        barrier()
+        if rt.is_master:
+            save_model(model, partial)
+            (partial / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(partial, folder)
+        barrier()
+    except BaseException:
+        if rt.is_master:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def claim_checkpoints(folder: Path, run_id: str, log_path: Path | None) -> str | None:
+    """Makes folder (<checkpoint_dir>/<run_id>) this run's own: run.json, created only if the folder is empty and
+    only once (O_EXCL), so that another run with this run_id, earlier or at the same moment, cannot write over its
+    checkpoints. Returns why the folder is not ours, or None."""
+    owner = folder / "run.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.iterdir()):
+            with os.fdopen(os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f:
+                f.write(json.dumps(dict(run_id=run_id, log=str(log_path), host=platform.node(), pid=os.getpid(),
+                                        started=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1) + "\n")
+            return None
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f"cannot create the checkpoint folder {folder}: {e.strerror}. HINT: choose another --checkpoint_dir"
+    try:
+        who = json.loads(owner.read_text())
+        who = f"run {who['run_id']!r} (started {who['started']} on {who['host']}, log {who['log']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "another run"
+    held = sorted(p.name for p in folder.iterdir() if p.name != owner.name)
+    return (f"the checkpoint folder {folder} belongs to {who}" + (f" and holds {', '.join(held[:4])}" if held else "")
+            + ". HINT: choose another --run_id (to continue that run, --resume=<its step_N folder> with a new "
+            "--run_id), or move that folder away")
 
 
 def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperparameters, rt: Runtime) -> dict:
@@ -2247,8 +2281,14 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     for note in notes:
         log(note)
     log("hyperparameters: " + json.dumps(dataclasses.asdict(args)), console=False)
-    if rt.is_master:
-        print(f"log: {log.path}  (world size {rt.world_size}, device {rt.device})", flush=True)
+    log(f"log: {log.path}  (world size {rt.world_size}, device {rt.device})")
+    checkpoints = Path(args.checkpoint_dir or Path(__file__).resolve().parent / "records" / "checkpoints") / run_id
+    if args.save_every or args.save_final:  # rank 0 claims the folder; every rank stops if it is another run's
+        refusal = [claim_checkpoints(checkpoints, run_id, log.path) if rt.is_master else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise ValueError(refusal[0])
 
     plans = full_schedule(args)
     total = len(plans) - 1
@@ -2298,7 +2338,6 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     loader = new_loader(progress["loader"])
     synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
     training_time_ms, val_losses = progress["train_time_ms"], {int(k): v for k, v in progress["val_losses"].items()}
-    checkpoints = Path(args.checkpoint_dir or Path(__file__).resolve().parent / "records" / "checkpoints") / run_id
     pending = None
 
     def log_pending_step() -> bool:
@@ -2325,7 +2364,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
         try:
             save_checkpoint(folder, model, optimizers, state, rt)
         except OSError as e:
-            raise OSError(e.errno, f"cannot write the checkpoint {folder}: {e.strerror}. HINT: free disk space or "
+            raise OSError(f"cannot write the checkpoint {folder}: {e.strerror or e}. HINT: free disk space or "
                           "choose another --checkpoint_dir") from None
         log(f"checkpoint: {folder} (step {steps_done})", console=rt.is_master)
         t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import io
 import json
 import os
 import signal
@@ -96,6 +97,77 @@ def test_resuming_other_settings_or_a_damaged_checkpoint_is_refused(shard_dir, t
     (damaged / "progress.json").unlink()
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         tg.main(argv(shard_dir, tmp_path, run_id="partial", **{**common, "resume": str(damaged)}))
+
+
+# --- Nothing a user made is lost: checkpoint folders belong to one run ----------------------------------------------
+
+def test_a_run_id_whose_checkpoints_belong_to_another_run_is_refused_before_training(shard_dir, tmp_path, capsys):
+    tg.main(argv(shard_dir, tmp_path, run_id="mine", save_every=3, num_iterations=4, extension_iterations=0))
+    folder = tmp_path / "ckpt" / "mine"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert json.loads((folder / "run.json").read_text())["run_id"] == "mine"
+    other_logs = tmp_path / "other"  # another log folder: the log's own check cannot see the clash
+    assert tg.cli(argv(shard_dir, tmp_path, run_id="mine", save_final=True, log_dir=str(other_logs))) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and "Traceback" not in err, err
+    assert err.startswith(f"error: the checkpoint folder {folder} belongs to run 'mine' (started ")
+    assert f"log {tmp_path / 'logs' / 'mine.txt'}) and holds step_3. HINT: choose another --run_id" in err
+    assert (other_logs / "mine.txt").read_text().splitlines()[-1].startswith("stopped: the checkpoint folder")
+    assert not any(s.startswith("step:1/") for s in (other_logs / "mine.txt").read_text().splitlines())
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # untouched
+    (folder / "run.json").unlink()  # checkpoints from before run.json existed are just as much another run's
+    assert tg.cli(argv(shard_dir, tmp_path, run_id="mine", save_every=2, log_dir=str(tmp_path / "third"))) == 1
+    assert "holds step_3. HINT" in capsys.readouterr().err
+
+
+def test_two_runs_started_at_once_with_one_run_id_cannot_both_own_its_checkpoints(tmp_path):
+    import threading
+    start, answers = threading.Barrier(8), []
+
+    def claim(i):
+        start.wait()
+        answers.append(tg.claim_checkpoints(tmp_path / "ckpt" / "same", "same", tmp_path / f"log{i}.txt"))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers.count(None) == 1 and all("belongs to run 'same'" in a for a in answers if a), answers
+
+
+@pytest.mark.parametrize("failure", ["full disk", "Ctrl-C"])
+def test_a_checkpoint_that_fails_leaves_nothing_behind_and_names_the_disk(shard_dir, tmp_path, monkeypatch, capsys,
+                                                                        failure):
+    real_open = open
+
+    class FullDisk(io.RawIOBase):  # what a file on a full disk does: the write raises ENOSPC
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk_open(path, mode="r", *a, **k):
+        if ".partial" in str(path) and "w" in mode:
+            if failure == "Ctrl-C":
+                raise KeyboardInterrupt
+            real_open(path, mode).close()  # the file exists, half written
+            return FullDisk()
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(tg, "open", full_disk_open, raising=False)
+    status = tg.cli(argv(shard_dir, tmp_path, run_id="disk", save_every=3))
+    err = capsys.readouterr().err
+    folder = tmp_path / "ckpt" / "disk"
+    if failure == "full disk":
+        assert status == 1 and err.strip() == (f"error: cannot write the checkpoint {folder / 'step_3'}: No "
+                                               "space left on device. HINT: free disk space or choose another "
+                                               "--checkpoint_dir"), err
+    else:
+        assert status == 130 and err.strip() == "stopped: interrupted (Ctrl-C)"
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json"]  # no .step_3.partial
+    assert log_lines(tmp_path, "disk")[-1].startswith("stopped: ")
 
 
 def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 300):
