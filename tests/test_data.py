@@ -250,6 +250,53 @@ def test_tokenize_cli_workers_skips_and_overwrite(enc, tmp_path, tokenizer_cache
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["t_val_000000.bin"]
 
 
+def test_tokenize_overwrite_keeps_the_old_shards_until_the_new_ones_are_written(enc, tmp_path, tokenizer_cache,
+                                                                                capsys, monkeypatch):
+    inputs = [str(p) for p in write_inputs(tmp_path / "in")]
+    out = tmp_path / "shards"
+    assert tokenize_text.main([*inputs, "--out", str(out), "--name", "t", "--val_tokens", "10",
+                               "--shard_tokens", "20"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) > 3
+    real_write, calls = tokenize_text.write_shard, []
+
+    def write_then_fill_the_disk(path, tokens):  # the second new shard finds the disk full
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, tokens)
+
+    monkeypatch.setattr(tokenize_text, "write_shard", write_then_fill_the_disk)
+    capsys.readouterr()
+    assert tokenize_text.main([*inputs, "--out", str(out), "--name", "t", "--overwrite", "--val_tokens", "10",
+                               "--shard_tokens", "20"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: cannot write shards to {out}: No space left on device. HINT: free some space or "
+                           "choose another --out; the old t shards are kept as they were."), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, nothing left aside
+    monkeypatch.setattr(tokenize_text, "write_shard", real_write)
+    for stop in (KeyboardInterrupt, None):
+        monkeypatch.setattr(tokenize_text, "tokenize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        if stop is None:
+            monkeypatch.undo()
+        code = tokenize_text.main([inputs[0], "--out", str(out), "--name", "t", "--overwrite", "--val_tokens", "10"])
+        if stop is KeyboardInterrupt:
+            assert code == 130 and capsys.readouterr().err.strip() == (
+                "stopped: interrupted; the old t shards are kept as they were.")
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["t_val_000000.bin"]  # the stale ones gone too
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/x", ".hidden", ""])
+def test_tokenize_name_cannot_place_files_outside_out(tmp_path, tokenizer_cache, capsys, name):
+    (tmp_path / "in.txt").write_text("some text\n")
+    with pytest.raises(SystemExit):
+        tokenize_text.main([str(tmp_path / "in.txt"), "--out", str(tmp_path / "o" / "p"), "--name", name])
+    err = capsys.readouterr().err
+    assert f"--name={name!r} must be a plain name" in err and "HINT" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.txt"]
+
+
 def test_tokenize_cli_errors(tmp_path, tokenizer_cache, capsys):
     def main(*args) -> tuple[int, str]:
         code = tokenize_text.main([*map(str, args), "--out", str(tmp_path / "o"), "--name", "x"])
