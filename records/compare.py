@@ -17,8 +17,9 @@ run's ranks (processes that trained) are shown where the log records them (our "
 
 Per group: mean and sample std of the final val losses with the record rule's one-sided one-sample t-test that the mean
 is below --target (scipy.stats.ttest_1samp(losses, target, alternative='less')); train time mean, median, min, max;
-steps; runs of one group that differ in ranks are flagged. With --baseline: the time difference with Welch's t-test (one-sided, H1: RUNS are faster; the two-sided p that
-some record READMEs quote is shown too), the loss difference, and the mean val loss at every step both groups evaluated.
+steps; runs of one group that differ in ranks are flagged. With --baseline: the time difference with Welch's t-test
+(one-sided, H1: RUNS are faster; the two-sided p that some record READMEs quote is shown too), the loss difference, and
+the mean val loss at every step both groups evaluated.
 
 The claim holds when RUNS have at least 2 complete runs with p < alpha, nothing is flagged (runs of one group that
 differ in step count, embedded source or hardware; a diverged run; a baseline on other hardware) and, with --baseline,
