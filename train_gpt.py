@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BOS_ID = 50256  # GPT-2's <|endoftext|>, prepended to every document: the document delimiter
+GPT2_VOCAB_SIZE = 50257  # ids from here up to vocab_size are padding rows
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: everything that changes results, in one frozen dataclass. `--field=value` overrides any of them.
@@ -1762,13 +1763,23 @@ def load_shard(path: str | os.PathLike) -> torch.Tensor:
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike) -> np.ndarray:
-    """Refuses a token the embedding has no row for before it reaches the model (where it would be an IndexError on
-    a CPU, a device-side assert on a GPU, mid-run); one vectorized max per shard."""
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        i = int(np.argmax(tokens >= vocab_size))
-        raise ShardError(f"shard {path} holds token id {tokens[i]} (token {i:,} of the file), but vocab_size="
-                         f"{vocab_size}: it was made with another tokenizer, or is corrupt. HINT: rebuild it with "
-                         "`python data/tokenize_text.py` (GPT-2 tokens), or raise --vocab_size to cover its ids")
+    """Refuses tokens a run would fail on mid-run (an id with no embedding row: an IndexError on a CPU, a device-side
+    assert on a GPU) or silently learn nonsense from (GPT-2's padding ids 50257-50303, which no tokenizer makes; no
+    BOS, so no document starts). data/shards.py inspect applies the same check."""
+    if len(tokens) and int(tokens.max()) >= GPT2_VOCAB_SIZE:  # rare: only then the full mask
+        bad = (tokens >= vocab_size) | ((tokens >= GPT2_VOCAB_SIZE) & (tokens < 50304))
+        if bad.any():
+            i = int(np.argmax(bad))
+            why = (f"but vocab_size={vocab_size}" if tokens[i] >= vocab_size else
+                   f"one of the padding ids {GPT2_VOCAB_SIZE}-50303 that GPT-2's tokenizer never makes")
+            raise ShardError(f"shard {path} holds token id {tokens[i]} (token {i:,} of the file), {why}: it was made "
+                             "with another tokenizer, or is corrupt. HINT: rebuild it with `python data/tokenize_text"
+                             ".py` (GPT-2 tokens)" + (", or raise --vocab_size to cover its ids" if "vocab" in why
+                                                       else ""))
+    if len(tokens) and not (tokens == BOS_ID).any():
+        raise ShardError(f"shard {path} holds no <|endoftext|> ({BOS_ID}), the token that starts every document: "
+                         "there is no document in it to train on. HINT: rebuild it with `python data/tokenize_text.py`,"
+                         " which starts each document with one")
     return tokens
 
 

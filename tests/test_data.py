@@ -414,6 +414,45 @@ def test_inspect_good_and_bad_shards(tmp_path, tokenizer_cache, enc, capsys):
     assert "8 shards: 1 valid, 7 invalid" in result.stdout and "HINT" in result.stderr
 
 
+@pytest.mark.parametrize("case, reason", [
+    ("padding id", "holds token id 50300 (token 2 of the file), one of the padding ids 50257-50303 that GPT-2's "
+     "tokenizer never makes"),
+    ("past the vocabulary", "holds token id 60000 (token 2 of the file), but vocab_size=50304"),
+    ("no BOS", "holds no <|endoftext|> (50256), the token that starts every document"),
+    ("header count", "is 1056 bytes but its header announces 9 tokens"),
+    ("valid", None)])
+def test_inspect_and_the_trainer_agree_on_what_a_valid_shard_is(tmp_path, case, reason):
+    """The same shard is refused by both, for the same reason, or accepted by both."""
+    import train_gpt
+
+    tokens = np.array([BOS_ID, 11, 12, 13, BOS_ID, 14, 15, 16] * 2, dtype=np.uint16)
+    if case == "padding id":
+        tokens[2] = 50300
+    elif case == "past the vocabulary":
+        tokens[2] = 60000
+    elif case == "no BOS":
+        tokens[tokens == BOS_ID] = 7
+    path = tmp_path / "s_train_000001.bin"
+    write_shard(path, tokens)
+    if case == "header count":
+        data = bytearray(path.read_bytes())
+        data[8:12] = np.array([9], dtype="<i4").tobytes()
+        path.write_bytes(bytes(data))
+    said = []
+    for check in (lambda: shards.inspect_shard(path),
+                  lambda: train_gpt.TrainLoader(train_gpt.find_shards(str(path)), 4, 1, 0, 1, train_gpt.torch.device(
+                      "cpu"), vocab_size=50304).next_step(4)):
+        try:
+            check()
+            said.append(None)
+        except train_gpt.ShardError as e:
+            said.append(str(e).split(". HINT")[0].split(": it was made")[0])
+    if reason is None:
+        assert said == [None, None]
+    else:
+        assert said[0] == said[1] and said[0].startswith(f"shard {path} {reason}"), said
+
+
 def test_inspect_reports_partial_leading_document(tmp_path):
     write_shard(tmp_path / "s.bin", np.array([7, 8, 9, BOS_ID, 1, 2, BOS_ID, 3], dtype=np.uint16))
     info = shards.inspect_shard(tmp_path / "s.bin")

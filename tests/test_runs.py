@@ -304,7 +304,11 @@ def test_a_token_id_beyond_the_vocabulary_is_refused_naming_the_file_and_the_id(
     assert err.startswith(f"error: {expected}") and "Traceback" not in err, err
     assert log_lines(tmp_path, "bad")[-1].startswith(f"stopped: {expected}")
     assert not any(s.startswith("step:1/") for s in log_lines(tmp_path, "bad"))  # before the first step
-    tokens[100] = 50303  # the last id with a row is fine
+    tokens[100] = 50303  # a padding id is not GPT-2's either
+    tg.write_shard(bad, tokens)
+    with pytest.raises(tg.ShardError, match="holds token id 50303 .* one of the padding ids 50257-50303"):
+        tg.check_token_ids(tokens, 50304, bad)
+    tokens[100] = 50256  # the last id GPT-2 makes is fine
     tg.write_shard(bad, tokens)
     assert tg.check_token_ids(tokens, 50304, bad) is tokens
 
