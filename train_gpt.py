@@ -34,6 +34,7 @@ import ctypes
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -46,6 +47,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 import uuid
@@ -62,6 +64,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BOS_ID = 50256  # GPT-2's <|endoftext|>, prepended to every document: the document delimiter
 GPT2_VOCAB_SIZE = 50257  # ids from here up to vocab_size are padding rows
+MAX_STEPS = 20_000  # the schedule is planned step by step before training: ~30 µs a step on a slow core
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: everything that changes results, in one frozen dataclass. `--field=value` overrides any of them.
@@ -235,6 +238,9 @@ class Hyperparameters:
             else:
                 ok, rule = math.isfinite(value) and value >= 0, "be a finite number >= 0" if real else "not be negative"
             require(ok, f"{f.name}={value} must {rule}. HINT: see --help; the default is {f.default}")
+        require(self.num_iterations + self.extension_iterations <= MAX_STEPS, f"num_iterations={self.num_iterations}"
+                f" + extension_iterations={self.extension_iterations} is more than the {MAX_STEPS:,} steps a run plans "
+                "before it starts (in about a second). HINT: lower --num_iterations (the speedrun's is 1270)")
         require(self.normuon_beta2 < 1, f"normuon_beta2={self.normuon_beta2} must lie in [0, 1)")
         require(self.bigram_vocab_size != 1, "bigram_vocab_size=1 leaves no row for bigrams (the last row is "
                 "reserved): use 0 (off) or at least 2")
@@ -243,6 +249,11 @@ class Hyperparameters:
         require(all(c.isalnum() or c in "-_." for c in self.run_id) and not self.run_id.startswith("."),
                 f"run_id={self.run_id!r} must be a plain name (letters, digits, - _ .; no leading dot): it names the "
                 "log file and the checkpoint folder. HINT: e.g. --run_id=seed1, or leave it empty for a fresh one")
+        require(len(self.run_id) <= 200, f"run_id is {len(self.run_id)} characters long: at most 200, as it names "
+                "files (most file systems allow 255 bytes). HINT: choose a shorter --run_id")
+        for name in ("train_files", "val_files"):
+            require(getattr(self, name).strip(), f"{name} is empty: it is the glob of the shards to read. HINT: see "
+                    f"--help; the default is {getattr(type(self), name)}")
         for name in ("log_dir", "checkpoint_dir"):
             folder = getattr(self, name)
             require(not folder or not os.path.exists(folder) or os.path.isdir(folder), f"{name}={folder!r} is a "
@@ -359,7 +370,7 @@ class Hyperparameters:
         except ValueError:
             raise ValueError(f"{name}={text!r}: cannot read its values (see --help)") from None
 
-    @property
+    @functools.cached_property  # read at every step of the schedule
     def num_stages(self) -> int:
         lists = {name: self.per_stage(name, cast, sep) for name, cast, sep in (
             ("train_seq_len", int, ","), ("max_doc_len", int, ","), ("stage_lr_mul", float, ","),
@@ -470,7 +481,14 @@ def parse_args(argv: list[str]) -> Hyperparameters:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f"; did you mean --{close[0]}?" if close else " (see --help)"
             raise ValueError(f"unknown setting --{name}{hint}")
-    return Hyperparameters(**{**PRESETS[preset], **overrides})
+    try:
+        return Hyperparameters(**{**PRESETS[preset], **overrides})
+    except ValueError as e:  # a HINT quotes the value of the preset in use
+        name = (str(e).split("=")[0].split() or [""])[0]
+        if name not in PRESETS[preset]:
+            raise
+        raise ValueError(str(e).replace(f"the default is {fields[name].default}",
+                                        f"--preset={preset} uses {PRESETS[preset][name]}")) from None
 
 
 def usage(argv: list[str] = ()) -> str:
@@ -1818,6 +1836,9 @@ def find_shards(pattern: str) -> list[Path]:
                          "--train_files/--val_files to use shards elsewhere, or try --preset=smoke, which trains on "
                          "the sample shards in data/sample/.")
     for f in files:
+        if f.is_dir():
+            raise ShardError(f"{pattern!r} names the folder {f}, not shard files. HINT: give a glob of the files, "
+                             f"e.g. {os.path.join(f, '*_train_*.bin')!r}")
         read_shard_header(f)
     return files
 
@@ -2066,6 +2087,11 @@ def peak_memory_line(device: torch.device) -> str:
     return f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB"
 
 
+def shorten(text: str, width: int) -> str:
+    """One line of at most width characters, cut between words, never mid-word."""
+    return textwrap.shorten(" ".join(text.split()), width, placeholder=" ...")
+
+
 MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
 
 
@@ -2088,15 +2114,23 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
         raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
                          "folder (records/checkpoints/<run_id>/step_<N>) or a folder written by export.py")
-    settings = json.loads((folder / SETTINGS_FILE).read_text())
-    known = {f.name for f in dataclasses.fields(Hyperparameters)}
-    unknown = sorted(set(settings) - known)
+    hint = "HINT: export it again, or load another checkpoint of the run"
+    try:
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+        assert isinstance(settings, dict), "not a JSON object"
+    except (ValueError, AssertionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / SETTINGS_FILE} is not a saved model's settings ({e}). {hint}") from None
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Hyperparameters)})
     if unknown:
         raise ValueError(f"{folder / SETTINGS_FILE} has settings this train_gpt.py does not know: {unknown}. HINT: "
                          "load it with the train_gpt.py that saved it (its source is in the run's log)")
-    args = Hyperparameters(**settings)
-    model = GPT(args)
-    model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+    try:
+        model = GPT(Hyperparameters(**settings))
+        model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+    except Exception as e:  # a truncated or damaged file, or weights of another shape: safetensors and torch
+        raise ValueError(f"{folder} holds a damaged model ({type(e).__name__}: {shorten(str(e), 200)}). {hint}") \
+            from None
+    args = model.args
     model.eval().set_step(plan_step(args.num_iterations + args.extension_iterations, args))
     return model.to(device)
 
@@ -2136,7 +2170,7 @@ def roll_call(rt: Runtime, wait_s: float) -> dict[int, str | None]:
 def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFailure | None:
     """Out of memory, or a collective that failed, in words with a HINT (rank 0 asks the other ranks what happened
     to them); None for any other error."""
-    seen = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    seen = f"{type(e).__name__}: {shorten(str(e).splitlines()[0], 200) if str(e) else ''}"
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return RunFailure(f"out of memory ({seen}). HINT: --micro_batch_split=2 (or 4) runs each window as 2 (4) "
                           "chunks, with 1/2 (1/4) of the activation memory and the same batch (README: Smaller GPUs)")
@@ -2224,6 +2258,8 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
     from safetensors.torch import load_file
 
     hint = "HINT: pass a folder .../<run_id>/step_<n> written by --save_every or --save_final"
+    if not folder.is_dir():
+        raise ValueError(f"resume={str(folder)!r} {'is a file, not' if folder.exists() else 'is not'} a folder. {hint}")
     try:
         progress = json.loads((folder / "progress.json").read_text())
         saved = json.loads((folder / SETTINGS_FILE).read_text())
@@ -2244,7 +2280,8 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
         model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(rt.device)))
         shard = torch.load(folder / f"rank{rt.rank}.pt", map_location=rt.device, weights_only=True)
     except Exception as e:  # a damaged file: safetensors, pickle-free torch.load and shape checks all land here
-        raise ValueError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {str(e)[:200]}. {hint}") from None
+        raise ValueError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {shorten(str(e), 200)}. "
+                         f"{hint}") from None
     for opt, state in zip(optimizers, shard["optimizers"]):
         opt.state = state
     for name, p in model.named_parameters():
@@ -2521,6 +2558,10 @@ def cli(argv: list[str]) -> int:
         return 0
     status = 0
     try:
+        names = [a.partition("=")[0] for a in argv]
+        if twice := next((n for n in names if names.count(n) > 1 and n.startswith("--")), None):
+            values = ", then ".join(a.partition("=")[2] for a in argv if a.partition("=")[0] == twice)
+            raise ValueError(f"{twice} is given twice ({values}): which one is meant? HINT: give each setting once")
         if "--print_schedule" in argv:
             print_schedule(parse_args([a for a in argv if a != "--print_schedule"]))
         else:

@@ -174,17 +174,18 @@ def parse_log(text: str, path: Path) -> RunLog:
             continue
         if not line.startswith("step:"):
             continue  # free-form lines: "Compiling model ...", "Resetting Model", "peak memory ..."
+        quoted = repr(textwrap.shorten(line, 100, placeholder=" ..."))  # for a message: never cut mid-word
         try:
             step, n, val_loss, train_time_ms = parse_step_line(line)
         except ValueError as e:
             if i == len(lines) - 1 and not text.endswith(("\n", "\r")):
                 cut_off = True  # the last line of a log that is still being written
                 break
-            raise LogError(f"line {i + 1}: {e}: {line[:100]!r}") from None
+            raise LogError(f"line {i + 1}: {e}: {quoted}") from None
         if total is not None and n != total:
-            raise LogError(f"line {i + 1}: total steps {n} differs from {total} on the lines above: {line[:100]!r}")
+            raise LogError(f"line {i + 1}: total steps {n} differs from {total} on the lines above: {quoted}")
         if step > n:
-            raise LogError(f"line {i + 1}: step {step} is past the total of {n}: {line[:100]!r}")
+            raise LogError(f"line {i + 1}: step {step} is past the total of {n}: {quoted}")
         total = n
         last_step = step if last_step is None else max(last_step, step)
         if val_loss is not None:

@@ -277,6 +277,51 @@ def test_senseless_settings_are_refused_with_a_hint_and_no_traceback(shard_dir, 
     assert not (work / "logs").exists() and not list(tmp_path.glob("*.txt"))  # refused before any log was made
 
 
+def test_a_setting_given_twice_is_refused(capsys, tmp_path):
+    assert tg.cli(["--preset=smoke", "--muon_lr=0.02", f"--log_dir={tmp_path}", "--muon_lr=0.03"]) == 1
+    assert capsys.readouterr().err == ("error: --muon_lr is given twice (0.02, then 0.03): which one is meant? HINT: "
+                                       "give each setting once\n")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_step_count_the_schedule_cannot_plan_is_refused_at_once_and_the_largest_accepted_plans_in_a_second():
+    start = time.process_time()
+    with pytest.raises(ValueError, match=r"num_iterations=1000000 \+ extension_iterations=15 is more than the 20,000 "
+                                         r"steps a run plans before it starts \(in about a second\). HINT: lower "):
+        tg.parse_args(["--num_iterations=1000000"])
+    assert time.process_time() - start < 0.5
+    for preset in tg.PRESETS:
+        args = tg.parse_args([f"--preset={preset}", "--extension_iterations=0", f"--num_iterations={tg.MAX_STEPS}"])
+        start = time.process_time()
+        assert len(tg.full_schedule(args)) == tg.MAX_STEPS + 1
+        assert time.process_time() - start < 1.0, preset
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset=smoke", "--model_dim=0"], "model_dim=0 must be above 0. HINT: see --help; --preset=smoke uses 128"),
+    (["--preset=smoke", "--train_files="], "train_files is empty: it is the glob of the shards to read. HINT: see "
+     "--help; --preset=smoke uses "),
+    (["--val_files= "], "val_files is empty: it is the glob of the shards to read. HINT: see --help; the default is "
+     "data/fineweb10B/fineweb_val_*.bin"),
+    ([f"--run_id={'r' * 201}"], "run_id is 201 characters long: at most 200, as it names files (most file systems "
+     "allow 255 bytes). HINT"),
+    (["--preset=smoke", "--train_files=SHARD_FOLDER"], "'SHARD_FOLDER' names the folder SHARD_FOLDER, not shard files. "
+     "HINT: give a glob of the files, e.g. 'SHARD_FOLDER/*_train_*.bin'"),
+    (["--preset=smoke", "--resume=A_FILE", "--num_iterations=4"], "resume='A_FILE' is a file, not a folder. HINT"),
+    (["--preset=smoke", "--resume=NOWHERE", "--num_iterations=4"], "resume='NOWHERE' is not a folder. HINT"),
+])
+def test_messages_name_the_real_cause(tmp_path, capsys, argv, message):
+    (tmp_path / "A_FILE").write_text("x\n")
+    (tmp_path / "SHARD_FOLDER").mkdir()
+    names = {name: str(tmp_path / name) for name in ("A_FILE", "SHARD_FOLDER", "NOWHERE")}
+    for name, path in names.items():
+        argv = [a.replace(name, path) for a in argv]
+        message = message.replace(name, path)
+    assert tg.cli([*argv, f"--log_dir={tmp_path / 'logs'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(f"error: {message}"), err
+
+
 @pytest.mark.parametrize("preset, overrides", [
     ("smoke_2025_08_23", dict(attn_gate_dim=0)),  # the 2025-08-23 recipe without its sparse attention gate
     ("smoke", dict(ve_gate_dim=0, attn_gate_dim=4, mudd_gate_layer=5, dc_window=0, bigram_vocab_size=2)),
