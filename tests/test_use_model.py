@@ -189,6 +189,42 @@ def test_sample_command_line(saved_smoke, enc):
     assert missing.returncode == 1 and "HINT" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.parametrize("setting", ["--temperature=nan", "--temperature=inf", "--temperature=-1", "--top_k=-1"])
+def test_sampling_settings_that_are_not_finite_and_positive_are_refused(saved_smoke, capsys, setting):
+    assert sample.main([f"--checkpoint={saved_smoke}", setting]) == 1
+    err = capsys.readouterr().err
+    name, value = setting[2:].split("=")
+    shown = float(value) if name == "temperature" else value
+    assert err.splitlines() == [err.strip()] and err.startswith(f"sample.py: error: {name}={shown} must"), err
+    assert "HINT" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "settings a list", "settings not JSON", "a file"])
+def test_a_damaged_model_is_one_line_with_a_hint_in_every_tool(tmp_path, smoke_model, capsys, damage):
+    folder = tmp_path / "damaged"
+    tg.save_model(smoke_model, folder)
+    if damage == "truncated weights":
+        data = (folder / tg.MODEL_FILE).read_bytes()
+        (folder / tg.MODEL_FILE).write_bytes(data[:len(data) // 2])
+        expected = f"{folder} holds a damaged model ("
+    elif damage == "settings a list":
+        (folder / tg.SETTINGS_FILE).write_text("[1, 2]\n")
+        expected = f"{folder / tg.SETTINGS_FILE} is not a saved model's settings (not a JSON object). HINT"
+    elif damage == "settings not JSON":
+        (folder / tg.SETTINGS_FILE).write_text('{"num_layers": \n')
+        expected = f"{folder / tg.SETTINGS_FILE} is not a saved model's settings (Expecting value"
+    else:
+        folder = folder / tg.MODEL_FILE
+        expected = f"{folder} is a file: give the folder that holds it ({folder.parent})"
+    for tool, argv in ((sample, ["--device=cpu"]), (export, [f"--out={tmp_path / 'out'}"]),
+                       (hellaswag, ["--device=cpu", f"--data={FIXTURE}"])):
+        assert tool.main([f"--checkpoint={folder}", *argv]) == 1, tool
+        err = capsys.readouterr().err
+        assert err.splitlines() == [err.strip()] and expected in err and "Traceback" not in err, (tool, err)
+        assert "HINT" in err or damage == "a file"
+    assert not (tmp_path / "out").exists()
+
+
 # -----------------------------------------------------------------------------
 # export.py
 
