@@ -38,6 +38,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -2210,8 +2211,10 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
             raise ValueError(f"rank {rt.rank} cannot see {partial}, which rank 0 made: on more than one machine, "
                              "checkpoint_dir must be a folder they all share. HINT: pass --checkpoint_dir=<shared>")
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
-        with open(partial / f"rank{rt.rank}.pt", "wb") as f:  # (torch.save to a path fails in C++ on a full disk)
-            torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), f)
+        state = io.BytesIO()  # written by Python, not torch's C++ writer: a full disk is an OSError that names itself
+        torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), state)
+        with open(partial / f"rank{rt.rank}.pt", "wb") as f:
+            f.write(state.getbuffer())
         barrier()
         if rt.is_master:
             save_model(model, partial)
