@@ -899,7 +899,8 @@ def test_tiny_run_writes_a_valid_log_and_returns_its_metrics(shard_dir, tmp_path
     assert all(m[2] == "6" for m in val + steps)
     assert float(val[-1][3]) == pytest.approx(result["val_loss"], abs=5e-5)
     assert re.fullmatch(r"peak memory allocated: \d+ MiB reserved: \d+ MiB", lines[-1])
-    assert len(lines) == 1 + 3 + 6 + 1  # settings, val lines, step lines, peak memory: nothing unexpected
+    assert re.fullmatch(r"log: .*golden\.txt  \(world size 1, device cpu\)", lines[1])  # compare.py reads ranks
+    assert len(lines) == 1 + 1 + 3 + 6 + 1  # settings, log line, val lines, step lines, peak memory: nothing else
 
 
 def test_training_steps_never_wait_for_the_device(shard_dir, tmp_path):
@@ -962,7 +963,8 @@ def test_bad_data_stops_the_run_with_the_reason_in_its_log(shard_dir, tmp_path):
     with pytest.raises(tg.ShardError, match="no shards match"):
         tg.main(tiny_run_argv(shard_dir, tmp_path, run_id="nodata", train_files=str(tmp_path / "none_*.bin")))
     lines = (tmp_path / "nodata.txt").read_text().splitlines()
-    assert lines[-2].startswith("hyperparameters: ") and lines[-1].startswith("stopped: no shards match")
+    assert lines[-3].startswith("hyperparameters: ") and lines[-2].startswith("log: ")
+    assert lines[-1].startswith("stopped: no shards match")
 
 
 def test_the_same_log_is_never_overwritten(shard_dir, tmp_path):
