@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+import cli_parser  # noqa: E402
 import train_gpt  # noqa: E402
 from sample import max_context, resolve_checkpoint  # noqa: E402
 
@@ -231,7 +232,7 @@ def yes_no(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export.py", description="Write a trained model as safetensors weights, "
+    parser = cli_parser.ArgumentParser(prog="export.py", description="Write a trained model as safetensors weights, "
                                      "its settings, its code, its training log and a model card; optionally upload "
                                      "the folder to the Hugging Face Hub.")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 from gpt2_tokenizer import get_encoding  # noqa: E402
 
+import cli_parser  # noqa: E402
 import train_gpt  # noqa: E402
 
 GPT2_VOCAB = 50257  # real GPT-2 tokens; the model's rows 50257..50303 are padding and are never sampled
@@ -166,7 +167,7 @@ def log_samples(model: train_gpt.GPT, max_new_tokens: int, log) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sample.py", description="Print text sampled from a trained model.")
+    parser = cli_parser.ArgumentParser(prog="sample.py", description="Print text sampled from a trained model.")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a checkpoint folder (records/checkpoints/<run_id>/step_<N>), a run's checkpoint folder "
                              "(its latest step) or a folder written by export.py")

@@ -478,7 +478,7 @@ def parse_args(argv: list[str]) -> Hyperparameters:
             overrides[name] = parse_value(fields[name], text)
         else:
             close = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else " (see --help)"
+            hint = f". HINT: did you mean --{close[0]}?" if close else ". HINT: --help lists every setting"
             if name in EXTRAS:
                 hint = f": an option of train_extras.py, which runs this trainer: python train_extras.py {arg} ..."
             raise ValueError(f"unknown setting --{name}{hint}")

@@ -19,6 +19,7 @@ import numpy as np
 from gpt2_tokenizer import TokenizerError, get_encoding  # data/gpt2_tokenizer.py: the tokenizer, offline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shard format lives in train_gpt.py
+import cli_parser  # noqa: E402
 from train_gpt import BOS_ID, SHARD_HINT, ShardError, check_token_ids, load_shard  # noqa: E402
 
 PADDED_VOCAB_SIZE = 50304  # the trainer's vocab_size
@@ -50,7 +51,7 @@ def inspect_shard(path: Path, head_tokens: int = 48) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
+    parser = cli_parser.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="validate shards and print their token and document counts")

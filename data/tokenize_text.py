@@ -33,6 +33,7 @@ from gpt2_tokenizer import TokenizerError, get_encoding  # data/gpt2_tokenizer.p
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shard format lives in train_gpt.py
+import cli_parser  # noqa: E402
 from train_gpt import BOS_ID, write_shard  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a folder walk picks up
@@ -288,7 +289,7 @@ def existing_shards(out_dir: Path, name: str) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli_parser.ArgumentParser(
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: python data/tokenize_text.py notes/ books.jsonl --out data/mytext --name mytext\n"
                "Exit status 0 on success; otherwise 1, with a message that says what to do.")

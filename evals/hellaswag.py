@@ -20,7 +20,6 @@ the same whatever shares its sequence (a test checks this).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 from gpt2_tokenizer import get_encoding  # noqa: E402
 
+import cli_parser  # noqa: E402
 import train_gpt  # noqa: E402
 from sample import load, resolve_checkpoint  # noqa: E402
 
@@ -266,7 +266,7 @@ def log_hellaswag(model: train_gpt.GPT, num_items: int, log) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="evals/hellaswag.py", description="HellaSwag accuracy (acc, acc_norm) of a "
+    parser = cli_parser.ArgumentParser(prog="evals/hellaswag.py", description="HellaSwag accuracy (acc, acc_norm) of a "
                                      "trained model, by completion likelihood.")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a checkpoint folder, a run's checkpoint folder (its latest step) or an export folder")

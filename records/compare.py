@@ -721,7 +721,7 @@ def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="records/compare.py",
         description="Summarize speedrun logs and test a record claim (docs/recipes.md#rules): mean final val loss "
                     "below --target with a one-sided t-test p < --alpha and, with --baseline, faster than the baseline "
@@ -736,6 +736,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG of val loss against train time and step")
     return parser
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad command line is one line, as in every tool of the project (its cli_parser.py, written here again so that
+    this file stands alone), with exit status EXIT_USAGE: 1 means that a claim does not hold."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}. HINT: `{self.prog} --help` lists every option", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -309,7 +309,8 @@ def test_tokenize_cli_errors(tmp_path, tokenizer_cache, capsys):
     assert code == 1 and "no documents" in err and "1 empty" in err
     with pytest.raises(SystemExit) as usage:
         main(tmp_path / "blank.txt", "--shard_tokens", 0)
-    assert usage.value.code == 2 and "--shard_tokens must be" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert usage.value.code == 1 and "--shard_tokens must be" in err and "HINT" in err and len(err.splitlines()) == 1
     # the only input is unreadable: the message names it and says why
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     code, err = main(tmp_path / "latin1.txt")
@@ -636,7 +637,8 @@ def test_download_offline_mode_and_bad_arguments(hub, tmp_path, capsys):
     assert server.requests == []
     with pytest.raises(SystemExit) as usage:
         cached_fineweb.main(["104"])
-    assert usage.value.code == 2 and "103 train shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert usage.value.code == 1 and "103 train shards" in err and "HINT" in err and len(err.splitlines()) == 1
 
 
 def test_download_reuses_the_hf_cache(hub, tmp_path):
