@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+INIT_TIMEOUT_S = 30
 STEP_LINE = re.compile(r"step:(\d+)/(\d+)\s+(.*)")
 
 
@@ -46,7 +47,14 @@ class WandbLog:
                              "--wandb_project empty)") from None
         self.log, self.path = log, log.path
         name = args.run_id or (log.path.stem if log.path else None)
-        self.run = wandb.init(project=project, name=name, config=dataclasses.asdict(args), **init_kwargs)
+        try:  # no key, or no network: one line within INIT_TIMEOUT_S, not W&B's retries for minutes
+            self.run = wandb.init(project=project, name=name, config=dataclasses.asdict(args),
+                                  settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **init_kwargs)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"W&B could not start a run ({type(e).__name__}: {reason}). HINT: WANDB_MODE=offline "
+                             "keeps the metrics on disk (`wandb sync` uploads them later); or check `wandb login` "
+                             "and the network") from None
 
     def __call__(self, text: str, console: bool = True):
         self.log(text, console)

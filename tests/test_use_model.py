@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -590,6 +591,22 @@ def test_wandb_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ValueError, match="HINT: pip install wandb"):
         tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
+
+
+def test_wandb_that_cannot_start_a_run_says_so_in_one_line(monkeypatch):
+    """No key, or no network (W&B's CommError after its init timeout): one ValueError naming WANDB_MODE=offline."""
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore detail")
+
+    fake = types.SimpleNamespace(init=init, Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(ValueError, match=r"^W&B could not start a run \(RuntimeError: No API key configured\. Use "
+                                         r"`wandb login` to log in\.\)\. HINT: WANDB_MODE=offline"):
+        tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
+    assert calls[0]["settings"] == dict(init_timeout=tracking.INIT_TIMEOUT_S) and calls[0]["project"] == "p"
 
 
 def test_train_extras_takes_its_options_and_passes_the_rest_to_the_trainer(capsys):
