@@ -29,6 +29,7 @@ Techniques (each a setting, so any can be switched off from the command line):
 """
 
 import concurrent.futures
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -90,8 +91,7 @@ class Hyperparameters:
                                      "activation memory, for 24-48 GB cards. Same batch and tokens, but a chunk sees "
                                      "no other chunk (attention context, MTP targets at its end, smear/bigram/key "
                                      "offset at its start) and has its own FP8 MLP scales")
-    train_seq_len: str = setting("16384,32768,49152", "per stage: tokens in one training window (one rank, one "
-                                 "micro-step)")
+    train_seq_len: str = setting("16384,32768,49152", "per stage: tokens of a training window (a rank's micro-step)")
     max_doc_len: str = setting("896,2048,2048", "per stage: documents are cut to this many tokens and packed into "
                                "windows (#29, #72); empty: BOS-aligned windows of uncut documents (#26)")
     # model: shape
@@ -113,11 +113,9 @@ class Hyperparameters:
                             "attention (#45, #77); block: x <- a*x + b*x0 before each block (#9)")
     skip_connections: str = setting("3>6", "skips src>dst: layer src's output joins layer dst's input (#11, #45)")
     skip_gated: bool = setting(True, "skips weighted sigmoid(lambda) * per-token gate (#32, #85); off: raw weights")
-    attn_input_layer: int = setting(7, "later layers take their attention input from this layer's output (#77); "
-                                    "-1: off")
+    attn_input_layer: int = setting(7, "later layers take attention input from this layer's output (#77); -1: off")
     use_smear: bool = setting(True, "smear: each embedding adds a gated share of the previous one (#34)")
-    bigram_vocab_size: int = setting(377_280, "rows of the hashed bigram embedding added to the stream (#62, #85); 0: "
-                                     "off")
+    bigram_vocab_size: int = setting(377_280, "hashed bigram embedding rows, added to the stream (#62, #85); 0: off")
     bigram_sign_rows: int = setting(8192, "rows of the fixed random sign table of the bigram embedding (#83); 0: off")
     use_mudd: bool = setting(True, "MUDD dense dynamic connections in the last layer and after it, with the backout "
                              "as a -0.5 bias (#40, #81)")
@@ -125,15 +123,12 @@ class Hyperparameters:
                                   "(#85); off: learned per-layer constants")
     mudd_gate_layer: int = setting(4, "the second gate MLP reads the stream entering this layer")
     mudd_hidden: int = setting(64, "hidden width of the MUDD and gate MLPs")
-    xsa_layers: str = setting("1,3,4,7", "layers that remove the part of each head's output along its own value "
-                              "(XSA, #82, #86)")
+    xsa_layers: str = setting("1,3,4,7", "XSA layers: each head's output loses its part along its own value (#82, #86)")
     paired_head_layers: str = setting("0,2,5,9", "layers whose heads attend in pairs over a doubled sequence (#58)")
-    key_offset_layers: str = setting("3,10", "layers whose keys' stationary half comes from the previous token "
-                                     "(#49)")
+    key_offset_layers: str = setting("3,10", "layers whose keys' stationary half comes from the previous token (#49)")
     dc_layers: str = setting("10", "layers with the lightweight dynamically composable attention correction (#85)")
     dc_window: int = setting(112, "tokens the DC correction looks back over")
-    zero_init_attn_out: bool = setting(False, "zero-init the attention output projection (#5; the 2026 recipe: "
-                                       "uniform, #64)")
+    zero_init_attn_out: bool = setting(False, "zero-init the attention output matrix (#5; 2026 recipe: uniform, #64)")
     head_init_std: float = setting(0.005, "init std of the LM head (#51; 0: zero-init, #5)")
     rope_base: float = setting(1024.0, "rotary frequencies run from 1 to 1/rope_base rad/token")
     rope_interleaved: bool = setting(True, "rotary pairs are adjacent dims (#58); off: dims j and j + head_dim/2")
@@ -188,8 +183,7 @@ class Hyperparameters:
         "embed:1:0.5:0.95:150 bigram_embed:75:0.75:0.95:5 value_embeds:75:0.75:0.95:5 post_lambdas:1:0.9:0.95:0 "
         "resid_lambdas:5:0.9:0.95:0 mudd:0.25:0.9:0.99:1 mudd_bias:0.25:0.9:0.99:0 gate:0.1:0.9:0.99:1 "
         "gate_bias:0.1:0.9:0.99:0", "Adam rows name:lr_mul:beta1:beta2:wd_mul, one per parameter group (#52, #57)")
-    tie_embed_stages: int = setting(2, "the embedding is the LM head for this many stages, then a copy of it (#51, "
-                                    "#53); 0: untied")
+    tie_embed_stages: int = setting(2, "stages in which the embedding is the head, then a copy (#51, #53); 0: untied")
     # evaluation and run
     val_every: int = setting(250, "steps between validations (0: only at the start and the end)")
     warmup_steps: int = setting(2, "untimed steps that compile and warm up kernels (plus 4 around each stage "
@@ -420,14 +414,12 @@ RECORD_2025_08_23 = dict(  # record #28 (2025-08-23 SparseAttnGate): 1695 steps 
     cautious_weight_decay=False, orthogonalizer="newton_schulz", use_normuon=False, qk_heads_per_matrix=0,
     mlp_lr_mul=1.0, c_proj_lr_mul=1.0, adam_weight_decay=0.0, adam_every=1,
     adam_table="embed:75:0.8:0.95:0 value_embeds:75:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0",
-    tie_embed_stages=0, val_every=125, warmup_steps=10,
-)
+    tie_embed_stages=0, val_every=125, warmup_steps=10)
 SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipped in data/sample/
     train_files=str(SAMPLE_DATA / "sample_train_*.bin"), val_files=str(SAMPLE_DATA / "sample_val_*.bin"),
     val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
     mlp_hidden=512, block_size=64, dtype="float32", use_fp8=False, use_fp8_mlp=False, use_compile=False,
-    use_flex_attention=False,
-)
+    use_flex_attention=False)
 PRESETS = {
     "speedrun": {},  # the 2026-08 recipe: 1285 steps, 338,821,120 tokens
     "smoke": dict(  # the 2026-08 recipe at 6 layers on a CPU
@@ -436,14 +428,12 @@ PRESETS = {
         skip_connections="1>3", attn_input_layer=3, mudd_gate_layer=3, xsa_layers="1,2,4", paired_head_layers="0",
         key_offset_layers="2,5", dc_layers="5", dc_window=48, bigram_vocab_size=16384, bigram_sign_rows=1024,
         window_blocks="1/2,2/4,3/6,3/7", final_window_blocks=10, num_iterations=12, extension_iterations=2,
-        val_every=4, warmup_steps=0, muon_momentum_warmup_steps=6, muon_momentum_cooldown_steps=2,
-    ),
+        val_every=4, warmup_steps=0, muon_momentum_warmup_steps=6, muon_momentum_cooldown_steps=2),
     "record_2025_08_23": RECORD_2025_08_23,
     "smoke_2025_08_23": dict(  # the 2025-08-23 recipe at 4 layers on a CPU
         RECORD_2025_08_23, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LS-L", value_embed_pattern="01-0",
         skip_connections="1>2,0>3", max_window_tokens=384, fp8_x_scale=128**0.5 / 448, num_iterations=20, val_every=5,
-        warmup_steps=2, muon_momentum_warmup_steps=20,
-    ),
+        warmup_steps=2, muon_momentum_warmup_steps=20),
 }
 
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
@@ -451,11 +441,9 @@ EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.p
 
 def parse_value(f: dataclasses.Field, text: str):
     if f.type is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{f.name}={text}: expected true or false")
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"--{f.name}={text}: expected true or false")
+        return text.lower() in ("1", "true", "yes", "on")
     try:
         return f.type(text)
     except ValueError:
@@ -507,11 +495,9 @@ def usage(argv: list[str] = ()) -> str:
     lines = [__doc__.split("\n\n")[0], "", "usage: [torchrun ...] train_gpt.py [--preset=NAME] [--field=value ...]", "",
              f"presets: {', '.join(PRESETS)} (default speedrun); `--preset=NAME --help` shows that preset's values", "",
              f"settings under --preset={preset}{given} (value, meaning):"]
-    for left, meaning in rows:
-        if len(left) > width:  # too long for the column: the meaning goes on the next line, still aligned
-            lines += [f"  {left}", f"  {'':<{width}}  {meaning}"]
-        else:
-            lines.append(f"  {left:<{width}}  {meaning}")
+    for left, meaning in rows:  # a setting too long for the column has its meaning on the next line, still aligned
+        lines += ([f"  {left}", f"  {'':<{width}}  {meaning}"] if len(left) > width
+                  else [f"  {left:<{width}}  {meaning}"])
     lines.append("\nenvironment: DATA_PATH (root of relative shard globs); torchrun's RANK, WORLD_SIZE, LOCAL_RANK")
     return "\n".join(lines)
 
@@ -558,14 +544,6 @@ def ramp(spec: str, frac: float) -> float:
     return float(start) + (float(end or start) - float(start)) * frac
 
 
-def untie_step(args: Hyperparameters) -> int | None:
-    """The first step of stage tie_embed_stages + 1, moved to the next Adam step (#53: step 847, odd)."""
-    if not args.tie_embed_stages:
-        return None
-    step = stage_starts(args)[args.tie_embed_stages]
-    return step + (-(step + 1)) % args.adam_every
-
-
 def plan_step(step: int, args: Hyperparameters) -> StepPlan:
     S, N = args.num_stages, args.num_iterations
     total = N + args.extension_iterations
@@ -585,7 +563,9 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
         long = args.final_window_blocks
     mtp = value(args.per_stage("mtp_weights", str, ";"))
     prefix = value(args.per_stage("prefix_loss_weight", str, ";"))
-    untie = untie_step(args)
+    untie = None  # the untie step: the first of stage tie_embed_stages + 1, moved to the next Adam step (#53: 847, odd)
+    if args.tie_embed_stages:
+        untie = starts[args.tie_embed_stages] + (-(starts[args.tie_embed_stages] + 1)) % args.adam_every
     return StepPlan(
         step=step, stage=stage, seq_len=seq_len, max_doc_len=value(doc_lens) if doc_lens else None,
         tokens=args.windows_per_step * seq_len, window_short=short, window_long=long,
@@ -675,12 +655,10 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
 def keep_freed_memory():
     """On a CPU, every new logits tensor is hundreds of MB; glibc hands such blocks back to the OS when freed, so each
     step page-faults them in again. Keeping them halves the smoke step time (0.88 -> 0.6 s, measured)."""
-    try:
+    with contextlib.suppress(OSError):  # not glibc: nothing to tune
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mmaps
-    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mmaps
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
 
 
 def adapt_to_device(args: Hyperparameters, device: torch.device) -> tuple[Hyperparameters, list[str]]:
@@ -749,23 +727,18 @@ class LogWriteError(OSError):
 def describe_machine(device: torch.device) -> list[str]:
     lines = [f"Running Python {sys.version}",
              f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
-    try:
+    with contextlib.suppress(ImportError):
         import triton
-
         lines.append(f"Running Triton version {triton.__version__}")
-    except ImportError:
-        pass
     if device.type == "cuda":
         try:
             lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip())
         except (OSError, subprocess.SubprocessError):
             lines.append(f"nvidia-smi: not available; GPU: {torch.cuda.device_count()}x {torch.cuda.get_device_name()}")
     else:
-        cpu = platform.processor() or platform.machine()
-        if Path("/proc/cpuinfo").exists():
-            names = [s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
-                     if s.startswith("model name")]
-            cpu = names[0] if names else cpu
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+        names = [s.split(":", 1)[1].strip() for s in cpuinfo if s.startswith("model name")]
+        cpu = names[0] if names else platform.processor() or platform.machine()
         lines += [f"CPU: {cpu} ({os.cpu_count()} cores)", "nvidia-smi: not available"]
     return lines
 
@@ -786,10 +759,8 @@ def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple
     return out, x_f8, w_f8
 
 
-@fp8_mm.register_fake
-def _(x, w, x_s, w_s, grad_s):
-    return (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.float8_e4m3fn),
-            torch.empty_like(w, dtype=torch.float8_e4m3fn))
+fp8_mm.register_fake(lambda x, w, x_s, w_s, grad_s: (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16),
+                     torch.empty_like(x, dtype=torch.float8_e4m3fn), torch.empty_like(w, dtype=torch.float8_e4m3fn)))
 
 
 @torch.library.custom_op("nanogpt::fp8_mm_backward", mutates_args=())
@@ -807,9 +778,8 @@ def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: floa
     return grad_x, grad_w
 
 
-@fp8_mm_backward.register_fake
-def _(g, x_f8, w_f8, x_s, w_s, grad_s):
-    return torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=torch.float32).T
+fp8_mm_backward.register_fake(lambda g, x_f8, w_f8, x_s, w_s, grad_s: (
+    torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=torch.float32).T))
 
 
 def _fp8_mm_setup_context(ctx, inputs, output):
@@ -853,13 +823,7 @@ def mlp_fp8_up(x: Tensor, c_fc: Tensor, x_f8: Tensor, w1_f8: Tensor, x_scale: Te
     return torch._scaled_mm(x_f8, w1_f8.T, scale_a=x_scale, scale_b=w1_scale, out_dtype=x.dtype, use_fast_accum=True)
 
 
-@mlp_fp8_up.register_fake
-def _(x, c_fc, x_f8, w1_f8, x_scale, w1_scale):
-    return x.new_empty(x.size(0), c_fc.size(1))
-
-
-def _mlp_fp8_up_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:2])
+mlp_fp8_up.register_fake(lambda x, c_fc, x_f8, w1_f8, x_scale, w1_scale: x.new_empty(x.size(0), c_fc.size(1)))
 
 
 def _mlp_fp8_up_backward(ctx, grad_pre):
@@ -868,26 +832,21 @@ def _mlp_fp8_up_backward(ctx, grad_pre):
     return grad_pre @ w1.T, (x.T @ grad_pre).type_as(c_fc), None, None, None, None
 
 
-mlp_fp8_up.register_autograd(_mlp_fp8_up_backward, setup_context=_mlp_fp8_up_setup_context)
+mlp_fp8_up.register_autograd(_mlp_fp8_up_backward,  # saves x and c_fc
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:2]))
 
 
 @torch.library.custom_op("nanogpt::mlp_fp8_down", mutates_args=())
 def mlp_fp8_down(pre: Tensor, post: Tensor, c_proj: Tensor, post_f8: Tensor, w2_f8: Tensor, act_scale: Tensor,
                  w2_scale: Tensor) -> Tensor:
     """out = post @ c_proj^T computed from the e4m3 copies post_f8 (T, H) and w2_f8 (D, H), both row-major. Autograd
-    sends the gradient to pre (post = relu(pre)^2, which the op is given so that the backward needs only post) and
-    c_proj; pre itself is not read."""
+    sends the gradient to pre (post = relu(pre)^2; pre itself is not read) and c_proj."""
     return torch._scaled_mm(post_f8, w2_f8.T, scale_a=act_scale, scale_b=w2_scale, out_dtype=post.dtype,
                             use_fast_accum=True)
 
 
-@mlp_fp8_down.register_fake
-def _(pre, post, c_proj, post_f8, w2_f8, act_scale, w2_scale):
-    return post.new_empty(post.size(0), c_proj.size(0))
-
-
-def _mlp_fp8_down_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], inputs[2])
+mlp_fp8_down.register_fake(lambda pre, post, c_proj, post_f8, w2_f8, act_scale, w2_scale:
+                           post.new_empty(post.size(0), c_proj.size(0)))
 
 
 def _mlp_fp8_down_backward(ctx, grad_out):
@@ -897,7 +856,8 @@ def _mlp_fp8_down_backward(ctx, grad_out):
     return grad_pre, None, (grad_out.T @ post).type_as(c_proj), None, None, None, None
 
 
-mlp_fp8_down.register_autograd(_mlp_fp8_down_backward, setup_context=_mlp_fp8_down_setup_context)
+mlp_fp8_down.register_autograd(_mlp_fp8_down_backward,  # saves post and c_proj
+                               setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[1:3]))
 
 
 def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale: Tensor,
@@ -1002,11 +962,8 @@ def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Cal
             return [(lambda t: t, 1.0)]
         rows = args.qk_heads_per_matrix * args.head_dim
         return [(lambda t: t[:2].reshape(-1, rows, t.size(-1)), 1.0), (lambda t: t[2:], 1.0)]
-    if name == "c_fc":
-        return [(lambda t: t[None], args.mlp_lr_mul)]
-    if name == "c_proj":
-        return [(lambda t: t[None], args.mlp_lr_mul * args.c_proj_lr_mul)]
-    return [(lambda t: t[None], 1.0)]  # the sparse attention gate (#28)
+    lr_mul = {"c_fc": args.mlp_lr_mul, "c_proj": args.mlp_lr_mul * args.c_proj_lr_mul}.get(name, 1.0)
+    return [(lambda t: t[None], lr_mul)]  # the MLP matrices and the sparse attention gate (#28)
 
 
 MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")
@@ -1086,11 +1043,8 @@ class Muon:
             V = normuon_normalize(V, state.setdefault("second_moment", V.new_zeros(shape, dtype=torch.float32)),
                                   args.normuon_beta2)
         keep_mantissa = weights.dtype == torch.bfloat16
-        if keep_mantissa:
-            mantissa = state.setdefault("mantissa", torch.zeros_like(weights, dtype=torch.int16))
-            p = join_mantissa(weights, mantissa)
-        else:
-            p = weights.clone()
+        p = (join_mantissa(weights, state.setdefault("mantissa", torch.zeros_like(weights, dtype=torch.int16)))
+             if keep_mantissa else weights.clone())
         lr_eff = lr * lr_mul
         if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
             decay = lr_eff * args.muon_weight_decay * lr * p
@@ -1123,28 +1077,27 @@ class DistAdam:
         if not plan.adam_step:  # gradients keep accumulating until the next Adam step
             return
         args, W, r = self.args, self.world_size, self.rank
+        sharded = lambda p: W > 1 and p.ndim > 0 and p.size(0) % W == 0
         head, embed = self.tied or (None, None)
         tied = plan.tied and self.tied is not None
         if tied:
             head.grad += embed.grad
-        work = [(i, *w) for i, w in enumerate(self.work) if not (tied and w[0] is embed)]
+        work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
+                if not (tied and w[0] is embed) and w[0].grad is not None]
         reduced = []
-        work = [w for w in work if w[1].grad is not None]  # unused: e.g. the last layer's VE gate under MUDD
         for _, p, *_ in work:  # phase 1
-            sharded = W > 1 and p.ndim > 0 and p.size(0) % W == 0
             if W == 1:
                 reduced.append((p.grad, None))
-            elif sharded:
+            elif sharded(p):
                 shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
                 reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
-            else:
+            else:  # every rank applies the same update to the whole tensor
                 reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
         gathers = []
         for (index, p, lr_mul, (beta1, beta2), wd_mul), (grad, handle) in zip(work, reduced):  # phase 2
             if handle is not None:
                 handle.wait()
-            sharded = W > 1 and p.ndim > 0 and p.size(0) % W == 0
-            p_shard = p.data.chunk(W)[r] if sharded else p.data
+            p_shard = p.data.chunk(W)[r] if sharded(p) else p.data
             state = self.state.setdefault(index, {})
             if not state:
                 dtype = torch.float32 if self.fp32_state else p.dtype
@@ -1168,10 +1121,8 @@ class DistAdam:
                 work_p.sub_(decay)
             if work_p.data_ptr() != p_shard.data_ptr():
                 p_shard.copy_(work_p)
-            if sharded:
+            if sharded(p):
                 gathers.append(dist.all_gather_single(p.data, p_shard.clone(), async_op=True))
-            elif W > 1:
-                pass  # every rank applied the same update to the whole tensor
         for handle in gathers:  # phase 3
             handle.wait()
         if tied:
@@ -1245,10 +1196,8 @@ def may_attend(q_idx: Tensor, kv_idx: Tensor, docs: Tensor, window_blocks: Tenso
                token_windows: bool) -> Tensor:
     """The attention rule: causal, within the document, and within the sliding window: at most window_blocks *
     block_size tokens back (#29), or fewer than window_blocks mask blocks back (#20, #28)."""
-    if token_windows:
-        near = q_idx - kv_idx <= window_blocks * block_size
-    else:
-        near = q_idx // block_size - kv_idx // block_size < window_blocks
+    near = (q_idx - kv_idx <= window_blocks * block_size if token_windows
+            else q_idx // block_size - kv_idx // block_size < window_blocks)
     return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & near
 
 
@@ -1329,8 +1278,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, wdtype: torch.dtype):
         super().__init__()
         D, H = args.model_dim, args.num_heads
-        self.num_heads, self.head_dim, self.block_size, self.token_windows = H, args.head_dim, args.block_size, \
-            args.token_windows
+        self.num_heads, self.head_dim, self.block_size = H, args.head_dim, args.block_size
         self.kind = args.attn_pattern[layer]
         self.paired = layer in args.layers("paired_head_layers")
         self.key_offset = layer in args.layers("key_offset_layers")
@@ -1518,18 +1466,16 @@ class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.args = args
-        L, D = args.num_layers, args.model_dim
+        L, D, V = args.num_layers, args.model_dim, args.vocab_size
         dtype = getattr(torch, args.dtype)
         wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
-        self.embed = nn.Embedding(args.vocab_size, D, dtype=dtype)
-        self.value_embeds = nn.ModuleList(nn.Embedding(args.vocab_size, D, dtype=dtype)
-                                          for _ in range(args.value_embed_count))
+        self.embed = nn.Embedding(V, D, dtype=dtype)
+        self.value_embeds = nn.ModuleList(nn.Embedding(V, D, dtype=dtype) for _ in range(args.value_embed_count))
         for ve in self.value_embeds:
             ve.weight.data.mul_(args.value_embed_init_std)  # nn.Embedding starts at N(0, 1)
         self.blocks = nn.ModuleList(Block(args, i, wdtype) for i in range(L))
         self.rotary = Rotary(args, [plan_step(s, args).window_long * args.block_size for s in stage_starts(args)])
-        head = torch.randn(args.vocab_size, D) * args.head_init_std if args.head_init_std else torch.zeros(
-            args.vocab_size, D)
+        head = torch.randn(V, D) * args.head_init_std if args.head_init_std else torch.zeros(V, D)
         self.lm_head_w = nn.Parameter(head.to(wdtype))
         if args.tie_embed_stages:  # the embedding starts as the head (#51); the optimizer keeps them tied
             self.embed.weight.data.copy_(head)
@@ -1568,7 +1514,7 @@ class GPT(nn.Module):
         self.register_buffer("stage", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("windows", torch.ones(2, dtype=torch.int64), persistent=False)  # (short, long) blocks
         predictions = max(len(w.split(",")) for w in args.per_stage("mtp_weights", str, ";"))
-        self.register_buffer("loss_weights", torch.zeros(predictions + 1), persistent=False)
+        self.register_buffer("loss_weights", torch.tensor([1.0] + [0.0] * predictions), persistent=False)
         self.register_buffer("prefix_table", torch.full((args.vocab_size,), -1), persistent=False)
         self.num_predictions, self.use_prefix = 1, False
         if args.use_fp8_mlp:  # delayed FP8 scales of the MLPs, per layer and window (#89) or window chunk; state
@@ -1577,7 +1523,6 @@ class GPT(nn.Module):
             self.register_buffer("mlp_w2_scales", torch.ones(L, chunks))
             self.register_buffer("fp8_window", torch.zeros(1, dtype=torch.int64), persistent=False)
             self.register_buffer("fp8_bootstrap", torch.ones((), dtype=torch.bool), persistent=False)
-        self.loss_weights[0] = 1.0
         self.make_mask = flex_block_mask if args.use_flex_attention else dense_mask
 
     def set_step(self, plan: "StepPlan"):
@@ -1632,11 +1577,8 @@ class GPT(nn.Module):
         args, T = self.args, input_seq.size(0)
         docs = document_ids(input_seq)
         windows = {"S": self.windows[0], "L": self.windows[1]}
-        kinds = {self.blocks[i].attn.kind: self.blocks[i].attn.paired for i in range(args.num_layers)
-                 if self.blocks[i].attn is not None}
-        masks = {}
-        for kind in set(kinds):
-            masks[kind] = self.make_mask(docs, windows[kind], args.block_size, args.token_windows)
+        masks = {kind: self.make_mask(docs, windows[kind], args.block_size, args.token_windows)
+                 for kind in {block.attn.kind for block in self.blocks if block.attn is not None}}
         positions = torch.arange(T, device=input_seq.device)
         ctx = dict(docs=docs, masks=masks, rotary=self.rotary, rope=self.rotary(positions, self.stage),
                    attn_scale=self.rotary.scales.index_select(0, self.stage.view(1))[0])
@@ -1666,8 +1608,7 @@ class GPT(nn.Module):
         bigram = self.bigram(input_seq) if args.bigram_vocab_size else None
         if bigram is not None:
             x = x + self.layer_gates(gates, 0)["bigram"] * bigram
-        cache = {"embed": x}
-        attn_in = None
+        cache, attn_in = {"embed": x}, None
         for i, block in enumerate(self.blocks):
             if gates is not None and i == args.mudd_gate_layer:
                 gates[1] = self.gate(1, x)
@@ -1710,9 +1651,7 @@ class GPT(nn.Module):
         return block(x, embed, ve, sa, (mu[8], mu[12], mu[9], mu[13]), ctx, g, attn_in, bigram, fp8)
 
     def layer_gates(self, gates: list | None, layer: int) -> dict:
-        if gates is None:
-            return {}
-        return {name: gates[j][..., sl] for name, (j, sl) in self.gate_slots[layer].items()}
+        return {} if gates is None else {name: gates[j][..., sl] for name, (j, sl) in self.gate_slots[layer].items()}
 
     def bigram(self, input_seq: Tensor) -> Tensor:
         """Hashed bigram embedding (#62): row h_t = ((36313 x_t) xor (27191 x_{t-1})) mod (rows - 1) in int32
@@ -1732,8 +1671,7 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Data: the shard format (docs/recipes.md#shard-format), the one definition (data/ scripts import it from here), and the
-# loaders.
+# Data: the shard format (docs/recipes.md#shard-format; the one definition, data/ scripts import it) and the loaders.
 
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 SHARD_HEADER_BYTES = 256 * 4  # 256 little-endian int32: magic, version, number of tokens, zeros
@@ -2002,14 +1940,6 @@ ADAM_ROWS = {"embed.weight": "embed", "lm_head_w": "lm_head", "scalars": "scalar
              "gate.b2": "gate_bias", "gate.scale": "gate_bias", "gate.values": "gate_bias"}
 
 
-def adam_row(name: str) -> str:
-    if name.startswith("value_embeds."):
-        return "value_embeds"
-    if name.endswith(".ve_gate"):
-        return "ve_gates"
-    return ADAM_ROWS[name]
-
-
 def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list:
     """The optimizer tables: the block matrices go to Muon, every other parameter to its adam_table row; each
     parameter in exactly one place."""
@@ -2019,7 +1949,9 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
         if name.startswith("blocks.") and leaf in MUON_PARAMETERS:
             muon += [(p, view, lr_mul) for view, lr_mul in muon_matrices(leaf, p, args)]
         else:
-            adam.setdefault(adam_row(name), []).append(p)
+            row = ("value_embeds" if name.startswith("value_embeds.") else "ve_gates" if name.endswith(".ve_gate")
+                   else ADAM_ROWS[name])
+            adam.setdefault(row, []).append(p)
     table = args.adam_rows
     missing = sorted(set(adam) - set(table))
     if missing:
@@ -2086,7 +2018,6 @@ def peak_memory_line(device: torch.device) -> str:
         allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     else:  # a CPU has no allocator statistics: report the process's peak resident memory for both
         import resource
-
         allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB"
 
@@ -2102,7 +2033,6 @@ MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
 def save_model(model: "GPT", folder: Path):
     """A trained model as two files: its weights and persistent state (safetensors, no pickle) and its settings."""
     from safetensors.torch import save
-
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / MODEL_FILE, "wb") as f:  # Python's write: a full disk is an OSError that names itself
         f.write(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
@@ -2113,7 +2043,6 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     """The model saved in a checkpoint or export folder, ready for inference: evaluation mode, with the windows and
     rotary frequencies of the final validation."""
     from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
         raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
@@ -2135,8 +2064,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     except Exception as e:  # a truncated or damaged file, or weights of another shape: safetensors and torch
         raise ValueError(f"{folder} holds a damaged model ({type(e).__name__}: {shorten(str(e), 200)}). {hint}") \
             from None
-    args = model.args
-    model.eval().set_step(plan_step(args.num_iterations + args.extension_iterations, args))
+    model.eval().set_step(plan_step(model.args.num_iterations + model.args.extension_iterations, model.args))
     return model.to(device)
 
 
@@ -2152,23 +2080,7 @@ class RunFailure(RuntimeError):
     """A failure put into words (a lost rank, out of memory): the message says what happened and what to do."""
 
 
-def is_collective_failure(e: BaseException) -> bool:
-    """NCCL raises DistError; gloo a RuntimeError that names itself, a closed connection or a timeout."""
-    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(
-        s in str(e).lower() for s in ("gloo", "nccl", "connection", "timed out", "timeout"))
-
-
 STOPPED_KEY = "train_gpt/stopped/"  # + rank: each rank's last word, in the process group's store
-
-
-def roll_call(rt: Runtime, wait_s: float) -> dict[int, str | None]:
-    """After a collective failed: what every other rank said when it stopped, None for a rank silent for wait_s."""
-    store = dist.distributed_c10d._get_default_store()
-    keys = {r: STOPPED_KEY + str(r) for r in range(rt.world_size) if r != rt.rank}
-    deadline = time.monotonic() + wait_s
-    while not store.check(list(keys.values())) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return {r: store.get(key).decode() if store.check([key]) else None for r, key in keys.items()}
 
 
 def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFailure | None:
@@ -2178,13 +2090,21 @@ def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFail
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return RunFailure(f"out of memory ({seen}). HINT: --micro_batch_split=2 (or 4) runs each window as 2 (4) "
                           "chunks, with 1/2 (1/4) of the activation memory and the same batch (README: Smaller GPUs)")
-    if rt.world_size == 1 or not is_collective_failure(e):
+    # NCCL raises DistError; gloo a RuntimeError that names itself, a closed connection or a timeout
+    collective = isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(
+        s in str(e).lower() for s in ("gloo", "nccl", "connection", "timed out", "timeout"))
+    if rt.world_size == 1 or not collective:
         return None
     seen = f"{type(e).__name__}: {str(e).partition('] ')[2] if str(e).startswith('[') else e}".split(". ")[0]
     if not rt.is_master:  # (gloo's messages start with its source file, then say more than the first sentence)
         return RunFailure(f"a collective failed ({seen})")
-    wait_s = min(5, args.collective_timeout_s)
-    answers = roll_call(rt, wait_s)
+    # the roll call: what every other rank said when it stopped, None for a rank silent for wait_s
+    store, wait_s = dist.distributed_c10d._get_default_store(), min(5, args.collective_timeout_s)
+    keys = {r: STOPPED_KEY + str(r) for r in range(rt.world_size) if r != rt.rank}
+    deadline = time.monotonic() + wait_s
+    while not store.check(list(keys.values())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    answers = {r: store.get(key).decode() if store.check([key]) else None for r, key in keys.items()}
     lost = [f"rank {r} died or hung (no word from it within {wait_s} s)" for r, a in answers.items() if a is None]
     lost += [f"rank {r} said {a!r}" for r, a in answers.items() if a and "a collective failed" not in a]
     return RunFailure(f"a collective failed: {'; '.join(lost) or 'every rank saw it fail (the network?)'}; rank 0 "
@@ -2262,7 +2182,6 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
     """Restores what save_checkpoint wrote, after checking that it is complete and that this run may continue it:
     the same world size (optimizer shards), and the same code and settings unless resume_anyway."""
     from safetensors.torch import load_file
-
     hint = "HINT: pass a folder .../<run_id>/step_<n> written by --save_every or --save_final"
     if not folder.is_dir():
         raise ValueError(f"resume={str(folder)!r} {'is a file, not' if folder.exists() else 'is not'} a folder. {hint}")
@@ -2325,12 +2244,8 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
 
 
 def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal, hooks=()) -> dict:
-    if rt.is_master:
-        log(Path(__file__).read_text(), console=False)
-        log("=" * 100, console=False)
-        for line in describe_machine(rt.device):
-            log(line, console=False)
-        log("=" * 100, console=False)
+    if rt.is_master:  # the code and the machine that ran it
+        log("\n".join([Path(__file__).read_text(), "=" * 100, *describe_machine(rt.device), "=" * 100]), console=False)
     args, notes = adapt_to_device(args, rt.device)
     for note in notes:
         log(note)
@@ -2446,14 +2361,13 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
             break
         result = run_step(plan, loader)
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
-        if log_pending_step():  # the previous step's line: this step is already queued behind it
-            pending = (f"step:{step + 1}/{total} train_time:{elapsed_ms:.0f}ms "
-                       f"step_avg:{elapsed_ms / (step + 1):.2f}ms", step + 1, DeferredScalar(result))
+        stopping = log_pending_step()  # the previous step's line: this step is already queued behind it
+        pending = (f"step:{step + 1}/{total} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / (step + 1):.2f}ms",
+                   step + 1, DeferredScalar(result))
+        if stopping:
             log_pending_step()
             raise Stop(f"SIGTERM: stopped after step {step + 1}" + (f"; checkpoint {checkpoint(step + 1)}"
                                                                    if args.save_every else ""))
-        pending = (f"step:{step + 1}/{total} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / (step + 1):.2f}ms",
-                   step + 1, DeferredScalar(result))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             checkpoint(step + 1)
     if args.save_final:
@@ -2495,10 +2409,8 @@ def main(argv: list[str] | None = None, hooks=()) -> dict:
     log = RunLog(log_dir / f"{run_id}.txt" if rt.is_master else None)
 
     def stopped(reason: str):
-        try:
+        with contextlib.suppress(LogWriteError):  # the message goes to the console; the log keeps its complete lines
             log(f"stopped: {reason}", console=False)
-        except LogWriteError:
-            pass  # the message goes to the console; the log keeps its complete lines
 
     try:
         for hook in hooks if rt.is_master else ():  # e.g. the step metrics to Weights & Biases too
@@ -2509,11 +2421,9 @@ def main(argv: list[str] | None = None, hooks=()) -> dict:
             except BaseException as e:
                 failure = explain_failure(e, rt, args) if isinstance(e, Exception) else None
                 if rt.world_size > 1:  # the rank's last word, for rank 0's roll call
-                    try:
+                    with contextlib.suppress(Exception):  # a store gone with the launcher: nobody left to read it
                         word = console_message(failure or e, debug=True)[0]
                         dist.distributed_c10d._get_default_store().set(STOPPED_KEY + str(rt.rank), word)
-                    except Exception:
-                        pass  # the store is gone with the launcher: nobody is left to read it
                 if failure is None:
                     raise
                 raise failure from e
@@ -2527,10 +2437,8 @@ def main(argv: list[str] | None = None, hooks=()) -> dict:
         raise
     except Exception as e:  # a bug, out of memory, a lost rank: the message and the traceback go to the log
         if not isinstance(e, OSError):
-            try:
+            with contextlib.suppress(LogWriteError):
                 log("".join(traceback.format_exception(e)).rstrip(), console=False)
-            except LogWriteError:
-                pass
         stopped(str(e) if isinstance(e, RunFailure) else f"{type(e).__name__}: {e}")
         raise
     finally:
