@@ -7,7 +7,8 @@ step 10. So each preset is run twice, each in a fresh process (the settings must
 
 - "pinned": MKL's AVX2 path (MKL_CBWR=AVX2), ATen's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2), oneDNN capped at AVX2
   and one thread. Every x86-64 CPU with AVX2 then runs the same instructions in the same order, and the losses are
-  compared bit for bit: measured identical on an AMD EPYC with AVX-512 and on one with AVX2 only (2026-12). Where
+  compared bit for bit: smoke_2025_08_23's measured identical on an AMD EPYC with AVX-512 and on one with AVX2 only
+  (2026-12; smoke's were recorded on the first alone). Where
   torch has no MKL or the CPU no AVX2 (ARM, Apple silicon), the pinning means nothing and this run is skipped.
 - "default": the machine's own kernels and threads, compared within TOLERANCE: per step, MARGIN times the largest
   distance from the pinned losses measured on one machine (AMD EPYC, AVX-512, torch 2.13.0+cpu) across the settings
