@@ -115,21 +115,25 @@ def mean_attended_keys(batches, model: tg.GPT, args: tg.Hyperparameters) -> floa
     return total / (len(batches) * len(layers))
 
 
-def estimate_memory(settings: list[str]) -> dict:
-    """Inductor's peak-memory estimates for the compiled training micro-step (forward and backward graphs) and the
-    evaluation, at the given settings (default: the speedrun preset), from the CUDA compile check run in a subprocess
-    (the fake H100 must be set up before torch is imported)."""
+def compile_check(settings: list[str], world_size: int = 8, stages: str = "all") -> dict:
+    """The CUDA compile check's JSON report (tools/cuda_check.py, run in a subprocess: the fake H100 must be set up
+    before torch is imported) at the given settings (default: the speedrun preset), every stage by default."""
     check = Path(__file__).resolve().parent / "tools" / "cuda_check.py"
-    result = subprocess.run([sys.executable, str(check), "--size=speedrun", "--world_sizes=none", "--stages=last",
-                             *settings],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(check), "--size=speedrun", f"--world_sizes={world_size}",
+                             f"--stages={stages}", *settings], capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith("{"):
         raise RuntimeError(f"the CUDA compile check printed no report:\n{result.stderr[-3000:]}")
     report = json.loads(lines[-1])
     if report.get("problems") or report.get("error"):
         raise RuntimeError("the CUDA compile check failed: " + "; ".join(report["failures"]))
-    peak, gib = report["peak_memory_bytes"], lambda b: round(b / 2**30, 2)
+    return report
+
+
+def estimate_memory(report: dict) -> dict:
+    """Inductor's peak-memory estimates for the compiled training micro-step (forward and backward graphs) and the
+    evaluation, from the CUDA compile check's report."""
+    peak, gib = dict(report["peak_memory_bytes"]), lambda b: round(b / 2**30, 2)
     args = tg.Hyperparameters(**report["settings"])
     with torch.device("meta"):
         parameters = sum(p.numel() * p.element_size() for p in tg.GPT(args).parameters())
@@ -149,6 +153,43 @@ def estimate_memory(settings: list[str]) -> dict:
         train_tokens=max(args.seq_lens) // args.micro_batch_split, eval_tokens=args.val_seq_len, torch=report["torch"],
         check_failures=report["failures"], check_seconds=report["seconds"]["total"],
     )
+
+
+ESTIMATE_OPTIONS = dict(gpu="h100", world_size=None, report="", save_report="", calibration=None)
+
+
+def estimate_main(argv: list[str]) -> dict:
+    """--estimate: the memory and the time of the compiled step on a GPU, without one (tools/estimate.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+    import estimate
+
+    options, settings = dict(ESTIMATE_OPTIONS), []
+    for arg in argv:
+        name, _, value = arg.removeprefix("--").partition("=")
+        if name in options:
+            options[name] = value
+        elif name != "estimate":
+            settings.append(arg)
+    if options["gpu"] not in estimate.GPUS:
+        raise ValueError(f"--gpu={options['gpu']}: choose one of {', '.join(estimate.GPUS)}")
+    gpu = estimate.GPUS[options["gpu"]]()
+    world_size = int(options["world_size"] or (8 if options["gpu"] == "h100" else 1))
+    if not gpu.has_fp8:  # what train_gpt.adapt_to_device does before sm_89: the bf16 head and MLP
+        settings += ["--use_fp8=false", "--use_fp8_mlp=false"]
+    if options["report"]:
+        report = json.loads(Path(options["report"]).read_text().strip().splitlines()[-1])
+    else:
+        report = compile_check(settings, world_size)
+    if options["save_report"]:
+        Path(options["save_report"]).write_text(json.dumps(report, default=str) + "\n")
+    t0 = time.perf_counter()
+    time_estimate = estimate.estimate(report, options["gpu"], world_size)
+    calibration = float(options["calibration"]) if options["calibration"] else None
+    result = dict(memory=estimate_memory(report), **estimate.summary(time_estimate, report, calibration),
+                  estimate_seconds=round(time.perf_counter() - t0, 1))
+    print(estimate.table(time_estimate, result), flush=True)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
@@ -178,9 +219,7 @@ def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
 
 def main(argv: list[str]) -> dict:
     if "--estimate" in argv:
-        result = estimate_memory([a for a in argv if a != "--estimate"])
-        print(json.dumps(result), flush=True)
-        return result
+        return estimate_main(argv)
     options, settings = parse_options(argv)
     args = tg.parse_args(settings)
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())

@@ -136,6 +136,8 @@ def drive_trainer(tg, rig, opts):
                         p.grad = torch.zeros_like(p)
                 with rig.tracing(f"optimizer_w{world_size}") if traced else contextlib.nullcontext():
                     for opt in optimizers:
+                        if rig.recorder is not None:
+                            rig.recorder.events.append(dict(optimizer=type(opt).__name__))
                         opt.step(plan)
             model.zero_grad(set_to_none=True)
 
@@ -292,12 +294,11 @@ def kernel_records(scheduler) -> list[dict]:
     same node for another GPU, and the train_gpt.py lines it comes from."""
     import torch
     from torch._inductor import ir
-    from torch._inductor.scheduler import ExternKernelSchedulerNode, ForeachKernelSchedulerNode, \
-        NopKernelSchedulerNode
+    from torch._inductor import scheduler as nodes
 
     records = []
     for node in scheduler.nodes:
-        if isinstance(node, NopKernelSchedulerNode):
+        if isinstance(node, nodes.NopKernelSchedulerNode):
             continue
         parts = node.get_nodes()
         origins = [o for part in parts if part.node is not None for o in part.node.get_origins()]
@@ -308,14 +309,14 @@ def kernel_records(scheduler) -> list[dict]:
             if frames:  # the innermost line of train_gpt.py that made this op
                 line = frames[-1].split(", line ", 1)[1].replace(", in ", " ").strip()
                 lines[line] = lines.get(line, 0) + 1
-        if isinstance(node, ExternKernelSchedulerNode):
+        if isinstance(node, nodes.ExternKernelSchedulerNode):
             overload = getattr(node.node, "op_overload", None)
             name = getattr(overload, "_name", None) or getattr(node.node, "python_kernel_name", None) or \
                 type(node.node).__name__
             kind = "collective" if isinstance(node.node, ir._CollectiveKernel) else "extern"
         else:
-            kind = "template" if node.is_template() else "foreach" if isinstance(node, ForeachKernelSchedulerNode) \
-                else "triton"
+            foreach = isinstance(node, nodes.ForeachKernelSchedulerNode)
+            kind = "template" if node.is_template() else "foreach" if foreach else "triton"
             name = node.get_name()
         record = dict(kind=kind, name=name, ops=ops, lines=sorted(lines, key=lambda k: -lines[k])[:3])
         try:
