@@ -35,12 +35,15 @@ class GPU:
 
 
 def datasheet(torch_name: str, link_gbps: float, name: str) -> GPU:
-    """A GPU as torch's own table describes it (dense figures: the table's sparse Tensor-Core figures halved, as
-    torch._inductor.analysis.device_info.datasheet_tops does), plus its link bandwidth from the vendor's datasheet."""
+    """A GPU as torch's own table describes it, dense: the table's Tensor-Core figures for the H100 include 2:4
+    sparsity and are halved, as torch._inductor.analysis.device_info.datasheet_tops does; unlike it, not the fp32
+    figure (67 TFLOP/s on the CUDA cores, dense already: datasheet_tops gives 33.5, so inductor's own estimate of an
+    fp32 matmul is twice ours). Plus the link bandwidth from the vendor's datasheet."""
     from torch._inductor.analysis.device_info import lookup_device_info
 
     info = lookup_device_info(torch_name)
-    tops = {str(k).removeprefix("torch."): v / info.tops_sparsity_factor for k, v in info.tops.items()}
+    tops = {str(k).removeprefix("torch."): v / (1 if k in (torch.float32, torch.float64) else info.tops_sparsity_factor)
+            for k, v in info.tops.items()}  # fp32 and fp64 run on the CUDA cores: their figures are dense already
     fp8 = tops.get("float8_e5m2")
     if fp8:  # torch's table has no float8_e4m3fn entry: the same FP8 peak as e5m2
         tops["float8_e4m3fn"] = fp8
@@ -92,6 +95,9 @@ def price(k: dict, gpu: GPU, flex_density: float | None = None) -> dict:
     """One kernel's estimated time (ms) and what it rests on."""
     kind = kernel_class(k)
     flops, dtype = k["flops"], k["dtype"]
+    if kind.startswith("flex") and not flops and len(k.get("shapes", [])) == 2:  # inductor gives its template none
+        (b, h, tq, d), (_, _, tk, _) = k["shapes"]
+        flops = 4 * b * h * tq * tk * d * (2.5 if kind == "flex_backward" else 1)  # torch's flop_registry formulas
     if kind.startswith("flex") and flex_density is not None:
         flops = flops * flex_density  # inductor counts dense attention; the mask computes only these blocks
     if kind == "fp8_matmul":
@@ -213,6 +219,8 @@ def estimate(report: dict, gpu_name: str = "h100", world_size: int = 8, top: int
     """Per stage, evaluation and run, from the CUDA check's report (tools/cuda_check.py's JSON)."""
     gpu = GPUS[gpu_name]()
     args = tg.Hyperparameters(**report["settings"])
+    if args.windows_per_step % world_size:
+        raise ValueError(f"world size {world_size} does not divide windows_per_step={args.windows_per_step}")
     records = report["kernel_records"]
     graphs = {}  # dynamo graph id -> its (inference) kernels priced: the orthogonalizer's
     for phase, graph_list in records.items():
