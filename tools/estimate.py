@@ -283,7 +283,7 @@ def estimate(report: dict, gpu_name: str = "h100", world_size: int = 8, top: int
     result["train_s"] = sum(st["ms"] for st in steps) / 1e3 if complete else None
     result["steps"] = len(plans) - 1
     result["stages_estimated"] = sorted(stages)
-    result["step_ms"] = [round(st["ms"], 3) for st in steps] if complete else None
+    result["step_ms"] = [st["ms"] for st in steps] if complete else None
     # one step of the largest stage, kernel by kernel: the table
     last = max(stage_graphs) if stage_graphs else None
     if last is not None:
