@@ -5,7 +5,9 @@
     python benchmark.py --real --steps=50 --train_files=... # real shards instead of synthetic ones
     python benchmark.py --preset=smoke --steps=3            # the CPU smoke check
     python benchmark.py --step=0                          # time the schedule's first step (default: its last)
-    python benchmark.py --estimate                          # GPU memory of the step and the evaluation, without a GPU
+    python benchmark.py --estimate                          # GPU memory and time of the step, without a GPU
+    python benchmark.py --estimate --preset=record_2025_08_23   # the same for record #28's recipe (the calibration)
+    python benchmark.py --estimate --gpu=a100               # one A100 SXM 80GB (bf16 head and MLP, one rank)
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
 runs --warmup untimed steps (compilation), then --steps timed steps, and reports tokens/s, ms/step, model FLOPs per
@@ -13,9 +15,14 @@ token, MFU against --peak_tflops (default: 989, the H100 SXM dense bf16 figure, 
 memory. Figures that count come from a GPU; the CPU run only shows that the benchmark works. With no --preset on a
 machine without a GPU it times the smoke preset (the speedrun preset's windows would need tens of GB), and says so.
 
---estimate times nothing: it compiles the training step and the evaluation for a fake H100 (tools/cuda_check.py, on
-a Linux machine with the CPU build of torch; a few minutes) and prints, in GiB, the parameters plus inductor's own
-peak-memory estimate of the compiled graphs. What that leaves out: docs/cuda_check.md.
+--estimate times nothing: it compiles every stage's training step, the evaluation and the optimizer for a fake H100
+(tools/cuda_check.py, on a Linux machine with the CPU build of torch; 15-30 minutes at the speedrun's shapes on 2
+cores) and prints a short table, then one JSON line: in GiB, the parameters plus inductor's own peak-memory estimate
+of the compiled graphs; the estimated ms per step of each stage, the evaluation, the whole run's training time, the
+kernels per step and the 15 largest (tools/estimate.py). Its options: --gpu=h100|a100; --world_size=N (default 8 on
+an H100, 1 on an A100); --report=FILE reads a saved check report instead of compiling (--save_report=FILE saves
+one); --calibration=X also prints the times multiplied by X (measured / estimated on record #28). What the figures
+rest on and leave out: docs/cuda_check.md.
 """
 
 import dataclasses

@@ -308,8 +308,8 @@ def test_speedrun_time_estimate_lies_between_the_roofline_floor_and_the_kernels_
     flex = [r for r in e["table"] if r["kind"].startswith("flex")]
     dense = sum(k["flops"] for k in kernels if k["kind"] == "template")
     assert flex and 0 < sum(r["flops"] for r in flex) < dense
-    assert e["inductor_agreement"]["same"] + e["inductor_agreement"]["inductor_zero"] == \
-        e["inductor_agreement"]["kernels"]
+    agreement = e["inductor_agreement"]  # our price of inductor's kernels is its own estimate, its gaps aside
+    assert agreement["other"] == 0 and agreement["same"] > agreement["kernels"] / 2
     assert e["eval"]["window_ms"] > 0 and e["optimizer"]["Muon"]["communication_ms"] > 0
 
 

@@ -173,13 +173,16 @@ class Rig:
         self.graph_ids, self._graph_id = 0, None
         self.recorder = None  # an OpRecorder while the optimizer step is traced
         self.traces = {}  # name -> the events OpRecorder traced
+        self.estimate_seconds = 0.0  # spent recording kernels and tracing optimizer steps for the time estimate
         from torch._inductor.scheduler import Scheduler
 
         codegen = Scheduler.codegen
 
         def recorded_codegen(scheduler):
             if self._node_log is not None:
+                t0 = time.perf_counter()
                 self._node_log.extend(kernel_records(scheduler))
+                self.estimate_seconds += time.perf_counter() - t0
             return codegen(scheduler)
 
         Scheduler.codegen = recorded_codegen
@@ -213,12 +216,13 @@ class Rig:
     @contextlib.contextmanager
     def tracing(self, name: str):
         """Traces the eager ops run inside (OpRecorder); kept as self.traces[name]."""
-        self.recorder = OpRecorder()
+        self.recorder, t0 = OpRecorder(), time.perf_counter()
         try:
             with self.recorder.tracing():
                 yield
         finally:
             self.traces[name], self.recorder = self.recorder.events, None
+            self.estimate_seconds += time.perf_counter() - t0
 
     @contextlib.contextmanager
     def process_group(self, rank: int, world_size: int):
@@ -533,6 +537,7 @@ def summarize(torch, rig, opts, error) -> dict:
             report["kernel_records"].setdefault(name, []).append(dict(kind=g["kind"], graph=g["graph"],
                                                                       kernels=g["kernels"]))
     report["optimizer_traces"] = rig.traces
+    report["seconds"]["estimate_records"] = round(rig.estimate_seconds, 1)
 
     # FLOPs (totals by graph kind and op, and per token) and inductor's peak-memory estimates per phase and graph kind
     attention = ("flex_attention", "flex_attention_backward")
