@@ -310,8 +310,10 @@ def kernel_records(scheduler) -> list[dict]:
         parts = node.get_nodes()
         origins = [o for part in parts if part.node is not None for o in part.node.get_origins()]
         ops = sorted({getattr(o.target, "__name__", str(o.target)) for o in origins if o.op == "call_function"})
+        packet = getattr(getattr(node.node, "op_overload", None), "overloadpacket", None)
+        called = [o for o in origins if packet is not None and getattr(o.target, "overloadpacket", None) is packet]
         lines = {}
-        for o in origins:
+        for o in called or origins:  # an extern kernel's line is its call's, not that of the views fused around it
             frames = [f for f in (o.meta.get("stack_trace") or "").split("\n") if "train_gpt.py" in f]
             if frames:  # the innermost line of train_gpt.py that made this op
                 line = frames[-1].split(", line ", 1)[1].replace(", in ", " ").strip()
@@ -371,6 +373,8 @@ class OpRecorder:
                 if packet in _VIEW_OPS or name in recorder.NO_KERNEL or \
                         func.namespace in ("c10d", "_c10d_functional"):
                     return out
+                if not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
+                    return out  # a query (Tensor.device, a size): no kernel
                 tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
                            if isinstance(t, torch.Tensor)]
                 flops = flop_registry[packet](*args, **(kwargs or {}), out_val=out) if packet in flop_registry else 0

@@ -190,6 +190,8 @@ def optimizer_ms(events: list[dict], gpu: GPU, graphs: dict) -> dict:
             if name is not None:
                 out[name] = dict(ms=max(compute, comm), compute_ms=busy, communication_ms=sent, kernels=launches)
             name, compute, comm, busy, sent, launches, done = e["optimizer"], 0.0, 0.0, 0.0, 0.0, 0, {}
+        elif "op" in e and e["dtype"] in (None, "None"):
+            continue  # it returns no tensor (a query like Tensor.device): no kernel
         elif "op" in e:
             t = roofline_ms(e["flops"], e["bytes"], gpu, e["dtype"] or "float32") + LAUNCH_US / 1e3
             compute, busy, launches = compute + t, busy + t, launches + 1
