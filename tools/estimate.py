@@ -345,8 +345,11 @@ def top_kernels(rows: list[dict], optimizer: dict, extras: dict, top: int | None
     largest first; the optimizers as one row each, so that the rows add up to the step."""
     groups = {}
     for r in rows:
-        key = (r["graph"], r["kind"], r["name"] if r["kind"] not in ("inductor",) else ",".join(r["ops"][:4]),
-               r["lines"][0] if r["lines"] else "")
+        if r["kind"].startswith("flex"):  # one group per direction: its lines are those of the ops fused into it
+            key = (r["graph"], r["kind"], "FlexAttention (every layer)", "")
+        else:
+            key = (r["graph"], r["kind"], r["name"] if r["kind"] != "inductor" else ",".join(r["ops"][:4]),
+                   r["lines"][0] if r["lines"] else "")
         g = groups.setdefault(key, dict(graph=r["graph"], kind=r["kind"], what=key[2], line=key[3], count=0, ms=0.0,
                                         flops=0, bytes=0, compute_ms=0.0))
         g["count"] += 1
