@@ -180,6 +180,13 @@ def estimate_main(argv: list[str]) -> dict:
     if options["gpu"] not in estimate.GPUS:
         raise ValueError(f"--gpu={options['gpu']}: choose one of {', '.join(estimate.GPUS)}")
     gpu = estimate.GPUS[options["gpu"]]()
+    for name, cast in (("world_size", int), ("calibration", float)):
+        try:
+            value = options[name] and cast(options[name])
+        except ValueError:
+            value = None
+        if options[name] and not (value and value > 0 and math.isfinite(value)):
+            raise ValueError(f"--{name}={options[name]}: expected a number above 0 (see --help)")
     world_size = int(options["world_size"] or (8 if options["gpu"] == "h100" else 1))
     if not gpu.has_fp8:  # what train_gpt.adapt_to_device does before sm_89: the bf16 head and MLP
         settings += ["--use_fp8=false", "--use_fp8_mlp=false"]

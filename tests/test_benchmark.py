@@ -70,6 +70,9 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
      "smoke_2025_08_23"),
     (["--preset=smoke", "--step=14"], "error: --step=14 is past the schedule's last training step, 13"),
     (["--preset=smoke", "--muon_lr=nan"], "error: muon_lr=nan must be a finite number above 0"),
+    (["--estimate", "--gpu=v100"], "error: --gpu=v100: choose one of h100, a100"),
+    (["--estimate", "--world_size=x"], "error: --world_size=x: expected a number above 0 (see --help)"),
+    (["--estimate", "--calibration=0"], "error: --calibration=0: expected a number above 0 (see --help)"),
 ])
 def test_bad_arguments_give_one_error_line_and_exit_1(argv, message, capsys):
     assert benchmark.cli(argv) == 1
