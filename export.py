@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+import cli_parser  # noqa: E402
 import train_gpt  # noqa: E402
 from sample import max_context, resolve_checkpoint  # noqa: E402
 
@@ -44,8 +45,9 @@ class ExportError(RuntimeError):
 # Facts for the model card
 
 
-def read_run_log(path: Path):
-    """records/compare.py's reading of a training log (final val loss, steps, hardware), or None if unreadable."""
+def read_run_log(path: Path, strict: bool = False):
+    """records/compare.py's reading of a training log (final val loss, steps, hardware), or None if unreadable
+    (strict: an ExportError that says why)."""
     compare = sys.modules.get("records_compare")  # records/ is not a package: load the file once, by path
     if compare is None:
         spec = importlib.util.spec_from_file_location("records_compare", ROOT / "records" / "compare.py")
@@ -54,7 +56,10 @@ def read_run_log(path: Path):
         spec.loader.exec_module(compare)
     try:
         return compare.read_log(path)
-    except compare.LogError:
+    except compare.LogError as e:
+        if strict:
+            raise ExportError(f"--log={path} is not a training log: {e}. HINT: pass the run's log, "
+                              "records/logs/<run_id>.txt, or leave --log out") from None
         return None
 
 
@@ -109,7 +114,8 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
         "---", "library_name: pytorch", "pipeline_tag: text-generation", "tags:", "- gpt2", "- nanogpt-speedrun",
         "---", "",
         f"# {repo_id.split('/')[-1] if repo_id else 'GPT-2 speedrun model'}", "",
-        "A GPT-2-small-class language model trained by `train_gpt.py`, an open reimplementation of the NanoGPT "
+        f"A {'GPT-2-small-class' if params >= 100e6 else f'small ({params / 1e6:.0f}M-parameter) test'} language model "
+        "trained by `train_gpt.py`, an open reimplementation of the NanoGPT "
         "speedrun: a model trained to a target validation loss on FineWeb as fast as possible, not a general-purpose "
         "or instruction-following model.", "",
         "## The model", "",
@@ -120,7 +126,7 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
         f"- GPT-2 tokenizer (tiktoken `gpt2`); {args.vocab_size} output rows, of which ids 50257 and up are padding. "
         f"Every document starts with `<|endoftext|>` (id 50256). Context when sampling: {max_context(args):,} "
         f"tokens (the final attention window and the longest training document).",
-        f"- Training: step {step} of {total}, {tokens:,} tokens from `{args.train_files}`, seed {args.seed}"
+        f"- Training: step {step} of {total}, {tokens:,} tokens from `{Path(args.train_files).name}`, seed {args.seed}"
         f"{hardware}.",
         f"- Validation loss: {val_line}.", "",
         "## Files", "",
@@ -155,37 +161,56 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
 # Export and upload
 
 
-def export(checkpoint: str | Path, out: str | Path, log: str | Path | None = None, repo_id: str | None = None) -> Path:
-    """Writes the export folder (see the module docstring) and returns it."""
+def check_out(out: Path, overwrite: bool) -> None:
+    """--out is a new or empty folder; with overwrite, a folder whose files of our names may be replaced."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out={out} is a file, not a folder. HINT: give a new folder, e.g. --out=exports/NAME")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise ExportError(f"--out={out} is not empty (it holds {', '.join(held[:4])}"
+                          f"{f' and {len(held) - 4} more' if len(held) > 4 else ''}). HINT: choose a new folder, or "
+                          "pass --overwrite=true to replace the files an export writes (other files stay, and are "
+                          "never uploaded)")
+
+
+def export(checkpoint: str | Path, out: str | Path, log: str | Path | None = None, repo_id: str | None = None,
+           overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Writes the export folder (see the module docstring); returns it and the names of the files written."""
     checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
+    check_out(out, overwrite)
+    if log and not Path(log).is_file():
+        what = "is a folder, not a file" if Path(log).is_dir() else "no such file"
+        raise ExportError(f"--log={log}: {what}. HINT: give the run's log, records/logs/<run_id>.txt, or leave "
+                          "--log out to look there")
     model = train_gpt.load_model(checkpoint)  # checks that it loads before anything is written
     if out.resolve() == checkpoint.resolve():
         raise ExportError(f"--out={out} is the checkpoint folder itself. HINT: choose a new folder")
     log_path = Path(log) if log else find_log(checkpoint, model.args)
-    if log and not log_path.is_file():
-        raise ExportError(f"--log={log}: no such file. HINT: leave --log out to look in records/logs/")
+    run_log = read_run_log(log_path, strict=bool(log)) if log_path is not None else None
     train_gpt.save_model(model, out)
     shutil.copyfile(ROOT / "train_gpt.py", out / "train_gpt.py")
+    written = [train_gpt.MODEL_FILE, train_gpt.SETTINGS_FILE, "train_gpt.py", CARD_NAME]
     if log_path is not None:
         shutil.copyfile(log_path, out / LOG_NAME)
+        written.append(LOG_NAME)
     else:
         print(f"export.py: no training log found for {checkpoint}; the model card will not give its losses. HINT: "
               "pass --log=records/logs/<run_id>.txt", file=sys.stderr)
-    run_log = read_run_log(log_path) if log_path is not None else None
     card = model_card(model, checkpoint_step(checkpoint, model.args), run_log, LOG_NAME if log_path else None, repo_id)
     (out / CARD_NAME).write_text(card)
-    return out
+    return out, sorted(written)
 
 
-def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Creates the model repository (if needed) and uploads the folder as one commit; returns the commit's URL."""
+def push_to_hub(folder: Path, repo_id: str, private: bool = False, files: list[str] | None = None) -> str:
+    """Creates the model repository (if needed) and uploads the folder's `files` (default: all) as one commit;
+    returns the commit's URL."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()  # endpoint from HF_ENDPOINT, token from HF_TOKEN or the login cache
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=files,
                                    commit_message=f"Upload {folder.name} (export.py)")
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
@@ -198,8 +223,16 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     return str(commit.commit_url) if hasattr(commit, "commit_url") else str(commit)
 
 
+def yes_no(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export.py", description="Write a trained model as safetensors weights, "
+    parser = cli_parser.ArgumentParser(prog="export.py", description="Write a trained model as safetensors weights, "
                                      "its settings, its code, its training log and a model card; optionally upload "
                                      "the folder to the Hugging Face Hub.")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
@@ -210,14 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push_to_hub", metavar="REPO", help="upload the folder to this Hub model repository, "
                         "<user or org>/<name> (token: HF_TOKEN or `hf auth login`)")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--overwrite", nargs="?", const="true", default="false", type=yes_no, metavar="true|false",
+                        help="write into a folder that is not empty, replacing the files an export writes (default: "
+                             "false, refuse)")
     args = parser.parse_args(argv)
     if args.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push_to_hub):
         parser.error(f"--push_to_hub={args.push_to_hub}: give the repository as <user or org>/<name>")
     try:
-        out = export(args.checkpoint, args.out, args.log, args.push_to_hub)
-        print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+        out, written = export(args.checkpoint, args.out, args.log, args.push_to_hub, args.overwrite)
+        print(f"exported to {out}: " + ", ".join(written))
         if args.push_to_hub:
-            print(f"uploaded to {args.push_to_hub}: {push_to_hub(out, args.push_to_hub, args.private)}")
+            print(f"uploaded to {args.push_to_hub}: {push_to_hub(out, args.push_to_hub, args.private, written)}")
     except (ExportError, ValueError, OSError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 from gpt2_tokenizer import get_encoding  # noqa: E402
 
+import cli_parser  # noqa: E402
 import train_gpt  # noqa: E402
 
 GPT2_VOCAB = 50257  # real GPT-2 tokens; the model's rows 50257..50303 are padding and are never sampled
@@ -50,6 +52,9 @@ SAMPLE_PROMPTS = ("", "The capital of France is", "Once upon a time,")  # the tr
 def resolve_checkpoint(path: str | Path) -> Path:
     """The folder holding a saved model: `path` itself, or, for a run's checkpoint folder, its latest step_<N>."""
     path = Path(path)
+    if path.is_file():
+        raise ValueError(f"{path} is a file: give the folder that holds it ({path.parent}), a checkpoint folder "
+                         "(records/checkpoints/<run_id>/step_<N>) or a folder written by export.py")
     if (path / train_gpt.MODEL_FILE).is_file():
         return path
     steps = sorted((p for p in path.glob("step_*") if (p / train_gpt.MODEL_FILE).is_file() and
@@ -113,15 +118,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
 
 
+def check_sampling(temperature: float, top_k: int | None):
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN passes no comparison: finite first
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0: always the most likely token)"
+                         ". HINT: e.g. --temperature=0.8")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0: no limit). HINT: e.g. --top_k=200")
+
+
 def generate(model: train_gpt.GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = 200, seed: int = 0, stop_at_end: bool = True) -> list[int]:
     """New token ids after `prompt` (GPT-2 token ids; BOS is put in front). The same seed gives the same tokens on the
     same device: sampling runs on the CPU from its own generator, whatever device the model is on. With stop_at_end,
     generation stops when the model ends the document (<|endoftext|>, not returned)."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0: always the most likely token)")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0: no limit)")
+    check_sampling(temperature, top_k)
     if any(not 0 <= t < GPT2_VOCAB for t in prompt):
         raise ValueError("prompt holds ids outside GPT-2's vocabulary (0..50256)")
     generator = torch.Generator().manual_seed(seed)
@@ -157,7 +167,7 @@ def log_samples(model: train_gpt.GPT, max_new_tokens: int, log) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sample.py", description="Print text sampled from a trained model.")
+    parser = cli_parser.ArgumentParser(prog="sample.py", description="Print text sampled from a trained model.")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a checkpoint folder (records/checkpoints/<run_id>/step_<N>), a run's checkpoint folder "
                              "(its latest step) or a folder written by export.py")
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1 or args.num_samples < 1:
         parser.error("--max_new_tokens and --num_samples must be at least 1")
     try:
+        check_sampling(args.temperature, args.top_k)  # before loading the model
         model = load(args.checkpoint, args.device)
         enc = get_encoding()
         prompt = enc.encode_ordinary(args.prompt)
@@ -194,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("stopped: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

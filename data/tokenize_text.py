@@ -20,7 +20,9 @@ import collections
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from gpt2_tokenizer import TokenizerError, get_encoding  # data/gpt2_tokenizer.p
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shard format lives in train_gpt.py
+import cli_parser  # noqa: E402
 from train_gpt import BOS_ID, write_shard  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a folder walk picks up
@@ -108,9 +111,8 @@ def read_dataset_documents(name: str, config: str | None, split: str, text_field
 
     def failed(e: Exception) -> TokenizeError:  # a wrong name or config, no network, a connection dropped mid-stream
         return TokenizeError(f"reading dataset {name} (config {config}, split {split}) failed: {type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:300]}. HINT: check the name, --hf_config and your network "
-                             f"(HF_ENDPOINT, HF_TOKEN); shards written so far are complete, rerun with --overwrite "
-                             f"to start again.")
+                             f"{shorten(str(e), 300)}. HINT: check the name, --hf_config and your network "
+                             f"(HF_ENDPOINT, HF_TOKEN)")
 
     try:
         rows = datasets.load_dataset(name, config, split=split, streaming=True)  # streaming: bounded memory
@@ -231,6 +233,11 @@ class ShardWriter:
             self.buffer = np.empty(self.shard_tokens, dtype=np.uint16)
 
 
+def shorten(text: str, width: int) -> str:
+    """One line of at most width characters, cut between words."""
+    return textwrap.shorten(" ".join(text.split()), width, placeholder=" ...")
+
+
 def size(nbytes: int) -> str:
     """1234567 -> '1.2 MB'."""
     for power, unit in ((3, "GB"), (2, "MB"), (1, "kB")):
@@ -282,7 +289,7 @@ def existing_shards(out_dir: Path, name: str) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli_parser.ArgumentParser(
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: python data/tokenize_text.py notes/ books.jsonl --out data/mytext --name mytext\n"
                "Exit status 0 on success; otherwise 1, with a message that says what to do.")
@@ -297,7 +304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="tokenizer processes (default: %(default)s, the number of cores)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete existing NAME_{val,train}_*.bin shards in --out first (default: refuse)")
+                        help="replace existing NAME_{val,train}_*.bin shards in --out, once the new ones are all "
+                             "written (default: refuse)")
     parser.add_argument("--text_field", default="text", help='the JSON field holding the text (default: "text")')
     parser.add_argument("--hf_dataset", metavar="NAME", help="read this Hugging Face dataset instead of INPUTs, "
                         "e.g. HuggingFaceFW/fineweb (needs `pip install datasets`)")
@@ -310,6 +318,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--shard_tokens must be in [1, {MAX_SHARD_TOKENS}] and --val_tokens in [0, {MAX_SHARD_TOKENS}]")
     if args.workers < 1 or (args.max_tokens is not None and args.max_tokens < 1):
         parser.error("--workers and --max_tokens must be at least 1")
+    if not args.name or not all(c.isalnum() or c in "-_." for c in args.name) or args.name.startswith("."):
+        parser.error(f"--name={args.name!r} must be a plain name (letters, digits, - _ .; no leading dot): it starts "
+                     "each shard's file name inside --out. HINT: e.g. --name=mytext; choose the folder with --out")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder. HINT: give a folder (it is created if missing)")
     return args
 
 
@@ -320,6 +333,7 @@ def _plural(n: int, word: str, suffix: str = "s") -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    staging, kept = args.out, ""  # what a failure leaves
     try:
         if args.hf_dataset:
             documents, total_bytes = read_dataset_documents(args.hf_dataset, args.hf_config, args.hf_split,
@@ -331,12 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         if old and not args.overwrite:
             raise TokenizeError(f"{args.out} already holds {len(old)} {args.name} shard(s), e.g. {old[0].name}. HINT: "
                                 f"pass --overwrite to replace them, or choose another --name or --out.")
-        for path in old:
-            path.unlink()  # stale shards would otherwise be read by the trainer along with the new ones
+        # Replacing: the new shards are written aside and swapped in once complete, so a failure keeps the old ones.
+        staging, kept = (args.out / f".{args.name}.tokenizing", f"; the old {args.name} shards are kept as they were"
+                         ) if old else (args.out, "; shards already written are complete, rerun with --overwrite "
+                                                  "to start again")
         source = args.hf_dataset or f"{_plural(len(files), 'file')} ({size(total_bytes)})"
         print(f"tokenizing {source} on {_plural(args.workers, 'process', 'es')} into "
               f"{args.out / args.name}_{{val,train}}_*.bin", flush=True)
-        stats, written = tokenize(documents, args.out, args.name, val_tokens=args.val_tokens,
+        stats, written = tokenize(documents, staging, args.name, val_tokens=args.val_tokens,
                                   shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, workers=args.workers,
                                   total_bytes=total_bytes)
         if stats.documents == 0:
@@ -344,19 +360,27 @@ def main(argv: list[str] | None = None) -> int:
             raise TokenizeError(f"found no documents to tokenize ({stats.unreadable} unreadable, {stats.empty} empty"
                                 f"{named}). HINT: inputs are UTF-8 .txt files (one document each) or .jsonl files "
                                 f"with a {args.text_field!r} field per line.")
+        if old:
+            for path, _ in written:
+                os.replace(path, args.out / path.name)
+            written = [(args.out / path.name, n) for path, n in written]
+            for path in set(old) - {path for path, _ in written}:
+                path.unlink()  # stale shards would otherwise be read by the trainer along with the new ones
     except (TokenizeError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).rstrip('.')}{kept}.", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. a full disk or an unwritable --out while writing shards
         for tmp in args.out.glob(f"{args.name}_*.bin.tmp"):
             tmp.unlink(missing_ok=True)  # write_shard's half-written file
-        print(f"error: cannot write shards to {args.out}: {e}. HINT: free some space or choose another --out; "
-              f"shards already written are complete, rerun with --overwrite to start again.", file=sys.stderr)
+        print(f"error: cannot write shards to {args.out}: {e.strerror or e}. HINT: free some space or choose another "
+              f"--out{kept}.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the shards written so far are complete. Rerun with --overwrite to start again.",
-              file=sys.stderr)
+        print(f"stopped: interrupted{kept}.", file=sys.stderr)
         return 130
+    finally:
+        if staging != args.out:
+            shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - start
     skipped = stats.unreadable + stats.empty
     print(f"{stats.documents:,} documents -> {stats.tokens:,} tokens in {len(written)} shard(s), {seconds:.1f} s "

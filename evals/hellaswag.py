@@ -20,7 +20,6 @@ the same whatever shares its sequence (a test checks this).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 from gpt2_tokenizer import get_encoding  # noqa: E402
 
+import cli_parser  # noqa: E402
 import train_gpt  # noqa: E402
 from sample import load, resolve_checkpoint  # noqa: E402
 
@@ -73,10 +73,12 @@ def read_items(path: Path) -> list[dict]:
                 ok = False
             if not ok:
                 raise HellaSwagError(f"{path}, line {n}: not a HellaSwag item (a JSON object with ctx, four endings "
-                                     f"and a label 0-3). HINT: delete the file to download it again, or check --data")
+                                     f"and a label 0-3). HINT: delete the file to download it again (or, "
+                                     f"for evals/hellaswag.py --data=FILE, check the file)")
             items.append(item)
     if not items:
-        raise HellaSwagError(f"{path} holds no items. HINT: delete it to download it again, or check --data")
+        raise HellaSwagError(f"{path} holds no items. HINT: delete it to download it again (or, "
+                             f"for evals/hellaswag.py --data=FILE, check the file)")
     return items
 
 
@@ -99,7 +101,8 @@ def download(url: str, path: Path) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(f"could not download {url}: {reason}. HINT: check your network connection and proxy "
-                             f"settings, or fetch the file elsewhere and copy it to {path} (or pass --data=FILE)"
+                             f"settings, or fetch the file elsewhere and copy it to {path} (evals/hellaswag.py "
+                             f"also reads --data=FILE)"
                              ) from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -263,7 +266,7 @@ def log_hellaswag(model: train_gpt.GPT, num_items: int, log) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="evals/hellaswag.py", description="HellaSwag accuracy (acc, acc_norm) of a "
+    parser = cli_parser.ArgumentParser(prog="evals/hellaswag.py", description="HellaSwag accuracy (acc, acc_norm) of a "
                                      "trained model, by completion likelihood.")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a checkpoint folder, a run's checkpoint folder (its latest step) or an export folder")

@@ -10,10 +10,16 @@ A log without one (crashed, stopped, or still running) is listed as incomplete a
 trainer ends a run that stops early with a line 'stopped: <why>'. A run whose final val loss is not finite, or that
 stopped on a loss that is not finite, diverged.
 
+Logs of one run count once, never as independent samples: a copy of a log (the same bytes), logs with the same run id
+(our logs' run_id setting, or a uuid file name) and a run resumed from another's checkpoint (our "resumed from ...: step
+S of run R" line) are merged into one run, a complete log if there is one, and the report says what it merged. Each
+run's ranks (processes that trained) are shown where the log records them (our "log: ... (world size N, ...)" line).
+
 Per group: mean and sample std of the final val losses with the record rule's one-sided one-sample t-test that the mean
 is below --target (scipy.stats.ttest_1samp(losses, target, alternative='less')); train time mean, median, min, max;
-steps. With --baseline: the time difference with Welch's t-test (one-sided, H1: RUNS are faster; the two-sided p that
-some record READMEs quote is shown too), the loss difference, and the mean val loss at every step both groups evaluated.
+steps; runs of one group that differ in ranks are flagged. With --baseline: the time difference with Welch's t-test
+(one-sided, H1: RUNS are faster; the two-sided p that some record READMEs quote is shown too), the loss difference, and
+the mean val loss at every step both groups evaluated.
 
 The claim holds when RUNS have at least 2 complete runs with p < alpha, nothing is flagged (runs of one group that
 differ in step count, embedded source or hardware; a diverged run; a baseline on other hardware) and, with --baseline,
@@ -49,6 +55,9 @@ STEP_RE = re.compile(r"step:(\d+)/(\d+)((?:\s.*)?)")
 TRAIN_TIME_RE = re.compile(r"(\d+(?:\.\d*)?)ms")
 NOT_FINITE_LOSS_RE = re.compile(r"\bloss\b[^.]*?\b(?:nan|-?inf)\b", re.IGNORECASE)  # in a 'stopped:' line
 TRAIN_LOSS_RE = re.compile(r"\strain_loss:(\S+)")  # our step lines' training loss (records/curves.py)
+RESUMED_RE = re.compile(r"resumed from .*: step \d+ of run (\S+), train_time")  # our trainer, after --resume
+RANKS_RE = re.compile(r"log: .*\(world size (\d+), device")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|")  # one GPU's first row in the nvidia-smi table
 VERSION_RES = (("Python", re.compile(r"Running Python (\S+)")),
                ("PyTorch", re.compile(r"Running PyTorch (\S+)", re.IGNORECASE)),  # 2024 logs say "pytorch"
@@ -77,6 +86,10 @@ class RunLog:
     software: str
     hyperparameters: dict | None  # our logs print them as one JSON line; the reference's do not
     train: list[tuple[int, float]] = field(default_factory=list)  # (step, train_loss) of the lines that have one
+    digest: str = ""  # sha256 of the file's bytes: a copy of a log is the same run
+    run_id: str | None = None  # our logs' run_id setting, else a uuid file name (the reference's logs)
+    resumes: str | None = None  # the run id this run resumed from a checkpoint of ("resumed from ...: step S of run R")
+    ranks: int | None = None  # processes that trained (our logs' "log: ... (world size N, ...)" line)
 
     @property
     def final_val_loss(self) -> float:
@@ -138,7 +151,7 @@ def parse_log(text: str, path: Path) -> RunLog:
     env_end = next((i for i in rules if i > env_start), len(lines))
     source, env = lines[:env_start], lines[env_start + 1:env_end]
 
-    total = last_step = hyperparameters = stopped = None
+    total = last_step = hyperparameters = stopped = resumes = ranks = None
     val: list[tuple[int, float, float]] = []
     train: list[tuple[int, float]] = []
     cut_off = False
@@ -150,22 +163,29 @@ def parse_log(text: str, path: Path) -> RunLog:
             except json.JSONDecodeError:
                 raise LogError(f"line {i + 1}: the hyperparameters line is not valid JSON") from None
             continue
+        if m := RESUMED_RE.match(line):
+            resumes = m.group(1)
+            continue
+        if m := RANKS_RE.match(line):
+            ranks = int(m.group(1))
+            continue
         if line.startswith("stopped:"):  # our trainer's last line when a run ends early
             stopped = line.split(":", 1)[1].split(" HINT:", 1)[0].strip().rstrip(".")
             continue
         if not line.startswith("step:"):
             continue  # free-form lines: "Compiling model ...", "Resetting Model", "peak memory ..."
+        quoted = repr(textwrap.shorten(line, 100, placeholder=" ..."))  # for a message: never cut mid-word
         try:
             step, n, val_loss, train_time_ms = parse_step_line(line)
         except ValueError as e:
             if i == len(lines) - 1 and not text.endswith(("\n", "\r")):
                 cut_off = True  # the last line of a log that is still being written
                 break
-            raise LogError(f"line {i + 1}: {e}: {line[:100]!r}") from None
+            raise LogError(f"line {i + 1}: {e}: {quoted}") from None
         if total is not None and n != total:
-            raise LogError(f"line {i + 1}: total steps {n} differs from {total} on the lines above: {line[:100]!r}")
+            raise LogError(f"line {i + 1}: total steps {n} differs from {total} on the lines above: {quoted}")
         if step > n:
-            raise LogError(f"line {i + 1}: step {step} is past the total of {n}: {line[:100]!r}")
+            raise LogError(f"line {i + 1}: step {step} is past the total of {n}: {quoted}")
         total = n
         last_step = step if last_step is None else max(last_step, step)
         if val_loss is not None:
@@ -198,7 +218,8 @@ def parse_log(text: str, path: Path) -> RunLog:
     return RunLog(path=path, status=status, reason=reason, total_steps=total, val=val,
                   source_sha256=hashlib.sha256("\n".join(source).encode()).hexdigest(), embedded_files=embedded,
                   hardware=describe_hardware(env), software=describe_software(env), hyperparameters=hyperparameters,
-                  train=train)
+                  train=train, digest=hashlib.sha256(text.encode()).hexdigest(), resumes=resumes, ranks=ranks,
+                  run_id=(hyperparameters or {}).get("run_id") or (path.stem if UUID_RE.fullmatch(path.stem) else None))
 
 
 def read_log(path: str | Path) -> RunLog:
@@ -227,6 +248,7 @@ class Group:
     complete: list[RunLog]
     left_out: list[RunLog]  # incomplete or diverged
     unreadable: list[tuple[Path, str]]
+    merged: list[str] = field(default_factory=list)  # logs of a run counted once: what was merged, and why
 
 
 def find_logs(args: list[str]) -> list[Path]:
@@ -255,7 +277,51 @@ def load_group(name: str, paths: list[Path]) -> Group:
             group.unreadable.append((path, str(e)))
             continue
         (group.complete if run.status == "complete" else group.left_out).append(run)
+    merge_same_runs(group)
     return group
+
+
+def merge_same_runs(group: Group) -> None:
+    """Logs of one run count once: copies (the same bytes), logs with the same run id, and a run resumed from another's
+    checkpoint (its log says 'resumed from ...: step S of run R'), which is not an independent sample of it. Each set
+    keeps one log, a complete one if there is one, and group.merged says what was merged and why."""
+    runs = group.complete + group.left_out
+    names = [{run.run_id, run.path.stem} - {None} for run in runs]
+
+    def relation(a: RunLog, i: int, b: RunLog, j: int) -> str | None:
+        if a.digest == b.digest:
+            return f"{a.path} is a byte-identical copy of {b.path}"
+        if a.run_id and a.run_id == b.run_id:
+            return f"{a.path} has the same run id {a.run_id!r} as {b.path}"
+        if b.resumes in names[i]:
+            return f"{b.path} resumed the run of {a.path} from its checkpoint"
+        if a.resumes in names[j]:
+            return f"{a.path} resumed the run of {b.path} from its checkpoint"
+        return None
+
+    parent = list(range(len(runs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(len(runs)):
+        for j in range(i):
+            if relation(runs[i], i, runs[j], j):
+                parent[root(i)] = root(j)
+    clusters: dict[int, list[int]] = {}
+    for i in range(len(runs)):
+        clusters.setdefault(root(i), []).append(i)
+    keep_of = {}
+    for members in clusters.values():
+        keep = min(members, key=lambda i: (runs[i].status != "complete", runs[i].resumes is None, i))
+        keep_of.update({i: keep for i in members if i != keep})
+    for i, keep in sorted(keep_of.items()):
+        why = relation(runs[i], i, runs[keep], keep) or f"{runs[i].path} belongs to the run of {runs[keep].path}"
+        group.merged.append(f"{why}: one run, counted once, as {runs[keep].path}")
+    group.complete = [r for i, r in enumerate(runs) if r.status == "complete" and i not in keep_of]
+    group.left_out = [r for i, r in enumerate(runs) if r.status != "complete" and i not in keep_of]
 
 
 def _plural(n: int, word: str) -> str:
@@ -283,7 +349,8 @@ def group_flags(group: Group) -> list[str]:
     runs = group.complete
     flags = [_difference(runs, lambda r: r.total_steps, "step count"),
              _difference(runs, lambda r: r.source_sha256[:12], "embedded source (sha256)"),
-             _difference(runs, lambda r: r.hardware, "hardware")]
+             _difference(runs, lambda r: r.hardware, "hardware"),
+             _difference([r for r in runs if r.ranks], lambda r: r.ranks, "ranks (processes that trained)")]
     diverged = [run.path.name for run in group.left_out if run.status == "diverged"]
     if diverged:  # dropping a diverged run would flatter the mean
         flags.append(f"{_plural(len(diverged), 'run')} diverged (loss not finite): {', '.join(diverged)}")
@@ -350,7 +417,9 @@ def summarize(group: Group, target: float) -> dict:
         "files": [str(run.path) for run in runs],
         "per_run": [{"file": str(run.path), "steps": run.total_steps, "final_val_loss": run.final_val_loss,
                      "train_time_ms": run.train_time_ms, "hardware": run.hardware, "software": run.software,
-                     "source_sha256": run.source_sha256, "embedded_files": run.embedded_files} for run in runs],
+                     "source_sha256": run.source_sha256, "embedded_files": run.embedded_files, "ranks": run.ranks}
+                    for run in runs],
+        "merged": list(group.merged),
         "incomplete": [{"file": str(run.path), "status": run.status, "reason": run.reason} for run in group.left_out],
         "unreadable": [{"file": str(path), "reason": why} for path, why in group.unreadable],
         "flags": group_flags(group),
@@ -484,14 +553,15 @@ def _number(x: float | None, spec: str) -> str:
 
 
 def format_group(name: str, s: dict, target: float) -> list[str]:
-    left_out, unreadable = len(s["incomplete"]), len(s["unreadable"])
-    out = [f"{name}: {_plural(s['n'], 'complete run')} ({left_out} left out, {unreadable} unreadable)"]
+    left_out, unreadable, merged = len(s["incomplete"]), len(s["unreadable"]), len(s["merged"])
+    out = [f"{name}: {_plural(s['n'], 'complete run')} ({left_out} left out, {unreadable} unreadable"
+           + (f", {merged} merged into the run they belong to" if merged else "") + ")"]
     if s["per_run"]:
         width = max(len("file"), *(len(r["file"]) for r in s["per_run"]))
-        out.append(f"  {'file':<{width}}  {'steps':>6}  {'val_loss':>8}  {'train_time':>11}")
+        out.append(f"  {'file':<{width}}  {'steps':>6}  {'val_loss':>8}  {'train_time':>11}  ranks")
         for r in s["per_run"]:
             out.append(f"  {r['file']:<{width}}  {r['steps']:>6}  {r['final_val_loss']:>8.4f}  "
-                       f"{_seconds(r['train_time_ms']):>11}")
+                       f"{_seconds(r['train_time_ms']):>11}  {r['ranks'] or 'not logged'}")
         if s["p_value"] is not None:
             test = (f"t = {s['t_statistic']:.3f}  df = {s['df']}  p = {s['p_value']:.2g}  "
                     f"(one-sided, H1: mean < {target:g})")
@@ -508,6 +578,7 @@ def format_group(name: str, s: dict, target: float) -> list[str]:
         out.append(f"  software {s['software'] or 'differs (see note)'}")
     out += [f"  left out ({r['status']}): {r['file']}: {r['reason']}" for r in s["incomplete"]]
     out += [f"  unreadable: {r['file']}: {r['reason']}" for r in s["unreadable"]]
+    out += [f"  merged: {m}" for m in s["merged"]]
     out += [f"  FLAG: {flag}" for flag in s["flags"]]
     out += [f"  note: {note}" for note in s["notes"]]
     return out
@@ -650,7 +721,7 @@ def write_plot(path: str | Path, groups: list[tuple[str, list[RunLog]]], target:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="records/compare.py",
         description="Summarize speedrun logs and test a record claim (docs/recipes.md#rules): mean final val loss "
                     "below --target with a one-sided t-test p < --alpha and, with --baseline, faster than the baseline "
@@ -665,6 +736,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG of val loss against train time and step")
     return parser
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad command line is one line, as in every tool of the project (its cli_parser.py, written here again so that
+    this file stands alone), with exit status EXIT_USAGE: 1 means that a claim does not hold."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}. HINT: `{self.prog} --help` lists every option", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ none, so only their val curve is drawn). Exit status: 0 the plot is written; 2 b
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -62,7 +61,7 @@ def write_curves(path: str | Path, runs: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="records/curves.py", description="Plot train and val loss against step "
+    parser = compare.ArgumentParser(prog="records/curves.py", description="Plot train and val loss against step "
                                      "from training logs.")
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log files (records/logs/<run_id>.txt)")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")

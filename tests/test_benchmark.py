@@ -60,7 +60,7 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
 
 @pytest.mark.parametrize("argv, message", [
     (["--bogus"], "error: cannot read '--bogus': settings are given as --name=value (see --help)"),
-    (["--bogus=1"], "error: unknown setting --bogus (see --help)"),
+    (["--bogus=1"], "error: unknown setting --bogus. HINT: --help lists every setting"),
     (["--steps=0"], "error: --steps=0 must be at least 1 (see --help)"),
     (["--steps=x"], "error: --steps=x: expected a whole number (see --help)"),
     (["--warmup=-1"], "error: --warmup=-1 must be at least 0 (see --help)"),

@@ -250,6 +250,53 @@ def test_tokenize_cli_workers_skips_and_overwrite(enc, tmp_path, tokenizer_cache
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["t_val_000000.bin"]
 
 
+def test_tokenize_overwrite_keeps_the_old_shards_until_the_new_ones_are_written(enc, tmp_path, tokenizer_cache,
+                                                                                capsys, monkeypatch):
+    inputs = [str(p) for p in write_inputs(tmp_path / "in")]
+    out = tmp_path / "shards"
+    assert tokenize_text.main([*inputs, "--out", str(out), "--name", "t", "--val_tokens", "10",
+                               "--shard_tokens", "20"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) > 3
+    real_write, calls = tokenize_text.write_shard, []
+
+    def write_then_fill_the_disk(path, tokens):  # the second new shard finds the disk full
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, tokens)
+
+    monkeypatch.setattr(tokenize_text, "write_shard", write_then_fill_the_disk)
+    capsys.readouterr()
+    assert tokenize_text.main([*inputs, "--out", str(out), "--name", "t", "--overwrite", "--val_tokens", "10",
+                               "--shard_tokens", "20"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: cannot write shards to {out}: No space left on device. HINT: free some space or "
+                           "choose another --out; the old t shards are kept as they were."), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, nothing left aside
+    monkeypatch.setattr(tokenize_text, "write_shard", real_write)
+    for stop in (KeyboardInterrupt, None):
+        monkeypatch.setattr(tokenize_text, "tokenize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        if stop is None:
+            monkeypatch.undo()
+        code = tokenize_text.main([inputs[0], "--out", str(out), "--name", "t", "--overwrite", "--val_tokens", "10"])
+        if stop is KeyboardInterrupt:
+            assert code == 130 and capsys.readouterr().err.strip() == (
+                "stopped: interrupted; the old t shards are kept as they were.")
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["t_val_000000.bin"]  # the stale ones gone too
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/x", ".hidden", ""])
+def test_tokenize_name_cannot_place_files_outside_out(tmp_path, tokenizer_cache, capsys, name):
+    (tmp_path / "in.txt").write_text("some text\n")
+    with pytest.raises(SystemExit):
+        tokenize_text.main([str(tmp_path / "in.txt"), "--out", str(tmp_path / "o" / "p"), "--name", name])
+    err = capsys.readouterr().err
+    assert f"--name={name!r} must be a plain name" in err and "HINT" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.txt"]
+
+
 def test_tokenize_cli_errors(tmp_path, tokenizer_cache, capsys):
     def main(*args) -> tuple[int, str]:
         code = tokenize_text.main([*map(str, args), "--out", str(tmp_path / "o"), "--name", "x"])
@@ -262,7 +309,8 @@ def test_tokenize_cli_errors(tmp_path, tokenizer_cache, capsys):
     assert code == 1 and "no documents" in err and "1 empty" in err
     with pytest.raises(SystemExit) as usage:
         main(tmp_path / "blank.txt", "--shard_tokens", 0)
-    assert usage.value.code == 2 and "--shard_tokens must be" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert usage.value.code == 1 and "--shard_tokens must be" in err and "HINT" in err and len(err.splitlines()) == 1
     # the only input is unreadable: the message names it and says why
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     code, err = main(tmp_path / "latin1.txt")
@@ -365,6 +413,45 @@ def test_inspect_good_and_bad_shards(tmp_path, tokenizer_cache, enc, capsys):
     assert f"{good}: ok" in lines
     assert "token id 60000" in result.stdout and "no tokens" in result.stdout and "truncated" in result.stdout
     assert "8 shards: 1 valid, 7 invalid" in result.stdout and "HINT" in result.stderr
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("padding id", "holds token id 50300 (token 2 of the file), one of the padding ids 50257-50303 that GPT-2's "
+     "tokenizer never makes"),
+    ("past the vocabulary", "holds token id 60000 (token 2 of the file), but vocab_size=50304"),
+    ("no BOS", "holds no <|endoftext|> (50256), the token that starts every document"),
+    ("header count", "is 1056 bytes but its header announces 9 tokens"),
+    ("valid", None)])
+def test_inspect_and_the_trainer_agree_on_what_a_valid_shard_is(tmp_path, case, reason):
+    """The same shard is refused by both, for the same reason, or accepted by both."""
+    import train_gpt
+
+    tokens = np.array([BOS_ID, 11, 12, 13, BOS_ID, 14, 15, 16] * 2, dtype=np.uint16)
+    if case == "padding id":
+        tokens[2] = 50300
+    elif case == "past the vocabulary":
+        tokens[2] = 60000
+    elif case == "no BOS":
+        tokens[tokens == BOS_ID] = 7
+    path = tmp_path / "s_train_000001.bin"
+    write_shard(path, tokens)
+    if case == "header count":
+        data = bytearray(path.read_bytes())
+        data[8:12] = np.array([9], dtype="<i4").tobytes()
+        path.write_bytes(bytes(data))
+    said = []
+    for check in (lambda: shards.inspect_shard(path),
+                  lambda: train_gpt.TrainLoader(train_gpt.find_shards(str(path)), 4, 1, 0, 1, train_gpt.torch.device(
+                      "cpu"), vocab_size=50304).next_step(4)):
+        try:
+            check()
+            said.append(None)
+        except train_gpt.ShardError as e:
+            said.append(str(e).split(". HINT")[0].split(": it was made")[0])
+    if reason is None:
+        assert said == [None, None]
+    else:
+        assert said[0] == said[1] and said[0].startswith(f"shard {path} {reason}"), said
 
 
 def test_inspect_reports_partial_leading_document(tmp_path):
@@ -550,7 +637,8 @@ def test_download_offline_mode_and_bad_arguments(hub, tmp_path, capsys):
     assert server.requests == []
     with pytest.raises(SystemExit) as usage:
         cached_fineweb.main(["104"])
-    assert usage.value.code == 2 and "103 train shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert usage.value.code == 1 and "103 train shards" in err and "HINT" in err and len(err.splitlines()) == 1
 
 
 def test_download_reuses_the_hf_cache(hub, tmp_path):

@@ -53,3 +53,17 @@ def test_github_anchors():
     assert github_anchor(" Model (2025-08-23)") == "model-2025-08-23"
     assert github_anchor("Training windows (2025-08-23)") == "training-windows-2025-08-23"
     assert github_anchor("How FineWeb was tokenized") == "how-fineweb-was-tokenized"
+
+
+def test_what_runs_and_exports_write_is_ignored_by_git():
+    """Checkpoints, exports, logs and downloaded shards are a user's work, never to be committed by accident."""
+    paths = ["records/checkpoints/run/step_10/model.safetensors", "exports/mymodel/model.safetensors",
+             "records/logs/run.txt", "data/fineweb10B/fineweb_train_000001.bin"]
+    try:
+        result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True,
+                                text=True)
+    except OSError:
+        pytest.skip("no git")
+    if result.returncode > 1:
+        pytest.skip("not a git checkout")
+    assert result.stdout.split() == paths

@@ -312,7 +312,8 @@ def test_single_run_is_too_few(capsys):
 def test_identical_losses_say_where_the_mean_stands(tmp_path, capsys):
     """No t-test without spread, but the verdict still says whether the mean is below the target."""
     for name in ("a.txt", "b.txt", "c.txt"):
-        (tmp_path / name).write_bytes((FIXTURES / "claim" / "run_a.txt").read_bytes())
+        text = (FIXTURES / "claim" / "run_a.txt").read_text()  # three runs that differ only before the end
+        (tmp_path / name).write_text(text.replace("step:40/40 val_loss", f"run {name}\nstep:40/40 val_loss"))
     code, report = run_json(tmp_path, capsys=capsys)
     assert code == compare.EXIT_FAILS and report["runs"]["p_value"] is None
     assert report["verdict"]["reasons"] == ["no loss test: every final val loss is the same: the t-test is undefined "
@@ -496,7 +497,7 @@ def test_text_report(capsys):
     code, out = run_tool(FIXTURES / "claim", "--baseline", FIXTURES / "baseline", capsys=capsys)
     lines = out.rstrip("\n").splitlines()
     assert lines[0] == "RUNS: 4 complete runs (1 left out, 0 unreadable)"
-    assert re.search(r"claim/run_a\.txt\s+40\s+3\.2770\s+5\.000 s$", out, re.M)
+    assert re.search(r"claim/run_a\.txt\s+40\s+3\.2770\s+5\.000 s  not logged$", out, re.M)
     assert "mean 3.27775  std 0.00065" in out
     assert "mean 5.175 s  median 5.150 s  min 5.000 s  max 5.400 s" in out
     assert "left out (incomplete):" in out and "crashed.txt: last val line at step 20/40" in out
@@ -614,6 +615,45 @@ def test_golden_smoke_logs(capsys):
     _, report = run_json(GOLDEN, capsys=capsys)
     assert report["runs"]["n"] == len(logs)
     assert report["runs"]["incomplete"] == [] and report["runs"]["unreadable"] == []
+
+
+def test_the_same_run_given_twice_or_resumed_counts_once_and_says_so(tmp_path, capsys):
+    """A record claim counts independent runs: a copy of a log, a log with another's run id and a run resumed from
+    another's checkpoint are one run, merged with a line that says so; the ranks each run used are reported."""
+    seed = {i: (GOLDEN / f"smoke_seed{i}.txt").read_text() for i in range(3)}
+    runs = tmp_path / "runs"
+    (runs / "copy").mkdir(parents=True)
+    (runs / "seed0.txt").write_text(seed[0])
+    (runs / "copy" / "seed0.txt").write_text(seed[0])  # the same file twice
+    (runs / "seed1.txt").write_text(seed[1].replace("hyperparameters:", "log: x.txt  (world size 2, device cpu)\n"
+                                                    "hyperparameters:"))
+    (runs / "seed1_rerun.txt").write_text(seed[1].replace("step:14/14 val_loss:", "step:14/14 val_loss:1"))
+    head, _, tail = seed[2].partition("step:5/14")  # stopped after step 4, then resumed as run 'after'
+    (runs / "seed2.txt").write_text(head + "stopped: SIGTERM: stopped after step 4; checkpoint ckpt/step_4\n")
+    (runs / "after.txt").write_text(head.replace('"run_id": "smoke_seed2"', '"run_id": "after"')
+                                    + "resumed from ckpt/smoke_seed2/step_4: step 4 of run smoke_seed2, train_time "
+                                      "4008ms\nstep:5/14" + tail)
+    code, report = run_json(runs, capsys=capsys)
+    r = report["runs"]
+    assert r["n"] == 3 and sorted(Path(f).name for f in r["files"]) == ["after.txt", "seed0.txt", "seed1.txt"]
+    assert r["incomplete"] == []  # the stopped half of the resumed run is part of it, not a run left out
+    assert r["merged"] == [
+        f"{runs / 'seed0.txt'} is a byte-identical copy of {runs / 'copy' / 'seed0.txt'}: one run, counted once, as "
+        f"{runs / 'copy' / 'seed0.txt'}",
+        f"{runs / 'seed1_rerun.txt'} has the same run id 'smoke_seed1' as {runs / 'seed1.txt'}: one run, counted "
+        f"once, as {runs / 'seed1.txt'}",
+        f"{runs / 'after.txt'} resumed the run of {runs / 'seed2.txt'} from its checkpoint: one run, counted once, "
+        f"as {runs / 'after.txt'}"]
+    assert [run["ranks"] for run in r["per_run"]] == [None, None, 2]
+    code, out = run_tool(runs, capsys=capsys)
+    assert out.splitlines()[0] == ("RUNS: 3 complete runs (0 left out, 0 unreadable, 3 merged into the run they "
+                                   "belong to)")
+    assert f"  merged: {runs / 'seed0.txt'} is a byte-identical copy" in out
+    assert re.search(r"seed1\.txt\s+14\s+\S+\s+\S+ s  2$", out, re.M)
+    for path in (runs / "seed0.txt", runs / "copy" / "seed0.txt"):
+        path.write_text(seed[0].replace("hyperparameters:", "log: y.txt  (world size 1, device cpu)\nhyperparameters:"))
+    _, report = run_json(runs, capsys=capsys)
+    assert any(f.startswith("runs differ in ranks (processes that trained): ") for f in report["runs"]["flags"])
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import io
 import json
 import os
 import signal
@@ -96,6 +97,77 @@ def test_resuming_other_settings_or_a_damaged_checkpoint_is_refused(shard_dir, t
     (damaged / "progress.json").unlink()
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         tg.main(argv(shard_dir, tmp_path, run_id="partial", **{**common, "resume": str(damaged)}))
+
+
+# --- Nothing a user made is lost: checkpoint folders belong to one run ----------------------------------------------
+
+def test_a_run_id_whose_checkpoints_belong_to_another_run_is_refused_before_training(shard_dir, tmp_path, capsys):
+    tg.main(argv(shard_dir, tmp_path, run_id="mine", save_every=3, num_iterations=4, extension_iterations=0))
+    folder = tmp_path / "ckpt" / "mine"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert json.loads((folder / "run.json").read_text())["run_id"] == "mine"
+    other_logs = tmp_path / "other"  # another log folder: the log's own check cannot see the clash
+    assert tg.cli(argv(shard_dir, tmp_path, run_id="mine", save_final=True, log_dir=str(other_logs))) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and "Traceback" not in err, err
+    assert err.startswith(f"error: the checkpoint folder {folder} belongs to run 'mine' (started ")
+    assert f"log {tmp_path / 'logs' / 'mine.txt'}) and holds step_3. HINT: choose another --run_id" in err
+    assert (other_logs / "mine.txt").read_text().splitlines()[-1].startswith("stopped: the checkpoint folder")
+    assert not any(s.startswith("step:1/") for s in (other_logs / "mine.txt").read_text().splitlines())
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # untouched
+    (folder / "run.json").unlink()  # checkpoints from before run.json existed are just as much another run's
+    assert tg.cli(argv(shard_dir, tmp_path, run_id="mine", save_every=2, log_dir=str(tmp_path / "third"))) == 1
+    assert "holds step_3. HINT" in capsys.readouterr().err
+
+
+def test_two_runs_started_at_once_with_one_run_id_cannot_both_own_its_checkpoints(tmp_path):
+    import threading
+    start, answers = threading.Barrier(8), []
+
+    def claim(i):
+        start.wait()
+        answers.append(tg.claim_checkpoints(tmp_path / "ckpt" / "same", "same", tmp_path / f"log{i}.txt"))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers.count(None) == 1 and all("belongs to run 'same'" in a for a in answers if a), answers
+
+
+@pytest.mark.parametrize("failure", ["full disk", "Ctrl-C"])
+def test_a_checkpoint_that_fails_leaves_nothing_behind_and_names_the_disk(shard_dir, tmp_path, monkeypatch, capsys,
+                                                                        failure):
+    real_open = open
+
+    class FullDisk(io.RawIOBase):  # what a file on a full disk does: the write raises ENOSPC
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk_open(path, mode="r", *a, **k):
+        if ".partial" in str(path) and "w" in mode:
+            if failure == "Ctrl-C":
+                raise KeyboardInterrupt
+            real_open(path, mode).close()  # the file exists, half written
+            return FullDisk()
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(tg, "open", full_disk_open, raising=False)
+    status = tg.cli(argv(shard_dir, tmp_path, run_id="disk", save_every=3))
+    err = capsys.readouterr().err
+    folder = tmp_path / "ckpt" / "disk"
+    if failure == "full disk":
+        assert status == 1 and err.strip() == (f"error: cannot write the checkpoint {folder / 'step_3'}: No "
+                                               "space left on device. HINT: free disk space or choose another "
+                                               "--checkpoint_dir"), err
+    else:
+        assert status == 130 and err.strip() == "stopped: interrupted (Ctrl-C)"
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json"]  # no .step_3.partial
+    assert log_lines(tmp_path, "disk")[-1].startswith("stopped: ")
 
 
 def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 300):
@@ -205,6 +277,51 @@ def test_senseless_settings_are_refused_with_a_hint_and_no_traceback(shard_dir, 
     assert not (work / "logs").exists() and not list(tmp_path.glob("*.txt"))  # refused before any log was made
 
 
+def test_a_setting_given_twice_is_refused(capsys, tmp_path):
+    assert tg.cli(["--preset=smoke", "--muon_lr=0.02", f"--log_dir={tmp_path}", "--muon_lr=0.03"]) == 1
+    assert capsys.readouterr().err == ("error: --muon_lr is given twice (0.02, then 0.03): which one is meant? HINT: "
+                                       "give each setting once\n")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_step_count_the_schedule_cannot_plan_is_refused_at_once_and_the_largest_accepted_plans_in_a_second():
+    start = time.process_time()
+    with pytest.raises(ValueError, match=r"num_iterations=1000000 \+ extension_iterations=15 is more than the 20,000 "
+                                         r"steps a run plans before it starts \(in about a second\). HINT: lower "):
+        tg.parse_args(["--num_iterations=1000000"])
+    assert time.process_time() - start < 0.5
+    for preset in tg.PRESETS:
+        args = tg.parse_args([f"--preset={preset}", "--extension_iterations=0", f"--num_iterations={tg.MAX_STEPS}"])
+        start = time.process_time()
+        assert len(tg.full_schedule(args)) == tg.MAX_STEPS + 1
+        assert time.process_time() - start < 1.0, preset
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset=smoke", "--model_dim=0"], "model_dim=0 must be above 0. HINT: see --help; --preset=smoke uses 128"),
+    (["--preset=smoke", "--train_files="], "train_files is empty: it is the glob of the shards to read. HINT: see "
+     "--help; --preset=smoke uses "),
+    (["--val_files= "], "val_files is empty: it is the glob of the shards to read. HINT: see --help; the default is "
+     "data/fineweb10B/fineweb_val_*.bin"),
+    ([f"--run_id={'r' * 201}"], "run_id is 201 characters long: at most 200, as it names files (most file systems "
+     "allow 255 bytes). HINT"),
+    (["--preset=smoke", "--train_files=SHARD_FOLDER"], "'SHARD_FOLDER' names the folder SHARD_FOLDER, not shard files. "
+     "HINT: give a glob of the files, e.g. 'SHARD_FOLDER/*_train_*.bin'"),
+    (["--preset=smoke", "--resume=A_FILE", "--num_iterations=4"], "resume='A_FILE' is a file, not a folder. HINT"),
+    (["--preset=smoke", "--resume=NOWHERE", "--num_iterations=4"], "resume='NOWHERE' is not a folder. HINT"),
+])
+def test_messages_name_the_real_cause(tmp_path, capsys, argv, message):
+    (tmp_path / "A_FILE").write_text("x\n")
+    (tmp_path / "SHARD_FOLDER").mkdir()
+    names = {name: str(tmp_path / name) for name in ("A_FILE", "SHARD_FOLDER", "NOWHERE")}
+    for name, path in names.items():
+        argv = [a.replace(name, path) for a in argv]
+        message = message.replace(name, path)
+    assert tg.cli([*argv, f"--log_dir={tmp_path / 'logs'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(f"error: {message}"), err
+
+
 @pytest.mark.parametrize("preset, overrides", [
     ("smoke_2025_08_23", dict(attn_gate_dim=0)),  # the 2025-08-23 recipe without its sparse attention gate
     ("smoke", dict(ve_gate_dim=0, attn_gate_dim=4, mudd_gate_layer=5, dc_window=0, bigram_vocab_size=2)),
@@ -232,7 +349,11 @@ def test_a_token_id_beyond_the_vocabulary_is_refused_naming_the_file_and_the_id(
     assert err.startswith(f"error: {expected}") and "Traceback" not in err, err
     assert log_lines(tmp_path, "bad")[-1].startswith(f"stopped: {expected}")
     assert not any(s.startswith("step:1/") for s in log_lines(tmp_path, "bad"))  # before the first step
-    tokens[100] = 50303  # the last id with a row is fine
+    tokens[100] = 50303  # a padding id is not GPT-2's either
+    tg.write_shard(bad, tokens)
+    with pytest.raises(tg.ShardError, match="holds token id 50303 .* one of the padding ids 50257-50303"):
+        tg.check_token_ids(tokens, 50304, bad)
+    tokens[100] = 50256  # the last id GPT-2 makes is fine
     tg.write_shard(bad, tokens)
     assert tg.check_token_ids(tokens, 50304, bad) is tokens
 

@@ -123,11 +123,26 @@ def test_the_docker_image_installs_nothing(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(ROOT / "setup.sh", bare)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # one with torch
+    (tmp_path / "bin" / "python").chmod(0o755)
     result, pip = setup(bare, SPEEDRUN_USE_SYSTEM_PYTHON="1")
     assert result.returncode == 0 and pip == []
     assert "SPEEDRUN_USE_SYSTEM_PYTHON=1: using" in result.stderr and "nothing installed" in result.stderr
     assert not (bare / ".venv").exists()
     assert "ENV SPEEDRUN_USE_SYSTEM_PYTHON=1" in (ROOT / "Dockerfile").read_text().splitlines()
+
+
+def test_a_system_python_without_torch_is_refused_with_what_to_install(tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(ROOT / "setup.sh", bare)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")  # a python that cannot import torch
+    (tmp_path / "bin" / "python").chmod(0o755)
+    result, pip = setup(bare, SPEEDRUN_USE_SYSTEM_PYTHON="1")
+    assert result.returncode == 1 and pip == [] and not (bare / ".venv").exists()
+    assert "cannot import torch and numpy. HINT: pip install torch==2.13.0" in result.stderr
 
 
 def test_too_old_a_python_is_refused_with_a_hint(tmp_path):

@@ -142,3 +142,21 @@ def test_two_ranks_train_without_deprecation_warnings(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step:2/2 val_loss:" in result.stdout
     assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr
+
+
+# ----------------------------------------------------------------------------- every tool's bad command line
+
+TOOLS = ["train_gpt.py", "train_extras.py", "sample.py", "export.py", "benchmark.py", "evals/hellaswag.py",
+         "data/cached_fineweb10B.py", "data/tokenize_text.py", "data/shards.py", "data/make_sample.py",
+         "data/fineweb.py", "records/compare.py", "records/curves.py"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_answers_a_bad_command_line_in_one_line(tool):
+    """An option no tool has: `error: ... HINT: ...` on one line, no usage text, no traceback; exit status 1 (2 for
+    records/, whose 1 means that a claim does not hold)."""
+    result = subprocess.run([sys.executable, tool, "--no_such_option=1"], cwd=ROOT, capture_output=True, text=True,
+                            env=clean_env(), timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == (2 if tool.startswith("records/") else 1), result.stderr
+    assert len(lines) == 1 and "error: " in lines[0] and "HINT" in lines[0], lines  # (or a missing required one)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -189,6 +190,42 @@ def test_sample_command_line(saved_smoke, enc):
     assert missing.returncode == 1 and "HINT" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.parametrize("setting", ["--temperature=nan", "--temperature=inf", "--temperature=-1", "--top_k=-1"])
+def test_sampling_settings_that_are_not_finite_and_positive_are_refused(saved_smoke, capsys, setting):
+    assert sample.main([f"--checkpoint={saved_smoke}", setting]) == 1
+    err = capsys.readouterr().err
+    name, value = setting[2:].split("=")
+    shown = float(value) if name == "temperature" else value
+    assert err.splitlines() == [err.strip()] and err.startswith(f"sample.py: error: {name}={shown} must"), err
+    assert "HINT" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "settings a list", "settings not JSON", "a file"])
+def test_a_damaged_model_is_one_line_with_a_hint_in_every_tool(tmp_path, smoke_model, capsys, damage):
+    folder = tmp_path / "damaged"
+    tg.save_model(smoke_model, folder)
+    if damage == "truncated weights":
+        data = (folder / tg.MODEL_FILE).read_bytes()
+        (folder / tg.MODEL_FILE).write_bytes(data[:len(data) // 2])
+        expected = f"{folder} holds a damaged model ("
+    elif damage == "settings a list":
+        (folder / tg.SETTINGS_FILE).write_text("[1, 2]\n")
+        expected = f"{folder / tg.SETTINGS_FILE} is not a saved model's settings (not a JSON object). HINT"
+    elif damage == "settings not JSON":
+        (folder / tg.SETTINGS_FILE).write_text('{"num_layers": \n')
+        expected = f"{folder / tg.SETTINGS_FILE} is not a saved model's settings (Expecting value"
+    else:
+        folder = folder / tg.MODEL_FILE
+        expected = f"{folder} is a file: give the folder that holds it ({folder.parent})"
+    for tool, argv in ((sample, ["--device=cpu"]), (export, [f"--out={tmp_path / 'out'}"]),
+                       (hellaswag, ["--device=cpu", f"--data={FIXTURE}"])):
+        assert tool.main([f"--checkpoint={folder}", *argv]) == 1, tool
+        err = capsys.readouterr().err
+        assert err.splitlines() == [err.strip()] and expected in err and "Traceback" not in err, (tool, err)
+        assert "HINT" in err or damage == "a file"
+    assert not (tmp_path / "out").exists()
+
+
 # -----------------------------------------------------------------------------
 # export.py
 
@@ -213,7 +250,7 @@ def test_export_then_load_gives_exactly_the_same_logits(preset, tmp_path):
     args = tiny(preset)
     model = final_model(args)
     tg.save_model(model, tmp_path / "export_test_run" / "step_3")
-    out = export.export(tmp_path / "export_test_run", tmp_path / "export")  # the run folder: its latest step
+    out, _ = export.export(tmp_path / "export_test_run", tmp_path / "export")  # the run folder: its latest step
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "settings.json", "train_gpt.py", "README.md"}
     loaded = tg.load_model(out)  # one call, no pickle
     seq = torch.randint(0, 50000, (2 * args.block_size,), generator=torch.Generator().manual_seed(0))
@@ -228,7 +265,7 @@ def test_export_needs_no_pickle(tmp_path, smoke_model, monkeypatch):
     from safetensors import safe_open
 
     tg.save_model(smoke_model, tmp_path / "ckpt")
-    out = export.export(tmp_path / "ckpt", tmp_path / "out")
+    out, _ = export.export(tmp_path / "ckpt", tmp_path / "out")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # safetensors: a header and raw tensors
         assert set(f.keys()) == set(smoke_model.state_dict())
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("load_model unpickled something"))
@@ -241,7 +278,7 @@ def test_model_card_states_the_facts(tmp_path, smoke_model):
     model.load_state_dict(smoke_model.state_dict())
     tg.save_model(model, tmp_path / "checkpoints" / "card_run" / "step_12")
     log = fake_log(tmp_path / "logs" / "card_run.txt", args, {0: 10.8, 4: 9.1234, 8: 7.5, 12: 6.25, 14: 6.0})
-    out = export.export(tmp_path / "checkpoints" / "card_run" / "step_12", tmp_path / "export")
+    out, _ = export.export(tmp_path / "checkpoints" / "card_run" / "step_12", tmp_path / "export")
     card = (out / "README.md").read_text()
     assert (out / "training_log.txt").read_bytes() == log.read_bytes()  # found through settings.json's log_dir
     params = sum(p.numel() for p in model.parameters())
@@ -255,7 +292,7 @@ def test_model_card_states_the_facts(tmp_path, smoke_model):
 
 def test_export_without_a_log_says_how_to_give_one(tmp_path, smoke_model, capsys):
     tg.save_model(smoke_model, tmp_path / "lonely")
-    out = export.export(tmp_path / "lonely", tmp_path / "out")
+    out, _ = export.export(tmp_path / "lonely", tmp_path / "out")
     assert "--log=" in capsys.readouterr().err and "not known" in (out / "README.md").read_text()
     with pytest.raises(export.ExportError, match="HINT"):
         export.export(tmp_path / "lonely", tmp_path / "out", log=tmp_path / "missing.txt")
@@ -363,6 +400,42 @@ def test_push_to_hub_refused_says_how_to_log_in(tmp_path, upload_hub, saved_smok
     assert "HINT: log in with `hf auth login` or set HF_TOKEN" in result.stderr
     assert SECRET not in result.stdout + result.stderr
     assert (tmp_path / "export" / "model.safetensors").is_file()  # the export itself is kept
+
+
+def test_export_never_writes_over_a_folder_that_is_not_empty_and_uploads_only_what_it_wrote(tmp_path, upload_hub,
+                                                                                            saved_smoke):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("my own notes\n")
+    (out / "README.md").write_text("my own readme\n")
+    env = hub_env(upload_hub(), tmp_path)
+    result = run("export.py", f"--checkpoint={saved_smoke}", f"--out={out}", env=env)
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        f"export.py: error: --out={out} is not empty (it holds README.md, notes.txt). HINT: choose a new folder, or "
+        "pass --overwrite=true to replace the files an export writes (other files stay, and are never uploaded)"]
+    assert (out / "README.md").read_text() == "my own readme\n" and sorted(p.name for p in out.iterdir()) == [
+        "README.md", "notes.txt"]
+    hub = upload_hub()
+    result = run("export.py", f"--checkpoint={saved_smoke}", f"--out={out}", "--overwrite=true",
+                 "--push_to_hub=someone/tiny", env=hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr
+    written = ["README.md", "model.safetensors", "settings.json", "train_gpt.py"]
+    assert f"exported to {out}: {', '.join(written)}" in result.stdout
+    assert sorted(hub.files) == written and (out / "notes.txt").read_text() == "my own notes\n"
+
+
+def test_export_names_the_real_cause_of_a_bad_out_or_log(tmp_path, saved_smoke, capsys):
+    (tmp_path / "a_file").write_text("x\n")
+    (tmp_path / "notes.txt").write_text("not a training log\n")
+    cases = [([f"--out={tmp_path / 'a_file'}"], f"--out={tmp_path / 'a_file'} is a file, not a folder. HINT"),
+             ([f"--out={tmp_path / 'o1'}", f"--log={tmp_path}"], f"--log={tmp_path}: is a folder, not a file. HINT"),
+             ([f"--out={tmp_path / 'o2'}", f"--log={tmp_path / 'notes.txt'}"],
+              f"--log={tmp_path / 'notes.txt'} is not a training log: no line of 100 '=' characters")]
+    for args, message in cases:
+        assert export.main([f"--checkpoint={saved_smoke}", *args]) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines() == [err.strip()] and message in err, err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused before writing anything
 
 
 # -----------------------------------------------------------------------------
@@ -517,7 +590,36 @@ def test_step_metrics_are_read_from_step_lines():
 def test_wandb_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ValueError, match="HINT: pip install wandb"):
-        tracking.WandbLog(tg.RunLog(None), tiny("smoke", wandb_project="p"))
+        tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
+
+
+def test_wandb_that_cannot_start_a_run_says_so_in_one_line(monkeypatch):
+    """No key, or no network (W&B's CommError after its init timeout): one ValueError naming WANDB_MODE=offline."""
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore detail")
+
+    fake = types.SimpleNamespace(init=init, Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(ValueError, match=r"^W&B could not start a run \(RuntimeError: No API key configured\. Use "
+                                         r"`wandb login` to log in\.\)\. HINT: WANDB_MODE=offline"):
+        tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
+    assert calls[0]["settings"] == dict(init_timeout=tracking.INIT_TIMEOUT_S) and calls[0]["project"] == "p"
+
+
+def test_train_extras_takes_its_options_and_passes_the_rest_to_the_trainer(capsys):
+    sys.path.insert(0, str(ROOT))
+    import train_extras
+
+    options, rest = train_extras.split_options(["--preset=smoke", "--sample_tokens=5", "--wandb_project=p", "--seed=1"])
+    assert options == dict(sample_tokens=5, wandb_project="p") and rest == ["--preset=smoke", "--seed=1"]
+    assert train_extras.main(["--hellaswag_items=-1", "--preset=smoke"]) == 1
+    assert train_extras.main(["--sample_tokens=ten"]) == 1
+    assert "error: --sample_tokens=ten: expected a whole number" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="an option of train_extras.py"):
+        tg.parse_args(["--preset=smoke", "--sample_tokens=5"])
 
 
 @pytest.mark.slow
@@ -532,7 +634,7 @@ def test_training_run_with_samples_hellaswag_and_wandb_offline(tmp_path, enc):
                     WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_CONSOLE="off", WANDB_SILENT="true",
                     WANDB_CACHE_DIR=str(tmp_path / "cache"), WANDB_CONFIG_DIR=str(tmp_path / "config"),
                     WANDB_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
-    result = run("train_gpt.py", "--preset=smoke", "--num_iterations=3", "--extension_iterations=0",
+    result = run("train_extras.py", "--preset=smoke", "--num_iterations=3", "--extension_iterations=0",
                  "--val_every=0", "--model_dim=64", "--head_dim=32", f"--log_dir={tmp_path}", "--run_id=hooks",
                  "--sample_tokens=5", "--hellaswag_items=2", "--wandb_project=test-project", "--save_final=true",
                  f"--checkpoint_dir={tmp_path / 'checkpoints'}", env=env, timeout=600)
@@ -547,7 +649,7 @@ def test_training_run_with_samples_hellaswag_and_wandb_offline(tmp_path, enc):
     assert b"val_loss" in data and data.count(b"train_loss") >= 3 and b"test-project" in data
     run_log = export.read_run_log(tmp_path / "hooks.txt")  # records/compare.py's reading
     assert run_log.status == "complete" and [s for s, *_ in run_log.val] == [0, 3]
-    out = export.export(tmp_path / "checkpoints" / "hooks", tmp_path / "export")  # the run's latest step: step_3
+    out, _ = export.export(tmp_path / "checkpoints" / "hooks", tmp_path / "export")  # the run's latest step: step_3
     assert (out / "training_log.txt").read_bytes() == (tmp_path / "hooks.txt").read_bytes()
     card = (out / "README.md").read_text()
     assert "step 3 of 3" in card and f"{run_log.final_val_loss:.4f} at step 3" in card and "preset `smoke`" in card
