@@ -190,6 +190,7 @@ def estimate_main(argv: list[str]) -> dict:
     world_size = int(options["world_size"] or (8 if options["gpu"] == "h100" else 1))
     if not gpu.has_fp8:  # what train_gpt.adapt_to_device does before sm_89: the bf16 head and MLP
         settings += ["--use_fp8=false", "--use_fp8_mlp=false"]
+    tg.parse_args([s for s in settings if not s.startswith("--stages=")])  # a bad setting: one line now, not later
     if options["report"]:
         report = json.loads(Path(options["report"]).read_text().strip().splitlines()[-1])
     else:

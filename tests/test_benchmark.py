@@ -73,6 +73,7 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
     (["--estimate", "--gpu=v100"], "error: --gpu=v100: choose one of h100, a100"),
     (["--estimate", "--world_size=x"], "error: --world_size=x: expected a number above 0 (see --help)"),
     (["--estimate", "--calibration=0"], "error: --calibration=0: expected a number above 0 (see --help)"),
+    (["--estimate", "--bogus=1"], "error: unknown setting --bogus. HINT: --help lists every setting"),
 ])
 def test_bad_arguments_give_one_error_line_and_exit_1(argv, message, capsys):
     assert benchmark.cli(argv) == 1
