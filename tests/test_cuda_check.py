@@ -150,14 +150,17 @@ def smoke_report() -> dict:
     return run_check("--size=smoke")[0]
 
 
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_smoke_shapes_compile_for_an_h100(smoke_report):
     assert_compiles_for_an_h100(smoke_report, smoke_args())
 
 
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_smoke_shapes_flops_match_the_benchmark_formula(smoke_report):
     assert_flops_match_the_benchmark_formula(smoke_report)
 
 
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_smoke_time_estimate_sums_the_schedule_and_its_table_adds_up_to_the_step(smoke_report):
     """The run's estimate is the sum of its steps' (every step of the schedule, as --print_schedule lists them,
     validation excluded); a step is its kernels, its optimizers and its gradient accumulation, and the table's rows
@@ -181,6 +184,7 @@ def test_smoke_time_estimate_sums_the_schedule_and_its_table_adds_up_to_the_step
         assert min(adam) > max(no_adam)
 
 
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_a100_figures_price_the_same_kernels_slower(smoke_report):
     """--gpu=a100: torch's A100 SXM figures (312.5 TFLOP/s bf16, 2,039 GB/s, no FP8: the FP8 calls priced at the
     bf16 peak) on the same kernels; every kernel at least as slow as on the H100, memory-bound ones by 3,350/2,039."""
@@ -218,17 +222,20 @@ def speedrun_report() -> dict:
     return run_check("--size=speedrun", "--stages=last")[0]
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_speedrun_shapes_compile_for_an_h100(speedrun_report):
     args = tg.parse_args([])
     assert_compiles_for_an_h100(speedrun_report, args, stages=[args.num_stages - 1])
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_speedrun_flops_from_the_compiled_graphs_equal_the_benchmark_formula(speedrun_report):
     assert_flops_match_the_benchmark_formula(speedrun_report)
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(speedrun_report):
     """Inductor's per-graph peak estimates (they leave the parameters out) against what the backward needs whole,
@@ -260,6 +267,7 @@ def speedrun_report_file(speedrun_report, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_benchmark_estimate_prints_memory_and_time_from_the_shared_compile(speedrun_report_file):
     """`benchmark.py --estimate` reads the speedrun compile above (--report: no second compile of the same graphs)
@@ -285,6 +293,7 @@ def test_benchmark_estimate_prints_memory_and_time_from_the_shared_compile(speed
           f"{report['estimate_seconds']} s")
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_speedrun_time_estimate_lies_between_the_roofline_floor_and_the_kernels_launched(speedrun_report):
     """The last stage's step at 8 ranks, from its compiled kernels: not below its model FLOPs at the bf16 peak
