@@ -137,11 +137,10 @@ def compile_check(settings: list[str], world_size: int = 8, stages: str = "all")
     return report
 
 
-def estimate_memory(report: dict) -> dict:
+def estimate_memory(report: dict, args: tg.Hyperparameters) -> dict:
     """Inductor's peak-memory estimates for the compiled training micro-step (forward and backward graphs) and the
-    evaluation, from the CUDA compile check's report."""
+    evaluation, from the CUDA compile check's report (compiled with args)."""
     peak, gib = dict(report["peak_memory_bytes"]), lambda b: round(b / 2**30, 2)
-    args = tg.Hyperparameters(**report["settings"])
     with torch.device("meta"):
         parameters = sum(p.numel() * p.element_size() for p in tg.GPT(args).parameters())
     for kind in ("forward", "backward"):  # the largest stage
@@ -200,7 +199,8 @@ def estimate_main(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     time_estimate = estimate.estimate(report, options["gpu"], world_size)
     calibration = float(options["calibration"]) if options["calibration"] else None
-    result = dict(memory=estimate_memory(report), **estimate.summary(time_estimate, report, calibration),
+    memory = estimate_memory(report, estimate.report_args(report["settings"]))
+    result = dict(memory=memory, **estimate.summary(time_estimate, report, calibration),
                   estimate_seconds=round(time.perf_counter() - t0, 1))
     print(estimate.table(time_estimate, result), flush=True)
     print(json.dumps(result), flush=True)

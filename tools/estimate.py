@@ -69,6 +69,13 @@ LAUNCH_US = 3.0  # per kernel: the gap between dependent kernels plus a small gr
 COLLECTIVE_LATENCY_US = 20.0  # per collective at 8 ranks in one node
 
 
+def report_args(settings: dict) -> tg.Hyperparameters:
+    """The settings a report was compiled with, as Hyperparameters; fields this train_gpt.py no longer has (a report
+    saved by an older one) are left out."""
+    fields = {f.name for f in dataclasses.fields(tg.Hyperparameters)}
+    return tg.Hyperparameters(**{k: v for k, v in settings.items() if k in fields})
+
+
 def peak(gpu: GPU, dtype: str) -> float:
     """FLOP/s of the dtype a kernel writes (inductor's convention); a dtype with no figure has none."""
     return gpu.tflops.get(dtype, gpu.tflops["bfloat16"] if dtype.startswith("float8") else 0.0) * 1e12
@@ -234,7 +241,7 @@ def accumulation_ms(params: list[torch.nn.Parameter], gpu: GPU) -> float:
 def estimate(report: dict, gpu_name: str = "h100", world_size: int = 8, top: int = 15) -> dict:
     """Per stage, evaluation and run, from the CUDA check's report (tools/cuda_check.py's JSON)."""
     gpu = GPUS[gpu_name]()
-    args = tg.Hyperparameters(**report["settings"])
+    args = report_args(report["settings"])
     if args.windows_per_step % world_size:
         raise ValueError(f"world size {world_size} does not divide windows_per_step={args.windows_per_step}")
     records = report["kernel_records"]
