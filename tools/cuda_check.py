@@ -67,7 +67,7 @@ def drive_trainer(tg, rig, opts):
     args = tg.parse_args(base + opts.settings)
     device = torch.device("cuda", 0)
     args, notes = tg.adapt_to_device(args, device)  # the fake device is an H100: FP8 and FlexAttention stay on
-    rig.record(settings={k: v for k, v in vars(args).items()}, notes=notes)
+    rig.record(settings=dataclasses.asdict(args), notes=notes)  # the fields (vars() would add cached properties)
     plans = tg.full_schedule(args)
 
     # Compiles whatever use_compile says: compiling is what is checked.
