@@ -5,7 +5,9 @@
     python benchmark.py --real --steps=50 --train_files=... # real shards instead of synthetic ones
     python benchmark.py --preset=smoke --steps=3            # the CPU smoke check
     python benchmark.py --step=0                          # time the schedule's first step (default: its last)
-    python benchmark.py --estimate                          # GPU memory of the step and the evaluation, without a GPU
+    python benchmark.py --estimate                          # GPU memory and time of the step, without a GPU
+    python benchmark.py --estimate --preset=record_2025_08_23   # the same for record #28's recipe (the calibration)
+    python benchmark.py --estimate --gpu=a100               # one A100 SXM 80GB (bf16 head and MLP, one rank)
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
 runs --warmup untimed steps (compilation), then --steps timed steps, and reports tokens/s, ms/step, model FLOPs per
@@ -13,9 +15,14 @@ token, MFU against --peak_tflops (default: 989, the H100 SXM dense bf16 figure, 
 memory. Figures that count come from a GPU; the CPU run only shows that the benchmark works. With no --preset on a
 machine without a GPU it times the smoke preset (the speedrun preset's windows would need tens of GB), and says so.
 
---estimate times nothing: it compiles the training step and the evaluation for a fake H100 (tools/cuda_check.py, on
-a Linux machine with the CPU build of torch; a few minutes) and prints, in GiB, the parameters plus inductor's own
-peak-memory estimate of the compiled graphs. What that leaves out: docs/cuda_check.md.
+--estimate times nothing: it compiles every stage's training step, the evaluation and the optimizer for a fake H100
+(tools/cuda_check.py, on a Linux machine with the CPU build of torch; 15-30 minutes at the speedrun's shapes on 2
+cores) and prints a short table, then one JSON line: in GiB, the parameters plus inductor's own peak-memory estimate
+of the compiled graphs; the estimated ms per step of each stage, the evaluation, the whole run's training time, the
+kernels per step and the 15 largest (tools/estimate.py). Its options: --gpu=h100|a100; --world_size=N (default 8 on
+an H100, 1 on an A100); --report=FILE reads a saved check report instead of compiling (--save_report=FILE saves
+one); --calibration=X also prints the times multiplied by X (measured / estimated on record #28). What the figures
+rest on and leave out: docs/cuda_check.md.
 """
 
 import dataclasses
@@ -115,22 +122,25 @@ def mean_attended_keys(batches, model: tg.GPT, args: tg.Hyperparameters) -> floa
     return total / (len(batches) * len(layers))
 
 
-def estimate_memory(settings: list[str]) -> dict:
-    """Inductor's peak-memory estimates for the compiled training micro-step (forward and backward graphs) and the
-    evaluation, at the given settings (default: the speedrun preset), from the CUDA compile check run in a subprocess
-    (the fake H100 must be set up before torch is imported)."""
+def compile_check(settings: list[str], world_size: int = 8, stages: str = "all") -> dict:
+    """The CUDA compile check's JSON report (tools/cuda_check.py, run in a subprocess: the fake H100 must be set up
+    before torch is imported) at the given settings (default: the speedrun preset), every stage by default."""
     check = Path(__file__).resolve().parent / "tools" / "cuda_check.py"
-    result = subprocess.run([sys.executable, str(check), "--size=speedrun", "--world_sizes=none", "--stages=last",
-                             *settings],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(check), "--size=speedrun", f"--world_sizes={world_size}",
+                             f"--stages={stages}", *settings], capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith("{"):
         raise RuntimeError(f"the CUDA compile check printed no report:\n{result.stderr[-3000:]}")
     report = json.loads(lines[-1])
     if report.get("problems") or report.get("error"):
         raise RuntimeError("the CUDA compile check failed: " + "; ".join(report["failures"]))
-    peak, gib = report["peak_memory_bytes"], lambda b: round(b / 2**30, 2)
-    args = tg.Hyperparameters(**report["settings"])
+    return report
+
+
+def estimate_memory(report: dict, args: tg.Hyperparameters) -> dict:
+    """Inductor's peak-memory estimates for the compiled training micro-step (forward and backward graphs) and the
+    evaluation, from the CUDA compile check's report (compiled with args)."""
+    peak, gib = dict(report["peak_memory_bytes"]), lambda b: round(b / 2**30, 2)
     with torch.device("meta"):
         parameters = sum(p.numel() * p.element_size() for p in tg.GPT(args).parameters())
     for kind in ("forward", "backward"):  # the largest stage
@@ -149,6 +159,52 @@ def estimate_memory(settings: list[str]) -> dict:
         train_tokens=max(args.seq_lens) // args.micro_batch_split, eval_tokens=args.val_seq_len, torch=report["torch"],
         check_failures=report["failures"], check_seconds=report["seconds"]["total"],
     )
+
+
+ESTIMATE_OPTIONS = dict(gpu="h100", world_size=None, report="", save_report="", calibration=None)
+
+
+def estimate_main(argv: list[str]) -> dict:
+    """--estimate: the memory and the time of the compiled step on a GPU, without one (tools/estimate.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+    import estimate
+
+    options, settings = dict(ESTIMATE_OPTIONS), []
+    for arg in argv:
+        name, _, value = arg.removeprefix("--").partition("=")
+        if name in options:
+            options[name] = value
+        elif name != "estimate":
+            settings.append(arg)
+    if options["gpu"] not in estimate.GPUS:
+        raise ValueError(f"--gpu={options['gpu']}: choose one of {', '.join(estimate.GPUS)}")
+    gpu = estimate.GPUS[options["gpu"]]()
+    for name, cast in (("world_size", int), ("calibration", float)):
+        try:
+            value = options[name] and cast(options[name])
+        except ValueError:
+            value = None
+        if options[name] and not (value and value > 0 and math.isfinite(value)):
+            raise ValueError(f"--{name}={options[name]}: expected a number above 0 (see --help)")
+    world_size = int(options["world_size"] or (8 if options["gpu"] == "h100" else 1))
+    if not gpu.has_fp8:  # what train_gpt.adapt_to_device does before sm_89: the bf16 head and MLP
+        settings += ["--use_fp8=false", "--use_fp8_mlp=false"]
+    tg.parse_args([s for s in settings if not s.startswith("--stages=")])  # a bad setting: one line now, not later
+    if options["report"]:
+        report = json.loads(Path(options["report"]).read_text().strip().splitlines()[-1])
+    else:
+        report = compile_check(settings, world_size)
+    if options["save_report"]:
+        Path(options["save_report"]).write_text(json.dumps(report, default=str) + "\n")
+    t0 = time.perf_counter()
+    time_estimate = estimate.estimate(report, options["gpu"], world_size)
+    calibration = float(options["calibration"]) if options["calibration"] else None
+    memory = estimate_memory(report, estimate.report_args(report["settings"]))
+    result = dict(memory=memory, **estimate.summary(time_estimate, report, calibration),
+                  estimate_seconds=round(time.perf_counter() - t0, 1))
+    print(estimate.table(time_estimate, result), flush=True)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
@@ -178,9 +234,7 @@ def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
 
 def main(argv: list[str]) -> dict:
     if "--estimate" in argv:
-        result = estimate_memory([a for a in argv if a != "--estimate"])
-        print(json.dumps(result), flush=True)
-        return result
+        return estimate_main(argv)
     options, settings = parse_options(argv)
     args = tg.parse_args(settings)
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())

@@ -70,6 +70,10 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
      "smoke_2025_08_23"),
     (["--preset=smoke", "--step=14"], "error: --step=14 is past the schedule's last training step, 13"),
     (["--preset=smoke", "--muon_lr=nan"], "error: muon_lr=nan must be a finite number above 0"),
+    (["--estimate", "--gpu=v100"], "error: --gpu=v100: choose one of h100, a100"),
+    (["--estimate", "--world_size=x"], "error: --world_size=x: expected a number above 0 (see --help)"),
+    (["--estimate", "--calibration=0"], "error: --calibration=0: expected a number above 0 (see --help)"),
+    (["--estimate", "--bogus=1"], "error: unknown setting --bogus. HINT: --help lists every setting"),
 ])
 def test_bad_arguments_give_one_error_line_and_exit_1(argv, message, capsys):
     assert benchmark.cli(argv) == 1
@@ -83,3 +87,60 @@ def test_without_a_gpu_the_default_preset_is_the_smoke_preset_with_a_note(capsys
     result = benchmark.main(["--steps=1", "--warmup=0"])
     assert result["tokens_per_step"] == 1024 and result["settings"]["model_dim"] == 128  # smoke, not 49,152 x 8
     assert "note: no GPU: timing --preset=smoke" in capsys.readouterr().err
+
+
+def estimate_module():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import estimate
+
+    return estimate
+
+
+def test_the_roofline_is_the_larger_of_compute_and_transfer():
+    estimate = estimate_module()
+    h100 = estimate.GPUS["h100"]()
+    matmul = dict(kind="extern", name="aten::mm.out", ops=["mm.default"], lines=[], flops=2 * 4096**3,
+                  bytes=3 * 4096**2 * 2, dtype="bfloat16", inductor_ms=0.0)
+    priced = estimate.price(matmul, h100)
+    assert priced["kernel_ms"] == pytest.approx(1e3 * 2 * 4096**3 / (989.5e12 * estimate.EFFICIENCY["matmul"]))
+    assert priced["bound"] == "compute"
+    skinny = dict(matmul, flops=2 * 4096 * 4096 * 8, bytes=4096 * 4096 * 2)  # a matrix-vector-like product
+    assert estimate.price(skinny, h100)["kernel_ms"] == pytest.approx(1e3 * 4096 * 4096 * 2 / 3350e9)
+    assert estimate.price(skinny, h100)["bound"] == "memory"
+    fp8 = dict(matmul, kind="extern", name="nanogpt::fp8_mm")  # the FP8 peak on an H100, the bf16 one on an A100
+    assert estimate.price(fp8, h100)["kernel_ms"] == pytest.approx(1e3 * 2 * 4096**3 / (1979e12 * 0.55))
+    assert estimate.price(fp8, estimate.GPUS["a100"]())["kernel_ms"] == pytest.approx(1e3 * 2 * 4096**3 /
+                                                                                     (312.5e12 * 0.55))
+    flex = dict(matmul, kind="template", name="buf1", ops=["flex_attention"])
+    assert estimate.price(flex, h100, flex_density=0.25)["flops"] == 2 * 4096**3 / 4
+
+
+def test_mask_density_counts_the_blocks_flex_attention_computes():
+    estimate = estimate_module()
+    args = tg.parse_args(["--preset=smoke_2025_08_23"])  # 64-token blocks, windows in whole blocks
+    one_doc = torch.zeros(512, dtype=torch.long)  # 8 blocks, one document
+    assert estimate.mask_density(one_doc, 8, args) == (8 * 9 / 2) / 64  # causal: the lower triangle and diagonal
+    assert estimate.mask_density(one_doc, 1, args) == 8 / 64  # only the diagonal blocks
+    two_docs = torch.cat([torch.zeros(256, dtype=torch.long), torch.ones(256, dtype=torch.long)])
+    assert estimate.mask_density(two_docs, 8, args) == 2 * (4 * 5 / 2) / 64  # no block crosses the documents
+
+
+def test_the_optimizer_timeline_overlaps_only_what_the_code_overlaps():
+    """Two streams: a collective starts when launched (after the compute before it) and after the previous one; a
+    wait holds the compute stream until its collective ends."""
+    estimate = estimate_module()
+    gpu = estimate.GPUS["h100"]()
+    op = dict(op="lerp", bytes=int(3350e9 * 1e-3), flops=0, dtype="float32")  # 1 ms of memory traffic
+    launch = estimate.LAUNCH_US / 1e3
+    size = 450e9 * 0.8 * 8e-3  # bytes of 8 ms at NCCL's share of NVLink
+    comm = estimate.collective_ms(size, gpu)
+    assert comm == pytest.approx(8 + estimate.COLLECTIVE_LATENCY_US / 1e3)
+    events = [dict(optimizer="Muon"), dict(collective="reduce_scatter_single", bytes=size, index=1),
+              dict(collective="reduce_scatter_single", bytes=size, index=2), dict(wait=1), op,
+              dict(collective="all_gather_single", bytes=size, index=5), dict(wait=2), op, dict(wait=5)]
+    out = estimate.optimizer_ms(events, gpu, {})["Muon"]
+    # the first update waits for the first reduction; the second reduction runs meanwhile; the gather queues behind it
+    assert out["ms"] == pytest.approx(3 * comm)
+    assert out["compute_ms"] == pytest.approx(2 * (1 + launch)) and out["communication_ms"] == pytest.approx(3 * comm)
+    serial = [dict(optimizer="Adam"), dict(collective="all_reduce", bytes=size, index=1), dict(wait=1), op]
+    assert estimate.optimizer_ms(serial, gpu, {})["Adam"]["ms"] == pytest.approx(comm + 1 + launch)

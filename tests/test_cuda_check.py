@@ -150,12 +150,58 @@ def smoke_report() -> dict:
     return run_check("--size=smoke")[0]
 
 
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_smoke_shapes_compile_for_an_h100(smoke_report):
     assert_compiles_for_an_h100(smoke_report, smoke_args())
 
 
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_smoke_shapes_flops_match_the_benchmark_formula(smoke_report):
     assert_flops_match_the_benchmark_formula(smoke_report)
+
+
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
+def test_smoke_time_estimate_sums_the_schedule_and_its_table_adds_up_to_the_step(smoke_report):
+    """The run's estimate is the sum of its steps' (every step of the schedule, as --print_schedule lists them,
+    validation excluded); a step is its kernels, its optimizers and its gradient accumulation, and the table's rows
+    (every group, top=None) add up to it."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import estimate
+
+    args = tg.Hyperparameters(**smoke_report["settings"])
+    e = estimate.estimate(smoke_report, "h100", world_size=1, top=None)
+    train_steps = [p for p in tg.full_schedule(args) if p.step < args.num_iterations + args.extension_iterations]
+    assert len(e["step_ms"]) == len(train_steps) == e["steps"]
+    assert e["train_s"] == pytest.approx(sum(e["step_ms"]) / 1e3, rel=1e-6)
+    assert sorted(e["stages"]) == list(range(args.num_stages)) and e["stages_estimated"] == sorted(e["stages"])
+    for stage, s in e["stages"].items():
+        steps = [ms for ms, p in zip(e["step_ms"], train_steps) if min(p.stage, args.num_stages - 1) == stage]
+        assert s["steps"] == len(steps) and s["ms_per_step"] == pytest.approx(sum(steps) / len(steps), rel=1e-3)
+    assert sum(r["ms"] for r in e["table"]) == pytest.approx(e["example_step"]["ms"], rel=1e-9)
+    adam = [ms for ms, p in zip(e["step_ms"], train_steps) if p.adam_step and p.stage == 0]
+    no_adam = [ms for ms, p in zip(e["step_ms"], train_steps) if not p.adam_step and p.stage == 0]
+    if args.adam_every > 1:  # the smoke preset's 2: Adam's step is the only difference within the stage
+        assert min(adam) > max(no_adam)
+
+
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
+def test_a100_figures_price_the_same_kernels_slower(smoke_report):
+    """--gpu=a100: torch's A100 SXM figures (312.5 TFLOP/s bf16, 2,039 GB/s, no FP8: the FP8 calls priced at the
+    bf16 peak) on the same kernels; every kernel at least as slow as on the H100, memory-bound ones by 3,350/2,039."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import estimate
+
+    a100, h100 = estimate.GPUS["a100"](), estimate.GPUS["h100"]()
+    assert (a100.tflops["bfloat16"], a100.dram_gbps, a100.has_fp8) == (312.5, 2039.0, False)
+    kernels = [k for g in smoke_report["kernel_records"]["train_stage0"] for k in g["kernels"]]
+    for k in kernels:
+        fast, slow = estimate.price(k, h100)["kernel_ms"], estimate.price(k, a100)["kernel_ms"]
+        assert slow >= fast
+        if k["kind"] == "triton" and not k["flops"]:
+            assert slow == pytest.approx(fast * 3350 / 2039, rel=1e-9)
+    e_a100 = estimate.estimate(smoke_report, "a100", world_size=1)
+    e_h100 = estimate.estimate(smoke_report, "h100", world_size=1)
+    assert e_a100["figures"]["tflops"]["bfloat16"] == 312.5 and e_a100["train_s"] > e_h100["train_s"]
 
 
 def test_the_gpu_tests_configuration_compiles_for_an_h100():
@@ -176,17 +222,20 @@ def speedrun_report() -> dict:
     return run_check("--size=speedrun", "--stages=last")[0]
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_speedrun_shapes_compile_for_an_h100(speedrun_report):
     args = tg.parse_args([])
     assert_compiles_for_an_h100(speedrun_report, args, stages=[args.num_stages - 1])
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_speedrun_flops_from_the_compiled_graphs_equal_the_benchmark_formula(speedrun_report):
     assert_flops_match_the_benchmark_formula(speedrun_report)
 
 
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
 def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(speedrun_report):
     """Inductor's per-graph peak estimates (they leave the parameters out) against what the backward needs whole,
@@ -211,25 +260,105 @@ def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(spee
     assert 25 * 2**30 < parameters + peak[f"{last}_backward"] < 60 * 2**30
 
 
+@pytest.fixture(scope="module")
+def speedrun_report_file(speedrun_report, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("speedrun") / "report.json"
+    path.write_text(json.dumps(speedrun_report) + "\n")
+    return path
+
+
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
 @pytest.mark.slow
-def test_benchmark_estimate_prints_the_compiled_graphs_memory_as_one_json_line():
-    """`benchmark.py --estimate` runs the check in a subprocess; here at the smoke shapes, to keep it short."""
-    require_the_toolchain()
-    settings = ["--preset=smoke", "--dtype=bfloat16", "--use_fp8=true", "--use_fp8_mlp=true",
-                "--use_flex_attention=true", "--use_compile=true", "--block_size=128"]
-    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--estimate", *settings],
-                            capture_output=True, text=True, timeout=1800, cwd=ROOT)
+def test_benchmark_estimate_prints_memory_and_time_from_the_shared_compile(speedrun_report_file):
+    """`benchmark.py --estimate` reads the speedrun compile above (--report: no second compile of the same graphs)
+    and prints a table, then one JSON line: inductor's memory estimate and the time estimate (tools/estimate.py)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--estimate",
+                             f"--report={speedrun_report_file}"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1
-    report = json.loads(lines[0])
-    args = smoke_args()
-    assert (report["train_tokens"], report["eval_tokens"]) == (max(args.seq_lens), args.val_seq_len)
-    graphs = max(report["train_forward_graph_gib"], report["train_backward_graph_gib"])
-    assert report["train_step_gib"] == pytest.approx(report["parameters_gib"] + graphs, abs=0.011) and graphs > 0
-    assert report["eval_graph_gib"] >= 2 * args.val_seq_len * args.vocab_size / 2**30 - 0.005  # its bf16 logits
-    assert report["saved_for_backward_gib"] > 0
-    assert report["check_failures"] == []
+    report = json.loads(lines[-1])
+    assert not any(line.startswith("{") for line in lines[:-1]) and "largest:" in result.stdout
+    args = tg.parse_args([])
+    memory = report["memory"]
+    assert (memory["train_tokens"], memory["eval_tokens"]) == (max(args.seq_lens), args.val_seq_len)
+    graphs = max(memory["train_forward_graph_gib"], memory["train_backward_graph_gib"])
+    assert memory["train_step_gib"] == pytest.approx(memory["parameters_gib"] + graphs, abs=0.011) and graphs > 0
+    assert memory["eval_graph_gib"] >= 2 * args.eval_chunk_tokens * args.vocab_size / 2**30 - 0.005
+    assert memory["saved_for_backward_gib"] > 0 and memory["check_failures"] == []
+    last = str(args.num_stages - 1)
+    assert list(report["stages_ms"]) == [last] and report["train_s"] is None  # only the last stage was compiled
+    assert report["preset"] == "speedrun" and report["gpu"] == "H100 SXM 80GB" and report["world_size"] == 8
+    assert len(report["table"]) == 16 and report["kernels_per_step"] > 100
+    print(f"\nspeedrun estimate: {report['stages_ms']} ms/step, validation {report['validation_ms']} ms, "
+          f"{report['estimate_seconds']} s")
+
+
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
+@pytest.mark.slow
+def test_speedrun_time_estimate_lies_between_the_roofline_floor_and_the_kernels_launched(speedrun_report):
+    """The last stage's step at 8 ranks, from its compiled kernels: not below its model FLOPs at the bf16 peak
+    (FP8 only speeds the MLP and head) or its bytes at the full bandwidth; the table's rows add up to the step;
+    FlexAttention computes only the blocks of its mask (less than the whole square)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import estimate
+
+    e = estimate.estimate(speedrun_report, "h100", 8, top=None)
+    args = tg.Hyperparameters(**speedrun_report["settings"])
+    step = e["example_step"]
+    assert step["stage"] == args.num_stages - 1
+    assert sum(r["ms"] for r in e["table"]) == pytest.approx(step["ms"], rel=1e-9)
+    T = max(args.seq_lens)
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    dense_floor_ms = 1e3 * benchmark.flops_per_token(model, args, attended_keys=0) * T / 1979e12
+    assert step["ms"] > dense_floor_ms
+    kernels = [k for g in speedrun_report["kernel_records"][f"train_stage{step['stage']}"][:2] for k in g["kernels"]]
+    assert step["ms"] > 1e3 * sum(k["bytes"] for k in kernels) / 3350e9 + len(kernels) * estimate.LAUNCH_US / 1e3
+    flex = [r for r in e["table"] if r["kind"].startswith("flex")]
+    dense = sum(estimate.price(k, estimate.GPUS["h100"]())["flops"] for k in kernels if k["kind"] == "template")
+    assert flex and 0 < sum(r["flops"] for r in flex) < dense / 2  # causal: less than half the square
+    agreement = e["inductor_agreement"]  # our price of inductor's kernels is its own estimate, its gaps aside
+    assert agreement["other"] == 0 and agreement["same"] > agreement["kernels"] / 2
+    assert e["eval"]["window_ms"] > 0 and e["optimizer"]["Muon"]["communication_ms"] > 0
+
+
+def test_a_lone_matmul_takes_its_flops_over_the_peak_and_a_lone_copy_its_bytes_over_the_bandwidth():
+    """Inductor's own estimate on the fake H100 (torch's datasheet figures: 989.5 TFLOP/s dense bf16, 3,350 GB/s),
+    as tools/cuda_check.py records it, and tools/estimate.py's price of the same kernels."""
+    require_the_toolchain()
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+            "import fake_h100, cuda_check\n"
+            "torch = fake_h100.install()\n"
+            "rig = cuda_check.Rig(torch)\n"
+            "out = {}\n"
+            "for name, fn, shapes in (('matmul', lambda a, b: a @ b, [(8192, 4096), (4096, 8192)]),\n"
+            "                         ('copy', lambda a: a.clone(), [(8192, 8192)])):\n"
+            "    with rig.phase(name, tokens=None), rig.fake:\n"
+            "        inputs = [torch.empty(s, dtype=torch.bfloat16, device='cuda') for s in shapes]\n"
+            "    with rig.phase(name, tokens=None):\n"
+            "        torch.compile(fn, fullgraph=True, dynamic=False)(*inputs)\n"
+            "    out[name] = [k for g in rig.phases[name]['aot'] for k in g['kernels']]\n"
+            "print(json.dumps(out))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels = json.loads(result.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, str(ROOT / "tools"))
+    import estimate
+
+    h100 = estimate.GPUS["h100"]()
+    assert (h100.tflops["bfloat16"], h100.tflops["float8_e4m3fn"], h100.dram_gbps) == (989.5, 1979.0, 3350)
+    [mm] = kernels["matmul"]
+    assert mm["kind"] == "extern" and mm["flops"] == 2 * 8192 * 4096 * 8192
+    assert mm["inductor_ms"] == pytest.approx(1e3 * mm["flops"] / 989.5e12, rel=1e-9)
+    priced = estimate.price(mm, h100)
+    assert priced["kernel_ms"] == pytest.approx(mm["inductor_ms"] / estimate.EFFICIENCY["matmul"], rel=1e-9)
+    assert priced["bound"] == "compute" and priced["ms"] == pytest.approx(priced["kernel_ms"] + 3e-3, rel=1e-9)
+    [copy] = kernels["copy"]
+    assert copy["kind"] == "triton" and copy["bytes"] == 2 * 8192 * 8192 * 2 and copy["flops"] == 0
+    assert copy["inductor_ms"] == pytest.approx(1e3 * copy["bytes"] / 3350e9, rel=1e-9)
+    assert estimate.price(copy, h100)["kernel_ms"] == pytest.approx(copy["inductor_ms"], rel=1e-9)
+    a100 = estimate.GPUS["a100"]()
+    assert estimate.price(copy, a100)["kernel_ms"] == pytest.approx(1e3 * copy["bytes"] / 2039e9, rel=1e-9)
 
 
 def test_a_block_size_the_h100_backward_cannot_take_fails_the_check():

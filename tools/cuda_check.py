@@ -67,7 +67,7 @@ def drive_trainer(tg, rig, opts):
     args = tg.parse_args(base + opts.settings)
     device = torch.device("cuda", 0)
     args, notes = tg.adapt_to_device(args, device)  # the fake device is an H100: FP8 and FlexAttention stay on
-    rig.record(settings={k: v for k, v in vars(args).items()}, notes=notes)
+    rig.record(settings=dataclasses.asdict(args), notes=notes)  # the fields (vars() would add cached properties)
     plans = tg.full_schedule(args)
 
     # Compiles whatever use_compile says: compiling is what is checked.
@@ -124,6 +124,33 @@ def drive_trainer(tg, rig, opts):
                                 p.grad = torch.zeros_like(p)
                         muon.step(plans[0])
                     muon.state.clear()
+        # One whole optimizer step (Adam, then Muon) of rank 0, which owns the largest share, traced op by op for the
+        # time estimate: a step of the last stage (the embedding untied) on which Adam updates; the second such step,
+        # so that the optimizers' state exists already.
+        with rig.process_group(0, world_size):
+            optimizers = tg.build_optimizers(model, args, tg.Runtime(0, world_size, device))
+            # the compiled orthogonalizer is not run again (dynamo will not run under a tracing dispatch mode): the
+            # trace names the graph compiled above for the shard's shape, whose kernels are in its records
+            graphs = {tuple(g["inputs"][0]): g["id"] for g in rig.phases[f"orthogonalize_w{world_size}"]["graphs"]}
+            muon = next(opt for opt in optimizers if isinstance(opt, tg.Muon))
+
+            def orthogonalize(G, graphs=graphs):
+                if rig.recorder is not None:
+                    rig.recorder.events.append(dict(compiled=graphs[tuple(G.shape)]))
+                return torch.empty_like(G, dtype=getattr(torch, args.dtype))
+
+            muon.orthogonalize = orthogonalize
+            plan = dataclasses.replace(plans[-2], adam_step=True, untie=False)
+            for traced in (False, True):
+                with rig.fake:
+                    for p in model.parameters():
+                        p.grad = torch.zeros_like(p)
+                with rig.tracing(f"optimizer_w{world_size}") if traced else contextlib.nullcontext():
+                    for opt in optimizers:
+                        if rig.recorder is not None:
+                            rig.recorder.events.append(dict(optimizer=type(opt).__name__))
+                        opt.step(plan)
+            model.zero_grad(set_to_none=True)
 
 
 # =====================================================================================================================
@@ -142,6 +169,23 @@ class Rig:
         self.compile_calls = []  # the keyword arguments train_gpt passed to torch.compile
         self.info = {}
         self._memory_log = None
+        self._node_log = None  # the kernel records of the graph inductor is compiling now
+        self.graph_ids, self._graph_id = 0, None
+        self.recorder = None  # an OpRecorder while the optimizer step is traced
+        self.traces = {}  # name -> the events OpRecorder traced
+        self.estimate_seconds = 0.0  # spent recording kernels and tracing optimizer steps for the time estimate
+        from torch._inductor.scheduler import Scheduler
+
+        codegen = Scheduler.codegen
+
+        def recorded_codegen(scheduler):
+            if self._node_log is not None:
+                t0 = time.perf_counter()
+                self._node_log.extend(kernel_records(scheduler))
+                self.estimate_seconds += time.perf_counter() - t0
+            return codegen(scheduler)
+
+        Scheduler.codegen = recorded_codegen
         logger = logging.getLogger("torch._inductor.memory")
         logger.setLevel(logging.INFO)
         logger.addHandler(_Collect(self))
@@ -170,6 +214,17 @@ class Rig:
             self.current = None
 
     @contextlib.contextmanager
+    def tracing(self, name: str):
+        """Traces the eager ops run inside (OpRecorder); kept as self.traces[name]."""
+        self.recorder, t0 = OpRecorder(), time.perf_counter()
+        try:
+            with self.recorder.tracing():
+                yield
+        finally:
+            self.traces[name], self.recorder = self.recorder.events, None
+            self.estimate_seconds += time.perf_counter() - t0
+
+    @contextlib.contextmanager
     def process_group(self, rank: int, world_size: int):
         import torch.distributed as dist
 
@@ -191,8 +246,11 @@ class Rig:
             self.current = "unlabelled"
             self.phases.setdefault("unlabelled", dict(tokens=None, graphs=[], aot=[], kernels_from=0))
         phase = self.phases[self.current]
-        phase["graphs"].append(dict(nodes=len(gm.graph.nodes),
+        self.graph_ids += 1
+        graph_id = self.graph_ids
+        phase["graphs"].append(dict(nodes=len(gm.graph.nodes), id=graph_id,
                                     inputs=[tuple(t.shape) for t in example_inputs if hasattr(t, "shape")]))
+        self._graph_id = graph_id
         compile_fx(gm, example_inputs, inner_compile=self.inner_compile)
 
         def run(*args):
@@ -207,14 +265,14 @@ class Rig:
         from torch._inductor.compile_fx import compile_fx_inner
 
         kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
-        record = dict(kind=kind, flops=graph_flops(gm), custom_ops=custom_op_calls(gm), peak_memory=[],
-                      **graph_bytes(gm))
+        record = dict(kind=kind, graph=self._graph_id, flops=graph_flops(gm), custom_ops=custom_op_calls(gm),
+                      peak_memory=[], kernels=[], **graph_bytes(gm))
         self.phases[self.current]["aot"].append(record)
-        self._memory_log = record["peak_memory"]
+        self._memory_log, self._node_log = record["peak_memory"], record["kernels"]
         try:
             return compile_fx_inner(gm, example_inputs, *args, **kwargs)
         finally:
-            self._memory_log = None
+            self._memory_log = self._node_log = None
 
 
 class _Collect(logging.Handler):
@@ -234,6 +292,130 @@ class _Collect(logging.Handler):
             log.append([])
         elif "peak memory:" in message and log:
             log[-1].append(int(message.rsplit(" ", 1)[1]))
+
+
+def kernel_records(scheduler) -> list[dict]:
+    """One record per node of inductor's final schedule (after fusion): what the GPU will run for it, with inductor's
+    own estimate (BaseSchedulerNode.get_estimated_runtime: a roofline, max(FLOPs / peak, bytes / bandwidth), on the
+    figures fake_h100 gives it) and the FLOPs and bytes it is computed from, so that tools/estimate.py can price the
+    same node for another GPU, and the train_gpt.py lines it comes from."""
+    import torch
+    from torch._inductor import ir
+    from torch._inductor import scheduler as nodes
+
+    records = []
+    for node in scheduler.nodes:
+        if isinstance(node, nodes.NopKernelSchedulerNode) or isinstance(node.node, ir.MultiOutput):
+            continue  # no kernel: a view, or the unpacking of an extern kernel's outputs
+        parts = node.get_nodes()
+        origins = [o for part in parts if part.node is not None for o in part.node.get_origins()]
+        ops = sorted({getattr(o.target, "__name__", str(o.target)) for o in origins if o.op == "call_function"})
+        packet = getattr(getattr(node.node, "op_overload", None), "overloadpacket", None)
+        called = [o for o in origins if packet is not None and getattr(o.target, "overloadpacket", None) is packet]
+        lines = {}
+        for o in called or origins:  # an extern kernel's line is its call's, not that of the views fused around it
+            frames = [f for f in (o.meta.get("stack_trace") or "").split("\n") if "train_gpt.py" in f]
+            if frames:  # the innermost line of train_gpt.py that made this op
+                line = frames[-1].split(", line ", 1)[1].replace(", in ", " ").strip()
+                lines[line] = lines.get(line, 0) + 1
+        if isinstance(node, nodes.ExternKernelSchedulerNode):
+            overload = getattr(node.node, "op_overload", None)
+            name = getattr(overload, "_name", None) or getattr(node.node, "python_kernel_name", None) or \
+                type(node.node).__name__
+            kind = "collective" if isinstance(node.node, ir._CollectiveKernel) else "extern"
+        else:
+            foreach = isinstance(node, nodes.ForeachKernelSchedulerNode)
+            kind = "template" if node.is_template() else "foreach" if foreach else "triton"
+            name = node.get_name()
+        record = dict(kind=kind, name=name, ops=ops, lines=sorted(lines, key=lambda k: -lines[k])[:3])
+        try:
+            flops = node.estimate_flops()
+        except Exception:  # noqa: BLE001  (no formula for it: inductor then prices its bytes alone)
+            flops = None
+        dtype = parts[0].get_outputs()[0].node.maybe_get_dtype() if parts[0].get_outputs() else None
+        record.update(flops=int(flops) if flops else 0, bytes=int(node.get_read_write_buffers_sizes() or 0),
+                      dtype=str(dtype).removeprefix("torch."), inductor_ms=float(node.get_estimated_runtime()))
+        if kind == "template":  # FlexAttention: the query's and the key's shapes, to count what its mask computes
+            inputs = getattr(parts[0].node, "inputs", [])
+            record["shapes"] = [[int(d) for d in i.get_size()] for i in inputs[:2]
+                                if all(isinstance(d, (int, torch.SymInt)) or d.is_number for d in i.get_size())]
+        records.append(record)
+    return records
+
+
+class OpRecorder:
+    """Traces one eager optimizer step on fake tensors: every ATen op that launches a kernel (views and empty
+    tensors do not) with the bytes it reads and writes (torch.utils._runtime_estimation's count) and its FLOPs
+    (torch's flop formulas); each collective the optimizers start (bytes per rank), each wait on one, and each call of
+    a compiled function (its kernels are in that graph's records)."""
+
+    NO_KERNEL = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided", "alias", "slice",
+                 "_local_scalar_dense", "lift_fresh", "clone_"}
+
+    def __init__(self):
+        self.events = []
+
+    @contextlib.contextmanager
+    def tracing(self):
+        import torch
+        import torch.distributed as dist
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._runtime_estimation import _VIEW_OPS, get_num_bytes
+        from torch.utils.flop_counter import flop_registry
+
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                packet = func.overloadpacket
+                name = packet.__name__
+                if packet in _VIEW_OPS or name in recorder.NO_KERNEL or \
+                        func.namespace in ("c10d", "_c10d_functional"):
+                    return out
+                if not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
+                    return out  # a query (Tensor.device, a size): no kernel
+                tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                           if isinstance(t, torch.Tensor)]
+                flops = flop_registry[packet](*args, **(kwargs or {}), out_val=out) if packet in flop_registry else 0
+                dtypes = [t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+                recorder.events.append(dict(op=name, bytes=sum(get_num_bytes(t) for t in tensors), flops=int(flops),
+                                            dtype=str(dtypes[0] if dtypes else None).removeprefix("torch.")))
+                return out
+
+        class Handle:
+            def __init__(self, index, work):
+                self.index, self.work = index, work
+
+            def wait(self):
+                recorder.events.append(dict(wait=self.index))
+                return self.work.wait() if self.work is not None else True
+
+        originals = {}
+
+        def collective(name, factor):
+            original = originals[name] = getattr(dist, name)
+
+            def call(output, *args, async_op=False, **kwargs):
+                size = output.numel() * output.element_size()
+                recorder.events.append(dict(collective=name, bytes=int(size * factor(dist.get_world_size())),
+                                            index=len(recorder.events)))
+                work = original(output, *args, async_op=async_op, **kwargs)
+                return Handle(recorder.events[-1]["index"], work) if async_op else work
+
+            setattr(dist, name, call)
+
+        # bytes each rank sends in a ring: the output's share of the whole for a reduce-scatter (whose output is
+        # one rank's share), (W - 1) / W of it for a gather, twice that for an all-reduce
+        collective("reduce_scatter_single", lambda W: W - 1)
+        collective("all_gather_single", lambda W: (W - 1) / W)
+        collective("all_reduce", lambda W: 2 * (W - 1) / W)
+        try:
+            with Mode():
+                yield self
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
 
 
 def graph_flops(gm) -> dict:
@@ -344,6 +526,22 @@ def summarize(torch, rig, opts, error) -> dict:
                 g["flops"][name] = g["flops"].get(name, 0) + op_flops[key]
     report["custom_ops"] = dict(calls=fp8_calls, errors=fp8_errors,
                                 all_accepted=not fp8_errors if fp8_calls else None)
+
+    # every graph's kernels (inductor's schedule) for the time estimate (tools/estimate.py); a custom op's FLOPs are
+    # those its body ran above (inductor has no formula for it), matched to the graph's calls in order
+    report["kernel_records"] = {}
+    for name, p in phases.items():
+        for g in p["aot"]:
+            calls = {}
+            for op, args in g["custom_ops"]:
+                calls.setdefault(op, []).append(op_flops[(op, repr(args))])
+            for k in g["kernels"]:
+                if k["kind"] == "extern" and calls.get(k["name"]):
+                    k["flops"] = calls[k["name"]].pop(0)
+            report["kernel_records"].setdefault(name, []).append(dict(kind=g["kind"], graph=g["graph"],
+                                                                      kernels=g["kernels"]))
+    report["optimizer_traces"] = rig.traces
+    report["seconds"]["estimate_records"] = round(rig.estimate_seconds, 1)
 
     # FLOPs (totals by graph kind and op, and per token) and inductor's peak-memory estimates per phase and graph kind
     attention = ("flex_attention", "flex_attention_backward")

@@ -204,6 +204,7 @@ def install():
     _patch_triton()
     _patch_attention_patterns(torch)
     _configure_inductor(torch)
+    _give_inductor_the_datasheet(torch)
     return torch
 
 
@@ -319,6 +320,29 @@ def _configure_inductor(torch):
     inductor.joint_graph_constant_folding = False  # it evaluates small constants for real, on the device
     inductor.shape_padding = False  # pad_mm decides by timing padded and unpadded matmuls on the device
     torch._functorch.config.force_non_lazy_backward_lowering = True  # compile the backward now, not at .backward()
+
+
+def _give_inductor_the_datasheet(torch):
+    """Inductor prices each kernel it schedules (BaseSchedulerNode.get_estimated_runtime) with the device's peak FLOP/s
+    for the kernel's output dtype and its DRAM bandwidth. torch ships the H100 SXM's datasheet figures
+    (torch/_inductor/analysis/device_info.py, "NVIDIA H100") but looks them up by the exact device name, which for an
+    H100 SXM is "NVIDIA H100 80GB HBM3"; missing it, inductor asks nvidia-smi for the clock and, with none here, prices
+    every kernel at 0 ms. So the fake device's name maps to torch's own entry, with float8_e4m3fn (absent from it) at
+    the FP8 figure it gives float8_e5m2; the bandwidth is the entry's 3,350 GB/s instead of triton's figure from the
+    fake memory clock (3,352)."""
+    import dataclasses
+
+    from torch._inductor import scheduler, utils
+    from torch._inductor.analysis import device_info
+
+    h100 = device_info.lookup_device_info("NVIDIA H100")
+    entry = dataclasses.replace(h100, tops={**h100.tops, torch.float8_e4m3fn: h100.tops[torch.float8_e5m2]})
+    device_info._device_mapping[H100.name.upper()] = entry
+    bandwidth = lambda: entry.dram_bw_gbs
+    utils.get_gpu_dram_gbps = scheduler.get_gpu_dram_gbps = bandwidth
+    import torch.utils._runtime_estimation as runtime_estimation
+
+    runtime_estimation.get_gpu_dram_gbps = bandwidth
 
 
 def to_fake_cuda(t, fake_mode):
