@@ -1602,7 +1602,8 @@ class GPT(nn.Module):
         e = self.embed(input_seq)[None]
         if args.use_smear:  # each embedding adds a gated share of the previous one (#34)
             gate = torch.sigmoid(F.linear(e[:, 1:, :12], self.smear_gate.type_as(e)))
-            e = torch.cat([e[:, :1], e[:, 1:] + s[self.scalar_slices["smear"]] * gate * e[:, :-1]], dim=1)
+            lam = s[self.scalar_slices["smear"].start]  # 0-dim: the fp32 scalar keeps the stream in bf16, as #34's
+            e = torch.cat([e[:, :1], e[:, 1:] + lam * gate * e[:, :-1]], dim=1)
         x = x0 = norm(e)
         gates = [self.gate(0, x0), None] if hasattr(self, "gate") else None
         bigram = self.bigram(input_seq) if args.bigram_vocab_size else None

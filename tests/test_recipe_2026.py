@@ -416,6 +416,29 @@ def test_the_model_trains_in_bf16_with_fp8_mlp_and_head_on_a_cpu():
     assert model.mlp_act_scales[:, 2].ne(1).all() and model.mlp_act_scales[:, [0, 1, 3]].eq(1).all()
 
 
+def test_in_bf16_every_matmul_of_the_step_takes_bf16_operands():
+    """The residual stream stays bf16 from the embedding on (as in the record): an fp32 tensor with a dimension in
+    a product with the stream (e.g. a 1-element slice of the fp32 scalars) would promote it, and every later matmul
+    would run in fp32, without tensor cores (found by benchmark.py --estimate: 148 of 150 matmuls, ~5x the step).
+    The DC correction's small einsum is fp32 on purpose, so it is off here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "bmm", "addmm", "baddbmm", "_scaled_mm"):
+                self.seen.append(tuple(str(a.dtype) for a in args[:2] if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    args = tiny_args(dtype="bfloat16", dc_layers="", use_smear=True, bigram_vocab_size=1024)
+    model = set_plan(randomized(tg.GPT(args)), args, 0)
+    seq = documents(65, [0, 30])
+    with MatmulDtypes() as probe:
+        model(seq[:-1], seq[1:]).backward()
+    assert len(probe.seen) > 50 and set(probe.seen) == {("torch.bfloat16", "torch.bfloat16")}, set(probe.seen)
+
+
 # ----------------------------------------------------------------------------- runs
 
 
