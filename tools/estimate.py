@@ -83,7 +83,8 @@ def peak(gpu: GPU, dtype: str) -> float:
 
 def roofline_ms(flops: float, nbytes: float, gpu: GPU, dtype: str, efficiency: float = 1.0) -> float:
     """max(compute, transfer), in ms, as torch._inductor.scheduler.BaseSchedulerNode._get_estimated_runtime."""
-    compute = flops / (peak(gpu, dtype) * efficiency) if flops else 0.0
+    top = peak(gpu, dtype) * efficiency
+    compute = flops / top if flops and top else 0.0  # no figure for the dtype (an integer kernel): its bytes alone
     return 1e3 * max(compute, nbytes / (gpu.dram_gbps * 1e9))
 
 
@@ -110,7 +111,8 @@ def price(k: dict, gpu: GPU, flex_density: float | None = None) -> dict:
     if kind == "fp8_matmul":
         dtype = "float8_e4m3fn" if gpu.has_fp8 else "bfloat16"
     ms = roofline_ms(flops, k["bytes"], gpu, dtype, EFFICIENCY.get(kind, 1.0))
-    bound = "compute" if flops and flops / (peak(gpu, dtype) * EFFICIENCY.get(kind, 1.0)) * 1e3 >= ms else "memory"
+    top = peak(gpu, dtype) * EFFICIENCY.get(kind, 1.0)
+    bound = "compute" if flops and top and flops / top * 1e3 >= ms else "memory"
     return dict(ms=ms + LAUNCH_US / 1e3, kernel_ms=ms, flops=flops, bytes=k["bytes"], bound=bound, kind=kind)
 
 
