@@ -145,9 +145,24 @@ def smoke_args() -> tg.Hyperparameters:
                           "--use_flex_attention=true", "--use_compile=true", "--block_size=128"])
 
 
+def shared_report(tmp_path_factory, name: str, *argv: str) -> dict:
+    """run_check(*argv)'s report, compiled once per test run whichever test or pytest-xdist worker asks first: the
+    others wait for it under a file lock and read it (the xdist_group marks keep its tests together, but a worker may
+    still tear a module fixture down between them)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's, shared by its workers
+    path = folder / f"cuda_check_{name}.json"
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            path.write_text(json.dumps(run_check(*argv)[0]))
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
-def smoke_report() -> dict:
-    return run_check("--size=smoke")[0]
+def smoke_report(tmp_path_factory) -> dict:
+    return shared_report(tmp_path_factory, "smoke", "--size=smoke")
 
 
 @pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
@@ -215,11 +230,11 @@ def test_the_gpu_tests_configuration_compiles_for_an_h100():
 
 
 @pytest.fixture(scope="module")
-def speedrun_report() -> dict:
+def speedrun_report(tmp_path_factory) -> dict:
     """The real shapes at the largest stage (49,152 tokens): every stage is one graph of the same code, which the
     smoke check compiles stage by stage; here the shapes are what matters (and compiling each stage at full size
     would take half an hour on 2 cores)."""
-    return run_check("--size=speedrun", "--stages=last")[0]
+    return shared_report(tmp_path_factory, "speedrun", "--size=speedrun", "--stages=last")
 
 
 @pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared

@@ -185,7 +185,10 @@ def test_a_signal_mid_run_ends_the_log_with_its_reason(shard_dir, tmp_path, sig,
     command = [sys.executable, str(ROOT / "train_gpt.py")] + argv(shard_dir, tmp_path, run_id="sig", save_every=3,
                                                                    num_iterations=60, val_every=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C's default, whatever this test was started from: a shell's background job ignores SIGINT, and so would
+    # the trainer, which inherits that
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = tmp_path / "logs" / "sig.txt"
     wait_for(log, "step:5/", process)
     process.send_signal(sig)

@@ -154,7 +154,9 @@ def sample_windows(args: tg.Hyperparameters, seq_len: int, max_doc_len: int | No
     import benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = benchmark.synthetic_shards(Path(tmp), (count + 2) * seq_len * 2, seed=seed)
+        # enough tokens whatever the windows: the loader plans a whole step, and the record's rule for a new shard
+        # (tokens left < 2 x windows x seq_len) must not end a shard of 1,000-token documents
+        files = benchmark.synthetic_shards(Path(tmp), max((count + 2) * seq_len * 2, 1 << 16), seed=seed)
         loader = tg.TrainLoader(tg.find_shards(files), seq_len, 1, 0, 1, torch.device("cpu"),
                                 vocab_size=args.vocab_size)
         return [tg.document_ids(loader.next_step(seq_len, max_doc_len)[0][0]) for _ in range(count)]
