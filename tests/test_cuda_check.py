@@ -53,6 +53,14 @@ def run_check(*argv: str, expect_pass: bool = True) -> tuple[dict, subprocess.Co
     return report, result
 
 
+def run_on_fake_h100(code: str):
+    """Runs a snippet in a fresh process (the fake H100 must be set up before torch loads; sys.argv[1] is the
+    repository) and returns the JSON its last line prints."""
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def muon_shard_shapes(args: tg.Hyperparameters, world_size: int) -> set[tuple]:
     """What rank r passes the orthogonalizer: its contiguous share of ceil(n / W) matrices of each Muon group of n
     (tg.Muon's contract), for every rank that owns any."""
@@ -354,9 +362,7 @@ def test_a_lone_matmul_takes_its_flops_over_the_peak_and_a_lone_copy_its_bytes_o
             "        torch.compile(fn, fullgraph=True, dynamic=False)(*inputs)\n"
             "    out[name] = [k for g in rig.phases[name]['aot'] for k in g['kernels']]\n"
             "print(json.dumps(out))")
-    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    kernels = json.loads(result.stdout.strip().splitlines()[-1])
+    kernels = run_on_fake_h100(code)
     sys.path.insert(0, str(ROOT / "tools"))
     import estimate
 
@@ -408,8 +414,6 @@ def test_the_fp8_check_rejects_what_scaled_mm_rejects():
             "run = lambda D: cuda_check.run_custom_op(torch, 'nanogpt::fp8_mm', [((256, D), (D, 1), torch.bfloat16), "
             "((50304, D), (D, 1), torch.float32), 0.03, 2**-9, 1 / 448])\n"
             "print(json.dumps([run(128), run(120)]))")
-    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (ok_error, ok_flops), (bad_error, _) = json.loads(result.stdout.strip().splitlines()[-1])
+    (ok_error, ok_flops), (bad_error, _) = run_on_fake_h100(code)
     assert ok_error is None and ok_flops == 2 * 256 * 128 * 50304
     assert bad_error is not None and "16" in bad_error, bad_error
