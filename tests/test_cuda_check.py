@@ -168,6 +168,17 @@ def shared_report(tmp_path_factory, name: str, *argv: str) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.xdist_group("smoke_compile")
+def test_a_compile_group_reaches_one_worker(request):
+    """Under ./test.sh (pytest-xdist --dist loadgroup) a group's tests must all run on one worker, while the other
+    worker runs everything else: that is what keeps the suite's time. pytest-xdist tags each test's node id with its
+    group; a pytest that drops the tag (9.2 did) silently scatters the group, and the second worker then sits out a
+    whole compile waiting on the lock in shared_report."""
+    if not getattr(request.config.option, "loadgroup", False):  # set in each worker by pytest-xdist
+        pytest.skip("runs under pytest-xdist --dist loadgroup, as ./test.sh runs the tests")
+    assert request.node.nodeid.endswith("@smoke_compile"), request.node.nodeid
+
+
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory) -> dict:
     return shared_report(tmp_path_factory, "smoke", "--size=smoke")
