@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for the record: set up .venv when needed (setup.sh), fetch the FineWeb shards the speedrun needs (skipped
-# when already here and valid), then train on the local GPUs with torchrun. Without a GPU it runs the smoke preset on
+# when already here and valid), then train on the local GPUs with torchrun (through launch.py). Without a GPU it runs the smoke preset on
 # the CPU instead, on the sample shards shipped in data/sample/, and says so.
 # Extra arguments go to train_gpt.py, e.g. ./run.sh --seed=1
 set -euo pipefail
@@ -20,4 +20,4 @@ for n in 8 4 2; do
 done
 if [ "$nproc" -ne "$gpus" ]; then echo "run.sh: $gpus GPUs found; using $nproc (the world size must divide 8)" >&2; fi
 python data/cached_fineweb10B.py 9  # the val shard + 900M training tokens; the record reads about 680M
-exec torchrun --standalone --nproc_per_node="$nproc" train_gpt.py "$@"
+exec python launch.py --standalone --nproc_per_node="$nproc" train_gpt.py "$@"  # torchrun, ending on our line

@@ -625,16 +625,9 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.windows_per_step % world_size:
         sizes = [n for n in range(1, args.windows_per_step + 1) if args.windows_per_step % n == 0]
-        message = (f"world size {world_size} cannot keep the batch of windows_per_step={args.windows_per_step} "
-                   f"windows; use a world size among {sizes}")
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
-            raise ValueError(message)
-        # Under torchrun every rank gets here: one message, from rank 0, and no exit status that torchrun would turn
-        # into a traceback of its own; nothing has started, so there is nothing to clean up.
-        if rank == 0:
-            print(f"error: {message} (e.g. torchrun --nproc_per_node={max(n for n in sizes if n <= world_size)}); "
-                  "nothing was run", file=sys.stderr, flush=True)
-        sys.exit(0)
+        raise ValueError(f"world size {world_size} cannot keep the batch of windows_per_step={args.windows_per_step} "
+                         f"windows; use a world size among {sizes} (e.g. --nproc_per_node="
+                         f"{max(n for n in sizes if n <= world_size)}); nothing was run")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA GPU is visible; use --device=cpu (or auto)")
@@ -2485,6 +2478,8 @@ def cli(argv: list[str], hooks=()) -> int:
             traceback.print_exc()
         if int(os.environ.get("RANK", 0)) == 0:
             print(message, file=sys.stderr, flush=True)
+        elif int(os.environ.get("WORLD_SIZE", 1)) > 1:  # rank 0 speaks for the job: let it, before torchrun, seeing
+            time.sleep(5)  # this rank fail, stops the others (a refused setting fails on every rank at once)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -110,15 +110,37 @@ def test_a_run_started_in_another_directory_finds_the_repositorys_shards(tmp_pat
 
 
 @pytest.mark.slow
-def test_torchrun_with_a_world_size_that_cannot_work_says_so_once(tmp_path):
+@pytest.mark.parametrize("fault", ["world_size", "no_shards"])
+def test_a_run_refused_under_launch_py_ends_on_our_line_with_a_failing_status(tmp_path, fault):
+    """launch.py (torchrun's parser and launcher): a world size that cannot keep the batch, or shards that are not
+    there, are said once, by rank 0, and the last line is launch.py's, not torchrun's traceback; the exit status is the
+    rank's 1."""
+    nproc, extra = (3, []) if fault == "world_size" else (2, ["--train_files=nowhere/none_*.bin"])
+    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--standalone", f"--nproc_per_node={nproc}",
+                             str(ROOT / "train_gpt.py"), "--preset=smoke_2025_08_23", f"--log_dir={tmp_path}", *extra],
+                            capture_output=True, text=True, timeout=600, env=clean_env())
+    output = result.stdout + result.stderr
+    said = ("world size 3 cannot keep the batch of windows_per_step=4 windows; use a world size among [1, 2, 4] (e.g. "
+            "--nproc_per_node=2); nothing was run") if fault == "world_size" else "nowhere/none_*.bin"
+    assert sum(said in line for line in output.splitlines()) == 1, output
+    assert "Traceback" not in output and "ChildFailedError" not in output and "SIGTERM" not in output, output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("launch: rank ") and "(exit status 1)" in lines[-1], output
+    assert lines[-2].startswith("error: ") and said in lines[-2], output
+    assert result.returncode == 1
+    logs = list(tmp_path.iterdir())
+    if fault == "world_size":
+        assert logs == []
+    else:  # the run had started: its log ends with the same reason
+        last = logs[0].read_text().splitlines()[-1]
+        assert len(logs) == 1 and last == "stopped: " + lines[-2].removeprefix("error: ")
+
+
+@pytest.mark.slow
+def test_torchrun_itself_ends_a_refused_world_size_with_a_failing_status(tmp_path):
     result = subprocess.run([*TORCHRUN, "--nproc_per_node=3", str(ROOT / "train_gpt.py"), "--preset=smoke_2025_08_23",
                              f"--log_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=clean_env())
-    output = result.stdout + result.stderr
-    assert output.count("world size 3 cannot keep the batch of windows_per_step=4 windows") == 1, output
-    assert "use a world size among [1, 2, 4] (e.g. torchrun --nproc_per_node=2); nothing was run" in result.stderr
-    assert "Traceback" not in output and "ChildFailedError" not in output and "SIGTERM" not in output
-    assert result.returncode == 0  # torchrun turns any other status into a traceback of its own
-    assert list(tmp_path.iterdir()) == []  # no log: nothing ran
+    assert result.returncode != 0 and "world size 3 cannot keep the batch" in result.stderr
 
 
 @pytest.mark.slow
@@ -146,9 +168,9 @@ def test_two_ranks_train_without_deprecation_warnings(tmp_path):
 
 # ----------------------------------------------------------------------------- every tool's bad command line
 
-TOOLS = ["train_gpt.py", "train_extras.py", "sample.py", "export.py", "benchmark.py", "evals/hellaswag.py",
-         "data/cached_fineweb10B.py", "data/tokenize_text.py", "data/shards.py", "data/make_sample.py",
-         "data/fineweb.py", "records/compare.py", "records/curves.py"]
+TOOLS = ["train_gpt.py", "launch.py", "train_extras.py", "sample.py", "export.py", "benchmark.py",
+         "evals/hellaswag.py", "data/cached_fineweb10B.py", "data/tokenize_text.py", "data/shards.py",
+         "data/make_sample.py", "data/fineweb.py", "records/compare.py", "records/curves.py"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)
