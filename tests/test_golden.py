@@ -64,24 +64,47 @@ import json, platform, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 import torch
 import train_gpt
+evaluations = int(sys.argv[2])  # 0: the whole run; n: stop it after its n-th validation, losses as validated
+losses, evaluate = [], train_gpt.evaluate
+
+
+class Enough(Exception):
+    pass
+
+
+def validated(*args, **kwargs):
+    losses.append(evaluate(*args, **kwargs))
+    if len(losses) == evaluations:
+        raise Enough
+    return losses[-1]
+
+
+train_gpt.evaluate = validated
 with tempfile.TemporaryDirectory() as log_dir:
-    result = train_gpt.main([f"--log_dir={log_dir}"] + sys.argv[2:])
+    try:
+        result = train_gpt.main([f"--log_dir={log_dir}"] + sys.argv[3:])
+    except Enough:
+        result = {"val_losses": dict(enumerate(losses))}  # by validation, not by step: the caller names the steps
 print("RESULT " + json.dumps({"losses": result["val_losses"], "capability": torch.backends.cpu.get_cpu_capability(),
                               "mkl": torch.backends.mkl.is_available(), "machine": platform.machine()}))
 """
 
 
-def run_preset(argv: list[str], settings: dict[str, str] | None) -> dict:
+def run_preset(argv: list[str], settings: dict[str, str] | None, evaluations: int = 0) -> dict:
     """train_gpt.main(argv) in a fresh process: with `settings` in its environment, or (None) with every kernel
-    setting removed, so that the machine picks its own kernels."""
+    setting removed, so that the machine picks its own kernels. evaluations=n stops the run after its n-th
+    validation (the losses are then keyed by the golden steps they belong to)."""
     env = {k: v for k, v in os.environ.items() if k not in KERNEL_SETTINGS}  # threads: the caller's (measured:
     # 1 or 2 threads give the same losses; under ./test.sh's workers, one each)
     env.update(settings or {})
-    result = subprocess.run([sys.executable, "-c", RUN, str(ROOT)] + argv, capture_output=True, text=True, env=env,
-                            timeout=1200)
+    result = subprocess.run([sys.executable, "-c", RUN, str(ROOT), str(evaluations)] + argv, capture_output=True,
+                            text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT ")[-1])
     out["losses"] = {int(step): loss for step, loss in out["losses"].items()}
+    if evaluations:
+        preset = next(a.partition("=")[2] for a in argv if a.startswith("--preset="))
+        out["losses"] = dict(zip(GOLDEN[preset], out["losses"].values()))
     return out
 
 
@@ -98,9 +121,10 @@ def pinning_holds() -> str:
     return ""
 
 
-def mismatches(losses: dict[int, float], preset: str, exact: bool) -> list[str]:
-    """The steps where `losses` miss the preset's golden values: bit for bit, or by more than TOLERANCE."""
-    golden = GOLDEN[preset]
+def mismatches(losses: dict[int, float], preset: str, exact: bool, first: int | None = None) -> list[str]:
+    """The steps where `losses` miss the preset's golden values: bit for bit, or by more than TOLERANCE. first=n:
+    `losses` holds the first n golden steps only."""
+    golden = {step: loss for step, loss in list(GOLDEN[preset].items())[:first]}
     if list(losses) != list(golden):
         return [f"steps {list(losses)} != golden steps {list(golden)}"]
     return [f"step {step}: {losses[step]!r} vs golden {golden[step]!r} (off by {abs(losses[step] - golden[step]):.2e}"
@@ -136,9 +160,13 @@ def test_default_kernels_reproduce_the_golden_losses_within_tolerance(preset):
                          ids=["2025_lr_1pct_off", "2025_skip_dropped", "2026_lr_1pct_off"])
 def test_a_wrong_variant_fails_the_golden_comparison(preset, wrong):
     """smoke_2025_08_23 has muon_lr=0.05 and skips 1>2,0>3; smoke has muon_lr=0.023: each variant changes the math a
-    little, and must miss the golden values by more than the tolerance that the default kernels are allowed."""
-    run = run_preset([f"--preset={preset}", wrong], PINNED if pinning_holds() == "" else None)
-    assert mismatches(run["losses"], preset, exact=False), f"{wrong} trained within the golden tolerance: {run}"
+    little, and must miss the golden values by more than the tolerance that the default kernels are allowed already
+    at the first validation after step 0 (so the run stops there: a quarter of the steps)."""
+    run = run_preset([f"--preset={preset}", wrong], PINNED if pinning_holds() == "" else None, evaluations=2)
+    assert len(run["losses"]) == 2, run
+    if wrong.startswith("--muon_lr") and pinning_holds() == "":  # the same model until the first step: step 0 exact
+        assert run["losses"][0] == GOLDEN[preset][0], run
+    assert mismatches(run["losses"], preset, exact=False, first=2), f"{wrong} trained within the tolerance: {run}"
 
 
 # smoke_2025_08_23's losses recorded on machines other than the one that measured SPREAD: the tolerance must hold them.

@@ -182,8 +182,9 @@ def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 
 @pytest.mark.parametrize("sig, last", [(signal.SIGTERM, "stopped: SIGTERM: stopped after step"),
                                        (signal.SIGINT, "stopped: interrupted (Ctrl-C)")])
 def test_a_signal_mid_run_ends_the_log_with_its_reason(shard_dir, tmp_path, sig, last):
+    # 30 steps: enough that the signal after step 5 arrives mid-run, and few to resume
     command = [sys.executable, str(ROOT / "train_gpt.py")] + argv(shard_dir, tmp_path, run_id="sig", save_every=3,
-                                                                   num_iterations=60, val_every=0)
+                                                                   num_iterations=30, val_every=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Ctrl-C's default, whatever this test was started from: a shell's background job ignores SIGINT, and so would
     # the trainer, which inherits that
@@ -201,10 +202,11 @@ def test_a_signal_mid_run_ends_the_log_with_its_reason(shard_dir, tmp_path, sig,
         step = int(lines[-1].split("stopped after step ")[1].split(";")[0])
         folder = tmp_path / "ckpt" / "sig" / f"step_{step}"
         assert f"checkpoint {folder}" in lines[-1] and lines[-2] == f"checkpoint: {folder} (step {step})"
-        assert lines[-3].startswith(f"step:{step}/62 ")
-        result = tg.main(argv(shard_dir, tmp_path, run_id="after", resume=str(folder), num_iterations=60,
+        total = 30 + tiny_args().extension_iterations
+        assert lines[-3].startswith(f"step:{step}/{total} ")
+        result = tg.main(argv(shard_dir, tmp_path, run_id="after", resume=str(folder), num_iterations=30,
                               val_every=0))
-        assert list(result["val_losses"]) == [0, 62]  # step 0's from the checkpoint, the final one from the resume
+        assert list(result["val_losses"]) == [0, total]  # step 0's from the checkpoint, the final one from the resume
 
 
 def test_a_full_disk_keeps_every_complete_log_line(shard_dir, tmp_path, monkeypatch):
