@@ -217,7 +217,9 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, files: list[s
         hint = ("log in with `hf auth login` or set HF_TOKEN to a token with write access" if status in (401, 403)
                 else "check the repository name (<user or org>/<name>) and your network, then run again")
         raise ExportError(f"could not upload to {repo_id}: {str(e).splitlines()[0]}. HINT: {hint}") from None
-    except (OSError, ValueError) as e:
+    except Exception as e:  # no network: an OSError, or the HTTP client's own (httpx's ConnectError, timeouts)
+        if not isinstance(e, (OSError, ValueError)) and not type(e).__module__.startswith(("httpx", "httpcore")):
+            raise
         raise ExportError(f"could not upload to {repo_id}: {type(e).__name__}: {e}. HINT: check your network "
                           "connection (and HF_ENDPOINT if you use a mirror), then run again") from None
     return str(commit.commit_url) if hasattr(commit, "commit_url") else str(commit)

@@ -402,6 +402,19 @@ def test_push_to_hub_refused_says_how_to_log_in(tmp_path, upload_hub, saved_smok
     assert (tmp_path / "export" / "model.safetensors").is_file()  # the export itself is kept
 
 
+def test_push_to_hub_without_a_network_says_so_in_one_line(tmp_path, upload_hub, saved_smoke):
+    hub = upload_hub()
+    hub.stop()  # nothing listens at HF_ENDPOINT any more
+    result = run("export.py", f"--checkpoint={saved_smoke}", f"--out={tmp_path / 'export'}",
+                 "--push_to_hub=someone/tiny-speedrun", env=hub_env(hub, tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    *notices, last = result.stderr.strip().splitlines()  # (a notice that the card has no training log)
+    assert all(line.startswith("export.py: no training log found") for line in notices), notices
+    assert last.startswith("export.py: error: could not upload to someone/tiny-speedrun: ConnectError: "), last
+    assert "HINT: check your network connection" in last, last
+    assert (tmp_path / "export" / "model.safetensors").is_file()  # the export itself is kept
+
+
 def test_export_never_writes_over_a_folder_that_is_not_empty_and_uploads_only_what_it_wrote(tmp_path, upload_hub,
                                                                                             saved_smoke):
     out = tmp_path / "export"
