@@ -2147,16 +2147,20 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
 
 def claim_checkpoints(folder: Path, run_id: str, log_path: Path | None) -> str | None:
     """Makes folder (<checkpoint_dir>/<run_id>) this run's own: run.json, created only if the folder is empty and
-    only once (O_EXCL), so that another run with this run_id, earlier or at the same moment, cannot write over its
-    checkpoints. Returns why the folder is not ours, or None."""
+    only once (a hard link fails where the name exists), so that another run with this run_id, earlier or at the
+    same moment, cannot write over its checkpoints. Returns why the folder is not ours, or None."""
     owner = folder / "run.json"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not any(folder.iterdir()):
-            with os.fdopen(os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f:
-                f.write(json.dumps(dict(run_id=run_id, log=str(log_path), host=platform.node(), pid=os.getpid(),
-                                        started=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1) + "\n")
-            return None
+        if not any(folder.iterdir()):  # written aside, then linked: it appears whole, and only if it is not there
+            draft = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.run.json"
+            draft.write_text(json.dumps(dict(run_id=run_id, log=str(log_path), host=platform.node(), pid=os.getpid(),
+                                             started=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1) + "\n")
+            try:
+                os.link(draft, owner)
+                return None
+            finally:
+                draft.unlink()
     except FileExistsError:
         pass
     except OSError as e:
