@@ -263,7 +263,8 @@ class Hyperparameters:
                     "compiled FlexAttention in bfloat16: its backward kernel on an H100 reads key blocks of 128 "
                     "tokens; use a multiple of 128, --dtype=float32 (any multiple of 16) or --use_flex_attention=false")
         stages = self.num_stages  # parses every per-stage field
-        require(stages <= self.num_iterations, f"{stages} stages need at least as many steps")
+        require(stages <= self.num_iterations, f"{stages} stages need at least as many steps (num_iterations="
+                f"{self.num_iterations}). HINT: --num_iterations={stages} or more, or fewer per-stage values")
         for n in (*self.seq_lens, self.val_seq_len):
             require(n % self.block_size == 0 and n > 0, f"sequence length {n} must be a positive multiple of "
                     f"block_size={self.block_size} (the attention mask works in blocks); try "

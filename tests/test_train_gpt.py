@@ -195,6 +195,7 @@ def test_parse_overrides_presets_and_types():
     (["--orthogonalizer=svd"], "choose newton_schulz or polar_express"),
     (["--dtype=float16"], "choose bfloat16 or float32"),
     (["--cooldown_frac=1.5"], "must lie in [0, 1]"),
+    (["--num_iterations=2"], "3 stages need at least as many steps (num_iterations=2). HINT: --num_iterations=3"),
     (["--warmup_steps=-1"], "must not be negative"),
     (["--preset=smoke_2025_08_23", "--use_fp8=true", "--model_dim=120", "--head_dim=60"], "model_dim=120 must be a "
      "multiple of 16 for FP8"),
