@@ -7,6 +7,7 @@
     python benchmark.py --step=0                          # time the schedule's first step (default: its last)
     python benchmark.py --estimate                          # GPU memory and time of the step, without a GPU
     python benchmark.py --estimate --preset=record_2025_08_23   # the same for record #28's recipe (the calibration)
+    python benchmark.py --estimate --preset=gpt2_baseline   # GPT-2 (124M), AdamW: against llm.c's 45 minutes
     python benchmark.py --estimate --gpu=a100               # one A100 SXM 80GB (bf16 head and MLP, one rank)
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
