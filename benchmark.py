@@ -7,6 +7,7 @@
     python benchmark.py --step=0                          # time the schedule's first step (default: its last)
     python benchmark.py --estimate                          # GPU memory and time of the step, without a GPU
     python benchmark.py --estimate --preset=record_2025_08_23   # the same for record #28's recipe (the calibration)
+    python benchmark.py --estimate --preset=gpt2_baseline   # GPT-2 (124M), AdamW: against llm.c's 45 minutes
     python benchmark.py --estimate --gpu=a100               # one A100 SXM 80GB (bf16 head and MLP, one rank)
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
@@ -113,7 +114,7 @@ def mean_attended_keys(batches, model: tg.GPT, args: tg.Hyperparameters) -> floa
     windows = {"S": model.windows[0].cpu(), "L": model.windows[1].cpu()}
     total = 0.0
     for inputs, _ in batches:
-        docs = tg.document_ids(inputs.cpu())
+        docs = tg.document_ids(inputs.cpu(), args.context_len)
         for kind, paired in set(layers):
             seq_docs = docs[:, None].expand(-1, 2).reshape(-1) if paired else docs
             mask = tg.flex_block_mask(seq_docs, windows[kind], args.block_size, args.token_windows)
@@ -258,7 +259,7 @@ def main(argv: list[str]) -> dict:
         files = args.train_files if options["real"] else synthetic_shards(
             Path(tmp), (steps + 5) * args.windows_per_step * plans[0].seq_len * 2)
         loader = tg.TrainLoader(tg.find_shards(files), plans[0].seq_len, args.windows_per_step, rt.rank,
-                                rt.world_size, rt.device, vocab_size=args.vocab_size)
+                                rt.world_size, rt.device, vocab_size=args.vocab_size, bos_aligned=args.bos_aligned)
         torch.manual_seed(args.seed)
         model = tg.GPT(args).to(rt.device)
         optimizers = tg.build_optimizers(model, args, rt)

@@ -96,11 +96,14 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
     plans = train_gpt.full_schedule(args)
     tokens = sum(p.tokens for p in plans[:step])
     params = sum(p.numel() for p in model.parameters())
-    tables = sum(p.numel() for name, p in model.named_parameters() if "embed" in name)
+    tables = sum(p.numel() for name, p in model.named_parameters()  # a tied head is the token table (GPT-2)
+                 if "embed" in name or name == "lm_head_w" and model.embed is None)
     preset, changed = closest_preset(args)
     recipe = {"speedrun": "the 2026-08 NanoGPT speedrun recipe", "smoke": "the 2026-08 recipe at CPU smoke-test size",
               "record_2025_08_23": "the NanoGPT speedrun record of 2025-08-23 (record #28)",
-              "smoke_2025_08_23": "the 2025-08-23 recipe at CPU smoke-test size"}[preset]
+              "smoke_2025_08_23": "the 2025-08-23 recipe at CPU smoke-test size",
+              "gpt2_baseline": "the GPT-2 (124M) baseline that the speedrun's records are measured against",
+              "smoke_gpt2_baseline": "the GPT-2 baseline at CPU smoke-test size"}[preset]
     recipe_line = f"preset `{preset}`: {recipe}" + (f", with {len(changed)} settings changed: "
                                                      f"`{', '.join(changed)}`" if changed else "")
     val = None
@@ -120,7 +123,8 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
         "or instruction-following model.", "",
         "## The model", "",
         f"- Recipe: {recipe_line}.",
-        f"- {params:,} parameters, {tables:,} of them in embedding tables (token, value and bigram embeddings); "
+        f"- {params:,} parameters, {tables:,} of them in embedding tables (token, position, value and bigram "
+        "embeddings); "
         f"{args.num_layers} layers, width {args.model_dim}, {args.num_heads} heads of {args.head_dim}, "
         f"{args.dtype} activations.",
         f"- GPT-2 tokenizer (tiktoken `gpt2`); {args.vocab_size} output rows, of which ids 50257 and up are padding. "

@@ -1,11 +1,13 @@
 """train_gpt.py: train a GPT-2-small-class model on FineWeb to 3.28 val loss as fast as we can.
 
-Two public NanoGPT speedrun recipes, written our own way as presets of one code path that runs the same math on 8 GPUs,
-on fewer GPUs (gradient accumulation) and on a CPU (the tiny `smoke` presets, used by the tests). Facts and numbers of
-both recipes are in docs/recipes.md; credits below name the public record (#n) that introduced each technique.
+Two public NanoGPT speedrun recipes and the GPT-2 baseline they are measured against, written our own way as presets
+of one code path that runs the same math on 8 GPUs, on fewer GPUs (gradient accumulation) and on a CPU (the tiny
+`smoke` presets, used by the tests). Facts and numbers are in docs/recipes.md; credits below name the public record
+(#n) that introduced each technique.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # the 2026-08 recipe (any --nproc_per_node dividing 8)
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=record_2025_08_23   # record #28 (2025-08-23)
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=gpt2_baseline   # GPT-2 (124M), AdamW: the reference
     python train_gpt.py --preset=smoke                        # the 2026-08 recipe at 6 layers, on a CPU, in a minute
     python train_gpt.py --print_schedule                      # the schedule, one JSON line per step
     python train_gpt.py --help                                # every setting, its default and unit
@@ -26,6 +28,8 @@ Techniques (each a setting, so any can be switched off from the command line):
     table (#52, #56); embedding tied to the head for two thirds of the run (#51, #53)
   - staged batch sizes, windows and LR multipliers (#46, #65), multi-token (#53) and prefix-token (#88) losses,
     BOS-aligned training data (#26), an untimed warm-up of every compiled variant (#21, #47)
+  - the baseline's parts beside them: LayerNorm, GELU, biases, learned positions, 1024-token contexts, a tied head,
+    GPT-2's init; AdamW for everything with gradient clipping, a warm-up and a cosine cooldown
 """
 
 import concurrent.futures
@@ -94,6 +98,8 @@ class Hyperparameters:
     train_seq_len: str = setting("16384,32768,49152", "per stage: tokens of a training window (a rank's micro-step)")
     max_doc_len: str = setting("896,2048,2048", "per stage: documents are cut to this many tokens and packed into "
                                "windows (#29, #72); empty: BOS-aligned windows of uncut documents (#26)")
+    bos_aligned: bool = setting(True, "training windows start at a document's BOS; off (with an empty max_doc_len): "
+                                "the shards are one stream read in contiguous windows, no token skipped (GPT-2)")
     # model: shape
     vocab_size: int = setting(50304, "embedding rows: GPT-2's 50257 padded to a multiple of 128")
     num_layers: int = setting(11, "transformer blocks")
@@ -110,7 +116,8 @@ class Hyperparameters:
     attn_gate_dim: int = setting(0, "sparse attention gate: sigmoid of the first n residual channels (#28); 0: off")
     gated_attn_layers: str = setting("3,10", "layers whose heads are scaled by per-token gates (#85)")
     residual: str = setting("sublayer", "sublayer: per-sublayer residual and output lambdas, x0 added after "
-                            "attention (#45, #77); block: x <- a*x + b*x0 before each block (#9)")
+                            "attention (#45, #77); block: x <- a*x + b*x0 before each block (#9); plain: GPT-2's "
+                            "x + f(norm(x)), no learned mixing")
     skip_connections: str = setting("3>6", "skips src>dst: layer src's output joins layer dst's input (#11, #45)")
     skip_gated: bool = setting(True, "skips weighted sigmoid(lambda) * per-token gate (#32, #85); off: raw weights")
     attn_input_layer: int = setting(7, "later layers take attention input from this layer's output (#77); -1: off")
@@ -128,6 +135,21 @@ class Hyperparameters:
     key_offset_layers: str = setting("3,10", "layers whose keys' stationary half comes from the previous token (#49)")
     dc_layers: str = setting("10", "layers with the lightweight dynamically composable attention correction (#85)")
     dc_window: int = setting(112, "tokens the DC correction looks back over")
+    layer_norm: bool = setting(False, "LayerNorm with weight and bias before each sublayer and at the end (GPT-2); "
+                               "off: RMSNorm without a learned gain")
+    use_embed_norm: bool = setting(True, "RMSNorm after the embedding (#8)")
+    use_qk_norm: bool = setting(True, "QK-norm: RMSNorm of queries and keys (#5)")
+    use_rotary: bool = setting(True, "rotary position embeddings (#2, #17)")
+    pos_embed_len: int = setting(0, "rows of a learned absolute position embedding added to the token embedding "
+                                 "(GPT-2: 1024); row = distance from the document's (context's) start, the last row "
+                                 "beyond; 0: none")
+    context_len: int = setting(0, "attention and positions restart every n tokens of a window, documents ignored "
+                               "(GPT-2's 1024-token sequences); 0: at every document's BOS (#13)")
+    mlp_activation: str = setting("relu2", "relu2: ReLU^2 (#5); gelu: GELU, tanh approximation (GPT-2)")
+    linear_bias: bool = setting(False, "biases in the attention and MLP projections (GPT-2)")
+    tie_embed: bool = setting(False, "the embedding is the head, one matrix, for the whole run (GPT-2)")
+    init_std: float = setting(0.0, "GPT-2's init: every weight matrix and embedding N(0, std), the residual output "
+                              "projections std/sqrt(2*num_layers), biases 0; 0: the recipes' init")
     zero_init_attn_out: bool = setting(False, "zero-init the attention output matrix (#5; 2026 recipe: uniform, #64)")
     head_init_std: float = setting(0.005, "init std of the LM head (#51; 0: zero-init, #5)")
     rope_base: float = setting(1024.0, "rotary frequencies run from 1 to 1/rope_base rad/token")
@@ -140,7 +162,8 @@ class Hyperparameters:
                                  "empty: the long window grows linearly to max_window_tokens, short = long/2 (#28)")
     max_window_tokens: int = setting(1728, "long window at the end of training when window_blocks is empty")
     final_window_blocks: int = setting(20, "long window of the final validation (#33, #35); 0: unchanged")
-    logit_softcap: float = setting(23.0, "logits z become cap * sigmoid((z + offset) / temperature) (#9, #54)")
+    logit_softcap: float = setting(23.0, "logits z become cap * sigmoid((z + offset) / temperature) (#9, #54); 0: "
+                                   "plain logits")
     logit_offset: float = setting(5.0, "soft-cap offset")
     logit_temperature: float = setting(7.5, "soft-cap temperature")
     use_fp8: bool = setting(True, "LM head in FP8 (e4m3 forward, e5m2 gradient) during training (#19)")
@@ -158,7 +181,10 @@ class Hyperparameters:
     num_iterations: int = setting(1270, "scheduled training steps (stages split them evenly)")
     extension_iterations: int = setting(15, "steps after the schedule at the final LR and the extension window (#35)")
     stage_lr_mul: str = setting("1.0,1.52,1.73", "per stage: LR multiplier (#46)")
-    cooldown_frac: float = setting(0.6, "fraction of the scheduled steps over which the LR falls to final_lr_frac")
+    lr_warmup_steps: int = setting(0, "first steps over which every LR rises linearly to its value (GPT-2: 715)")
+    cooldown_frac: float = setting(0.6, "fraction of the scheduled steps after the LR warm-up over which the LR falls "
+                                   "to final_lr_frac")
+    cooldown_shape: str = setting("linear", "linear, or cosine: half a cosine period (GPT-2's)")
     final_lr_frac: float = setting(0.15, "LR multiplier at the end of the schedule and in the extension")
     muon_lr: float = setting(0.023, "Muon learning rate (hidden matrices)")
     muon_momentum: float = setting(0.95, "Muon momentum after warm-up")
@@ -177,6 +203,10 @@ class Hyperparameters:
     adam_lr: float = setting(0.008, "Adam base learning rate")
     adam_eps: float = setting(1e-10, "Adam epsilon")
     adam_weight_decay: float = setting(0.005, "Adam weight decay; each step decays by weight_decay * wd_mul * lr^2")
+    adamw: bool = setting(False, "AdamW's decay: by weight_decay * wd_mul * lr, not lr^2 (Loshchilov & Hutter)")
+    use_muon: bool = setting(True, "Muon for the hidden matrices (#3); off: Adam, adam_table row matrices")
+    grad_clip: float = setting(0.0, "clip the norm of the gradients Adam updates (all of them without Muon, as "
+                               "GPT-2) to this; 0: off")
     adam_every: int = setting(2, "Adam steps every n-th step on the gradients summed since its last step (#39)")
     adam_table: str = setting(
         "scalars:5:0.9:0.99:0 smear_gate:0.01:0.9:0.99:0 ve_gates:1:0.9:0.99:1 lm_head:1:0.5:0.95:150 "
@@ -216,8 +246,8 @@ class Hyperparameters:
         positive = ("val_seq_len", "windows_per_step", "num_layers", "model_dim", "num_heads", "head_dim",
                     "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
                     "eval_chunk_tokens", "adam_every", "mudd_hidden", "micro_batch_split", "collective_timeout_s",
-                    "muon_lr", "adam_lr", "adam_eps", "mlp_lr_mul", "c_proj_lr_mul", "logit_softcap",
-                    "logit_temperature", "attn_scale", "rope_base", "fp8_x_scale", "fp8_w_scale", "fp8_grad_scale")
+                    "muon_lr", "adam_lr", "adam_eps", "mlp_lr_mul", "c_proj_lr_mul", "logit_temperature",
+                    "attn_scale", "rope_base", "fp8_x_scale", "fp8_w_scale", "fp8_grad_scale")
         for f in dataclasses.fields(self):  # NaN passes no comparison: a float must be finite before anything else
             value, real = getattr(self, f.name), f.type is float
             if f.type not in (int, float) or f.name == "attn_input_layer":
@@ -319,7 +349,8 @@ class Hyperparameters:
         for src, dst in self.skips:
             require(0 <= src < dst < self.num_layers, f"skip {src}>{dst} must go forward between existing layers")
         require(self.attn_input_layer < self.num_layers, f"attn_input_layer={self.attn_input_layer} is not a layer")
-        require(self.residual in ("sublayer", "block"), f"residual={self.residual!r}: choose sublayer or block")
+        require(self.residual in ("sublayer", "block", "plain"),
+                f"residual={self.residual!r}: choose sublayer, block or plain")
         require(not self.use_mudd or (self.residual == "sublayer" and self.attn_input_layer >= 0 and self.skips
                                       and self.value_embed_count and self.num_layers - 1 in attention),
                 "use_mudd mixes the layer attn_input_layer stream, the first skip's source, value embedding 0 and "
@@ -327,8 +358,30 @@ class Hyperparameters:
                 "attn_input_layer >= 0, a skip connection and value embeddings (or set --use_mudd=false)")
         require(self.residual == "sublayer" or not (self.use_mudd or self.gated_attn_layers or self.xsa_layers or
                                                     self.dc_layers or self.bigram_vocab_size or self.skip_gated),
-                "residual=block (the 2025-08-23 form) takes no per-token gates: turn off MUDD, gated attention, XSA, "
-                "DC, gated skips and the bigram embedding")
+                f"residual={self.residual} (the {'2025-08-23' if self.residual == 'block' else 'GPT-2'} form) takes "
+                "no per-token gates: turn off MUDD, gated attention, XSA, DC, gated skips and the bigram embedding")
+        require(self.residual != "plain" or not (self.skips or self.value_embed_count), "residual=plain (GPT-2's) "
+                "has no learned weights for skips or value embeddings. HINT: --skip_connections= and a "
+                "value_embed_pattern of only -, or --residual=block")
+        require(not self.layer_norm or self.attn_input_layer < 0, "layer_norm: the attention input that "
+                "attn_input_layer saves for later layers has no LayerNorm of its own. HINT: --attn_input_layer=-1")
+        require(self.mlp_activation in ("relu2", "gelu"), f"mlp_activation={self.mlp_activation!r}: choose relu2 "
+                "or gelu")
+        require(not self.use_fp8_mlp or (self.mlp_activation == "relu2" and not self.linear_bias), "use_fp8_mlp "
+                "computes the ReLU^2 MLP without biases. HINT: --use_fp8_mlp=false for GELU or linear_bias")
+        require(self.use_rotary or not self.use_yarn, "use_yarn adjusts the rotary frequencies: it needs "
+                "use_rotary. HINT: --use_yarn=false")
+        require(not (self.tie_embed and self.tie_embed_stages), "tie_embed (one matrix for the whole run) and "
+                "tie_embed_stages (two kept equal, then parted) exclude each other: set one to 0/false")
+        require(not self.tie_embed or self.head_init_std or self.init_std, "tie_embed with a zero-init head leaves "
+                "the embedding zero. HINT: set --head_init_std or --init_std above 0")
+        require(self.max_doc_len == "" or self.bos_aligned, "bos_aligned=false reads contiguous windows, which "
+                "cut no documents. HINT: --max_doc_len= (empty)")
+        if self.context_len:
+            require(all(n % self.context_len == 0 for n in (*self.seq_lens, self.val_seq_len))
+                    and self.context_len % self.block_size == 0, f"context_len={self.context_len} must divide every "
+                    f"train_seq_len ({self.train_seq_len}) and val_seq_len ({self.val_seq_len}), and be a multiple "
+                    f"of block_size={self.block_size}")
         require(self.orthogonalizer in ("newton_schulz", "polar_express"),
                 f"orthogonalizer={self.orthogonalizer!r}: choose newton_schulz or polar_express")
         require(self.orthogonalizer != "polar_express" or self.orthogonalizer_steps <= 5,
@@ -338,6 +391,10 @@ class Hyperparameters:
         require(self.dtype in ("bfloat16", "float32"), f"dtype={self.dtype!r}: choose bfloat16 or float32")
         require(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: choose auto, cuda or cpu")
         require(0 <= self.cooldown_frac <= 1, f"cooldown_frac={self.cooldown_frac} must lie in [0, 1]")
+        require(self.cooldown_shape in ("linear", "cosine"), f"cooldown_shape={self.cooldown_shape!r}: choose "
+                "linear or cosine")
+        require(self.lr_warmup_steps < self.num_iterations, f"lr_warmup_steps={self.lr_warmup_steps} must be below "
+                f"num_iterations={self.num_iterations}")
         require(0 <= self.muon_momentum < 1 and 0 <= self.muon_momentum_start < 1, "Muon momenta must lie in [0, 1)")
         require(self.tie_embed_stages < stages or self.tie_embed_stages == 0,
                 f"tie_embed_stages={self.tie_embed_stages} must be below the number of stages ({stages})")
@@ -416,6 +473,21 @@ RECORD_2025_08_23 = dict(  # record #28 (2025-08-23 SparseAttnGate): 1695 steps 
     mlp_lr_mul=1.0, c_proj_lr_mul=1.0, adam_weight_decay=0.0, adam_every=1,
     adam_table="embed:75:0.8:0.95:0 value_embeds:75:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0",
     tie_embed_stages=0, val_every=125, warmup_steps=10)
+GPT2_BASELINE = dict(  # GPT-2 (124M) as llm.c replicated it, the reference of every record: AdamW, 19,073 steps
+    # of 524,288 tokens (64 sequences of 1024 per GPU) on the stream read in order (docs/recipes.md#gpt-2-baseline)
+    train_seq_len="65536", max_doc_len="", bos_aligned=False, context_len=1024, num_layers=12, num_heads=12,
+    head_dim=64, attn_pattern="L" * 12, value_embed_pattern="-" * 12, window_blocks="8/8", final_window_blocks=0,
+    residual="plain", layer_norm=True, use_embed_norm=False, use_qk_norm=False, use_rotary=False, use_yarn=False,
+    pos_embed_len=1024, mlp_activation="gelu", linear_bias=True, tie_embed=True, init_std=0.02, attn_scale=64**-0.5,
+    logit_softcap=0.0, ve_gate_dim=0, gated_attn_layers="", skip_connections="", skip_gated=False,
+    attn_input_layer=-1, use_smear=False, bigram_vocab_size=0, bigram_sign_rows=0, use_mudd=False,
+    use_mudd_gate=False, xsa_layers="", paired_head_layers="", key_offset_layers="", dc_layers="", use_fp8=False,
+    use_fp8_mlp=False, weights_bf16=False, mtp_weights="1", prefix_loss_weight="0", num_iterations=19073,
+    extension_iterations=0, stage_lr_mul="1.0", lr_warmup_steps=715, cooldown_frac=1.0, cooldown_shape="cosine",
+    final_lr_frac=0.1, use_muon=False, adam_lr=6e-4, adam_eps=1e-8, adam_weight_decay=0.1, adamw=True,
+    cautious_weight_decay=False, adam_every=1, grad_clip=1.0, tie_embed_stages=0,
+    adam_table="lm_head:1:0.9:0.95:1 pos_embed:1:0.9:0.95:1 matrices:1:0.9:0.95:1 biases:1:0.9:0.95:0 "
+               "norms:1:0.9:0.95:0")
 SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipped in data/sample/
     train_files=str(SAMPLE_DATA / "sample_train_*.bin"), val_files=str(SAMPLE_DATA / "sample_val_*.bin"),
     val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
@@ -435,6 +507,11 @@ PRESETS = {
         RECORD_2025_08_23, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LS-L", value_embed_pattern="01-0",
         skip_connections="1>2,0>3", max_window_tokens=384, fp8_x_scale=128**0.5 / 448, num_iterations=20, val_every=5,
         warmup_steps=2, muon_momentum_warmup_steps=20),
+    "gpt2_baseline": GPT2_BASELINE,
+    "smoke_gpt2_baseline": dict(  # GPT-2 at 4 layers on a CPU, on smoke_2025_08_23's tokens
+        GPT2_BASELINE, **SMOKE, train_seq_len="256", context_len=256, pos_embed_len=256, num_layers=4,
+        attn_pattern="LLLL", value_embed_pattern="----", window_blocks="4/4", num_iterations=20, lr_warmup_steps=1,
+        val_every=5, warmup_steps=0),
 }
 
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
@@ -579,14 +656,19 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
 
 
 def lr_multiplier(step: int, args: Hyperparameters) -> float:
-    """The stage's multiplier, then a linear cooldown over the last cooldown_frac of the scheduled steps down to
-    final_lr_frac, which the extension keeps."""
+    """The stage's multiplier, reached by a linear warm-up (GPT-2's: (step + 1) / lr_warmup_steps), then a linear or
+    cosine cooldown over the last cooldown_frac of the scheduled steps after the warm-up down to final_lr_frac, which
+    the extension keeps."""
     muls = args.per_stage("stage_lr_mul", float)
     mul = muls[min(stage_of(step, args), len(muls) - 1)]
-    x = step / args.num_iterations
+    if step < args.lr_warmup_steps:
+        return mul * (step + 1) / args.lr_warmup_steps
+    x = (step - args.lr_warmup_steps) / (args.num_iterations - args.lr_warmup_steps)
     if args.cooldown_frac == 0 or x < 1 - args.cooldown_frac:
         return mul
     w = max(0.0, (1 - x) / args.cooldown_frac)
+    if args.cooldown_shape == "cosine":
+        w = 0.5 - 0.5 * math.cos(math.pi * w)
     return mul * w + (1 - w) * args.final_lr_frac
 
 
@@ -885,9 +967,13 @@ def mlp_fp8_next_scales(post_amax: Tensor, w2_amax: Tensor, act_margin: float = 
     return post_amax.clamp_min(1e-12) * act_margin / E4M3_MAX, w2_amax.clamp_min(1e-12) * w2_margin / E4M3_MAX
 
 
-def mlp_plain(x: Tensor, c_fc: Tensor, c_proj: Tensor) -> Tensor:
-    """The plain twin of mlp_fp8: the same ReLU^2 MLP in x's dtype, with ordinary autograd."""
-    return F.linear(F.relu(x @ c_fc.type_as(x)).square(), c_proj.type_as(x))
+def mlp_plain(x: Tensor, c_fc: Tensor, c_proj: Tensor, b_fc: Tensor | None = None, b_proj: Tensor | None = None,
+              gelu: bool = False) -> Tensor:
+    """The plain twin of mlp_fp8: the same ReLU^2 MLP in x's dtype, with ordinary autograd; with biases and GELU (tanh
+    approximation), GPT-2's."""
+    h = x @ c_fc.type_as(x) if b_fc is None else x @ c_fc.type_as(x) + b_fc.type_as(x)
+    h = F.gelu(h, approximate="tanh") if gelu else F.relu(h).square()
+    return F.linear(h, c_proj.type_as(x), None if b_proj is None else b_proj.type_as(x))
 
 
 # -----------------------------------------------------------------------------
@@ -1050,13 +1136,13 @@ class Muon:
 
 
 class DistAdam:
-    """Adam (Kingma & Ba) as record #28 computes it (bias corrections folded into the step size, eps added to the
-    raw sqrt(v)), with cautious weight decay tied to the LR (#50), every adam_every steps on the gradients summed
-    since (#39). A tensor whose first dimension the world size divides is sharded by rows: rank r keeps state for
-    and updates rows [r*n/W, (r+1)*n/W), then all ranks gather them; other tensors are reduced whole and every rank
-    updates them. While the embedding is tied to the head, the embedding's gradient is added to the head's, the
-    head is updated, and the embedding becomes a copy of it (#51); at the untie step the head's moments are copied
-    to the embedding (#53)."""
+    """Adam (Kingma & Ba) as record #28 computes it (bias corrections folded into the step size, eps added to the raw
+    sqrt(v)), with cautious weight decay tied to the LR (#50) or AdamW's, every adam_every steps on the gradients summed
+    since (#39), optionally clipped to a global norm. A tensor whose first dimension the world size divides is sharded
+    by rows: rank r keeps state for and updates rows [r*n/W, (r+1)*n/W), then all ranks gather them; other tensors are
+    reduced whole and every rank updates them. While the embedding is tied to the head, the embedding's gradient is
+    added to the head's, the head is updated, and the embedding becomes a copy of it (#51); at the untie step the head's
+    moments are copied to the embedding (#53)."""
 
     def __init__(self, rows: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]],
                  args: Hyperparameters, grad_scale: float, rank: int = 0, world_size: int = 1,
@@ -1087,6 +1173,16 @@ class DistAdam:
                 reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
             else:  # every rank applies the same update to the whole tensor
                 reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+        grad_scale = self.grad_scale
+        if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
+            norm_sq = reduced[0][0].new_zeros((), dtype=torch.float32)
+            for (grad, handle), (_, p, *_) in zip(reduced, work):  # a tensor reduced whole on every rank counts once
+                if handle is not None:
+                    handle.wait()
+                norm_sq += grad.float().square().sum() / (1 if W == 1 or sharded(p) else W)
+            reduced = [(grad, None) for grad, _ in reduced]
+            norm = all_reduce_sum(norm_sq).sqrt() * self.grad_scale
+            grad_scale = self.grad_scale * (args.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         gathers = []
         for (index, p, lr_mul, (beta1, beta2), wd_mul), (grad, handle) in zip(work, reduced):  # phase 2
             if handle is not None:
@@ -1099,14 +1195,14 @@ class DistAdam:
                              exp_avg_sq=torch.zeros_like(p_shard, dtype=dtype))
             state["step"] += 1
             m, v = state["exp_avg"], state["exp_avg_sq"]
-            grad = grad.to(m.dtype) * self.grad_scale
+            grad = grad.to(m.dtype) * grad_scale
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             lr = args.adam_lr * lr_mul * plan.lr  # this order keeps record #28's rounding
             work_p = p_shard.to(m.dtype)  # the weight itself when the dtypes agree
             decay = None
-            if args.adam_weight_decay and wd_mul:  # decays by (lr * lr_mul)^2 * wd * wd_mul per step (#50)
-                decay = lr**2 * args.adam_weight_decay * wd_mul * work_p
+            if args.adam_weight_decay and wd_mul:  # decays by (lr * lr_mul)^2 * wd * wd_mul per step (#50), AdamW: lr
+                decay = (lr if args.adamw else lr**2) * args.adam_weight_decay * wd_mul * work_p
                 if args.cautious_weight_decay:  # only where the update moves the weight toward zero
                     decay = decay * (m * work_p > 0)
             step_size = lr * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
@@ -1135,7 +1231,18 @@ class DistAdam:
 
 
 def norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm, used for every norm in the model
+    return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm, used for every norm in the model but GPT-2's
+
+
+class LayerNorm(nn.Module):
+    """GPT-2's norm: LayerNorm with weight and bias, computed in fp32 (as under autocast), returned in x's dtype."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), (x.size(-1),), self.weight.float(), self.bias.float()).type_as(x)
 
 
 class Rotary(nn.Module):
@@ -1182,8 +1289,12 @@ class Rotary(nn.Module):
         return still.repeat_interleave(2) if self.interleaved else still.repeat(2)
 
 
-def document_ids(input_seq: Tensor) -> Tensor:
-    return (input_seq == BOS_ID).cumsum(0)  # every document starts with BOS
+def document_ids(input_seq: Tensor, context_len: int = 0) -> Tensor:
+    """What attention stays inside: documents, each starting with BOS; with context_len, GPT-2's contiguous sequences
+    of that many tokens, whatever the documents."""
+    if context_len:
+        return torch.arange(input_seq.size(0), device=input_seq.device) // context_len
+    return (input_seq == BOS_ID).cumsum(0)
 
 
 def may_attend(q_idx: Tensor, kv_idx: Tensor, docs: Tensor, window_blocks: Tensor, block_size: int,
@@ -1279,8 +1390,10 @@ class CausalSelfAttention(nn.Module):
         self.xsa = layer in args.layers("xsa_layers")
         self.dc_window = args.dc_window if layer in args.layers("dc_layers") else 0
         self.folded_lambdas = args.ve_gate_dim > 0  # the attention lambdas scale W_qkv and W_o (#47, #48)
+        self.qk_norm, self.rotary = args.use_qk_norm, args.use_rotary
         bound = 3**0.5 * 0.5 * D**-0.5  # uniform with std 0.5/sqrt(dim)
         self.qkvo_w = nn.Parameter(torch.empty(4, D, D).uniform_(-bound, bound).to(wdtype))
+        self.qkvo_b = nn.Parameter(torch.zeros(4, D, dtype=wdtype)) if args.linear_bias else None
         if args.zero_init_attn_out:
             self.qkvo_w.data[3].zero_()
         if args.attn_gate_dim:  # sparse attention gate (#28): gate 0.5 at init
@@ -1296,15 +1409,18 @@ class CausalSelfAttention(nn.Module):
         H, hd = self.num_heads, self.head_dim
         w = self.qkvo_w.type_as(x)
         w_qkv, w_o = w[:3].flatten(end_dim=1), w[3]
-        if self.folded_lambdas:
+        b = None if self.qkvo_b is None else self.qkvo_b.type_as(x)
+        if self.folded_lambdas and sa_lambdas is not None:
             w_qkv, w_o = w_qkv * sa_lambdas[0], w_o * sa_lambdas[1]
-        q, k, v = F.linear(x, w_qkv).view(B, T, 3 * H, hd).chunk(3, dim=-2)
-        q, k = norm(q), norm(k)  # QK-norm
-        cos, sin = ctx["rope_paired"] if self.paired else ctx["rope"]
-        q, k = ctx["rotary"].rotate(q, cos, sin), ctx["rotary"].rotate(k, cos, sin)
+        q, k, v = F.linear(x, w_qkv, None if b is None else b[:3].flatten()).view(B, T, 3 * H, hd).chunk(3, dim=-2)
+        if self.qk_norm:
+            q, k = norm(q), norm(k)
+        if self.rotary:
+            cos, sin = ctx["rope_paired"] if self.paired else ctx["rope"]
+            q, k = ctx["rotary"].rotate(q, cos, sin), ctx["rotary"].rotate(k, cos, sin)
         if self.key_offset:  # the stationary half of each key comes from the previous token (#49)
             k = torch.where(ctx["stationary"], torch.cat([k[:, :1], k[:, :-1]], dim=1), k)
-        if not self.folded_lambdas:
+        if not self.folded_lambdas and sa_lambdas is not None:  # residual=plain (GPT-2's) has no lambdas
             v = sa_lambdas[0] * v + (sa_lambdas[1] * ve.view_as(v) if ve is not None else 0)
         elif ve is not None:
             gate = gates.get("ve")
@@ -1330,7 +1446,7 @@ class CausalSelfAttention(nn.Module):
             y = y * gates["attn"][..., None]
         if hasattr(self, "attn_gate"):  # sparse attention gate (#28): a sigmoid of the first channels
             y = y * torch.sigmoid(F.linear(x[..., :self.attn_gate.size(-1)], self.attn_gate.type_as(x)))[..., None]
-        return F.linear(y.reshape(B, T, -1), w_o)
+        return F.linear(y.reshape(B, T, -1), w_o, None if b is None else b[3])
 
 
 class MLP(nn.Module):
@@ -1340,12 +1456,16 @@ class MLP(nn.Module):
         # both stored as (model_dim, hidden) so that Muon handles them as one batch of equal shapes
         self.c_fc = nn.Parameter(torch.empty(args.model_dim, args.mlp_hidden).uniform_(-bound, bound).to(wdtype))
         self.c_proj = nn.Parameter(torch.zeros(args.model_dim, args.mlp_hidden, dtype=wdtype))  # zero-init
+        bias = lambda n: nn.Parameter(torch.zeros(n, dtype=wdtype)) if args.linear_bias else None
+        self.c_fc_b, self.c_proj_b = bias(args.mlp_hidden), bias(args.model_dim)
+        self.gelu = args.mlp_activation == "gelu"
 
     def forward(self, x: Tensor, fp8: tuple | None = None) -> Tensor:
-        """ReLU^2 MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89): the
-        delayed scales of window `slot` are read, and replaced by the ones measured now for that window's next step."""
+        """ReLU^2 (or GELU) MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89):
+        the delayed scales of window `slot` are read, and replaced by the ones measured now for that window's next
+        step."""
         if fp8 is None:
-            return mlp_plain(x, self.c_fc, self.c_proj)
+            return mlp_plain(x, self.c_fc, self.c_proj, self.c_fc_b, self.c_proj_b, self.gelu)
         act_scales, w2_scales, slot, bootstrap = fp8
         scale = lambda scales: scales.index_select(0, slot)[0]
         out, _, post_amax, w2_amax = mlp_fp8(x.flatten(end_dim=1), self.c_fc, self.c_proj, scale(act_scales),
@@ -1361,22 +1481,25 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(args, layer, wdtype) if args.attn_pattern[layer] != "-" else None
         self.mlp = MLP(args, wdtype)
         self.residual = args.residual
+        self.ln_1 = LayerNorm(args.model_dim) if args.layer_norm and self.attn is not None else norm
+        self.ln_2 = LayerNorm(args.model_dim) if args.layer_norm else norm
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, sa_lambdas: Tensor, mix, ctx: dict, gates: dict,
                 attn_in: Tensor | None = None, bigram: Tensor | None = None, fp8=None) -> Tensor:
-        if self.residual == "block":  # x <- a * x + b * x0 before the block (#9); mix = (a, b)
-            x = mix[0] * x + mix[1] * x0
+        if self.residual != "sublayer":  # block: x <- a * x + b * x0 before the block (#9), mix = (a, b); plain
+            if self.residual == "block":
+                x = mix[0] * x + mix[1] * x0
             if self.attn is not None:
-                x = x + self.attn(norm(x), ve, sa_lambdas, ctx, gates)
-            return x + self.mlp(norm(x), fp8)
+                x = x + self.attn(self.ln_1(x), ve, sa_lambdas, ctx, gates)
+            return x + self.mlp(self.ln_2(x), fp8)
         # per-sublayer residual and output lambdas (#45, #77), x0 and the bigram embedding added after attention with
         # per-token gates (#85); mix = (residual_attn, residual_mlp, out_attn, out_mlp)
         if self.attn is not None:
-            y = self.attn(norm(x) if attn_in is None else attn_in, ve, sa_lambdas, ctx, gates)
+            y = self.attn(self.ln_1(x) if attn_in is None else attn_in, ve, sa_lambdas, ctx, gates)
             x = mix[0] * x + mix[2] * y + gates["x0"] * x0
             if bigram is not None:
                 x = x + gates["bigram"] * bigram
-        return mix[1] * x + mix[3] * self.mlp(norm(x), fp8)
+        return mix[1] * x + mix[3] * self.mlp(self.ln_2(x), fp8)
 
 
 class GateMLP(nn.Module):
@@ -1463,7 +1586,8 @@ class GPT(nn.Module):
         L, D, V = args.num_layers, args.model_dim, args.vocab_size
         dtype = getattr(torch, args.dtype)
         wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
-        self.embed = nn.Embedding(V, D, dtype=dtype)
+        self.embed = None if args.tie_embed else nn.Embedding(V, D, dtype=dtype)  # tied: the head's matrix (GPT-2)
+        self.pos_embed = nn.Embedding(args.pos_embed_len, D, dtype=wdtype) if args.pos_embed_len else None
         self.value_embeds = nn.ModuleList(nn.Embedding(V, D, dtype=dtype) for _ in range(args.value_embed_count))
         for ve in self.value_embeds:
             ve.weight.data.mul_(args.value_embed_init_std)  # nn.Embedding starts at N(0, 1)
@@ -1475,16 +1599,18 @@ class GPT(nn.Module):
             self.embed.weight.data.copy_(head)
         # scalars, one fp32 vector for Adam: skip weights, block lambdas, attention lambdas, smear lambda, padding
         skip_init, n_skips = (-1.5, len(args.skips)) if args.skip_gated else (1.0, L)  # #28: one per layer
-        parts = {"skip": torch.full((n_skips,), skip_init)}
-        if args.residual == "block":
-            parts["block"] = torch.tensor([1.0, 0.0]).repeat(L)  # (residual, x0)
-        parts["attn"] = torch.tensor([0.5, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
+        parts = {}
+        if args.residual != "plain":  # GPT-2's residual has no learned mixing
+            parts["skip"] = torch.full((n_skips,), skip_init)
+            if args.residual == "block":
+                parts["block"] = torch.tensor([1.0, 0.0]).repeat(L)  # (residual, x0)
+            parts["attn"] = torch.tensor([0.5, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
         if args.use_smear:
             parts["smear"] = torch.zeros(1)
         n = sum(map(len, parts.values()))
         fill = 1.0 if args.residual == "block" else 0.0
         parts["pad"] = torch.full(((-n) % args.windows_per_step,), fill)  # so that Adam can shard it by rank
-        self.scalars = nn.Parameter(torch.cat(list(parts.values())))
+        self.scalars = nn.Parameter(torch.cat(list(parts.values()))) if n else None
         offsets = np.cumsum([0] + [len(v) for v in parts.values()])
         self.scalar_slices = {k: slice(int(a), int(b)) for k, a, b in zip(parts, offsets, offsets[1:])}
         if args.residual == "sublayer":  # residual decay sqrt(1.1) per sublayer (#45, #77)
@@ -1518,6 +1644,15 @@ class GPT(nn.Module):
             self.register_buffer("fp8_window", torch.zeros(1, dtype=torch.int64), persistent=False)
             self.register_buffer("fp8_bootstrap", torch.ones((), dtype=torch.bool), persistent=False)
         self.make_mask = flex_block_mask if args.use_flex_attention else dense_mask
+        self.ln_f = LayerNorm(D) if args.layer_norm else norm
+        if args.init_std:  # GPT-2's: N(0, std), the outputs of attention and MLP std/sqrt(2 layers); biases stay 0
+            for p in self.parameters():
+                if p.ndim >= 2:
+                    p.data.normal_(0, args.init_std)
+            for block in self.blocks:
+                block.mlp.c_proj.data.mul_((2 * L) ** -0.5)
+                if block.attn is not None:
+                    block.attn.qkvo_w.data[3].mul_((2 * L) ** -0.5)
 
     def set_step(self, plan: "StepPlan"):
         """The schedule's values for this step: fills of tiny buffers, never a host sync or a recompile (only the
@@ -1562,6 +1697,8 @@ class GPT(nn.Module):
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x))
         logits = logits.float()
+        if not args.logit_softcap:
+            return logits
         if args.logit_offset:
             logits = logits + args.logit_offset
         return args.logit_softcap * torch.sigmoid(logits / args.logit_temperature)
@@ -1569,12 +1706,13 @@ class GPT(nn.Module):
     def attention_context(self, input_seq: Tensor) -> dict:
         """What every attention layer of this sequence shares: document ids, masks, rotary tables, the scale."""
         args, T = self.args, input_seq.size(0)
-        docs = document_ids(input_seq)
+        docs = document_ids(input_seq, args.context_len)
         windows = {"S": self.windows[0], "L": self.windows[1]}
         masks = {kind: self.make_mask(docs, windows[kind], args.block_size, args.token_windows)
                  for kind in {block.attn.kind for block in self.blocks if block.attn is not None}}
         positions = torch.arange(T, device=input_seq.device)
-        ctx = dict(docs=docs, masks=masks, rotary=self.rotary, rope=self.rotary(positions, self.stage),
+        ctx = dict(docs=docs, positions=positions, masks=masks, rotary=self.rotary,
+                   rope=self.rotary(positions, self.stage),
                    attn_scale=self.rotary.scales.index_select(0, self.stage.view(1))[0])
         if args.paired_head_layers:  # slot 2t holds heads 0..H/2-1 of token t, slot 2t+1 the others (#58)
             pair_docs = docs[:, None].expand(T, 2).reshape(-1)
@@ -1591,14 +1729,20 @@ class GPT(nn.Module):
         args, L = self.args, self.args.num_layers
         ctx = self.attention_context(input_seq)
         s = self.scalars
-        skip_weights, sa_lambdas = s[self.scalar_slices["skip"]], s[self.scalar_slices["attn"]]
+        skip_weights, sa_lambdas = (s[self.scalar_slices[k]] if k in self.scalar_slices else None
+                                    for k in ("skip", "attn"))
         ves = [ve(input_seq)[None] for ve in self.value_embeds]
-        e = self.embed(input_seq)[None]
+        e = self.embed(input_seq) if self.embed is not None else F.embedding(input_seq, self.lm_head_w)
+        if self.pos_embed is not None:  # learned positions (GPT-2): the distance from the document's (context's) start
+            docs, pos = ctx["docs"], ctx["positions"]
+            start = pos - pos % args.context_len if args.context_len else torch.searchsorted(docs, docs)
+            e = e + self.pos_embed((pos - start).clamp_max(args.pos_embed_len - 1))
+        e = e.to(getattr(torch, args.dtype))[None]
         if args.use_smear:  # each embedding adds a gated share of the previous one (#34)
             gate = torch.sigmoid(F.linear(e[:, 1:, :12], self.smear_gate.type_as(e)))
             lam = s[self.scalar_slices["smear"].start]  # 0-dim: the fp32 scalar keeps the stream in bf16, as #34's
             e = torch.cat([e[:, :1], e[:, 1:] + lam * gate * e[:, :-1]], dim=1)
-        x = x0 = norm(e)
+        x = x0 = norm(e) if args.use_embed_norm else e
         gates = [self.gate(0, x0), None] if hasattr(self, "gate") else None
         bigram = self.bigram(input_seq) if args.bigram_vocab_size else None
         if bigram is not None:
@@ -1613,11 +1757,11 @@ class GPT(nn.Module):
                     weight = torch.sigmoid(skip_weights[k]) * g[f"skip{src}"] if args.skip_gated else skip_weights[k]
                     x = x + weight * cache[src]
             ve = ves[int(args.value_embed_pattern[i])] if args.value_embed_pattern[i] != "-" else None
-            sa = sa_lambdas[2 * i:2 * i + 2]
+            sa = None if sa_lambdas is None else sa_lambdas[2 * i:2 * i + 2]
             fp8 = (self.mlp_act_scales[i], self.mlp_w2_scales[i], self.fp8_window, self.fp8_bootstrap) \
                 if self.training and args.use_fp8_mlp else None
-            if args.residual == "block":
-                mix = s[self.scalar_slices["block"]][2 * i:2 * i + 2]
+            if args.residual != "sublayer":
+                mix = s[self.scalar_slices["block"]][2 * i:2 * i + 2] if args.residual == "block" else None
                 x = block(x, x0, ve, sa, mix, ctx, g, fp8=fp8)
             elif args.use_mudd and i == L - 1:
                 x = self.mudd_layer(block, x, ve, sa, ctx, g, cache, attn_in, bigram, fp8)
@@ -1632,7 +1776,7 @@ class GPT(nn.Module):
             first_skip = args.skips[0][0]
             x = (x + nu[0][..., None] * cache["embed"] + nu[1][..., None] * cache[args.attn_input_layer]
                  + nu[2][..., None] * cache[L - 2] + nu[3][..., None] * ves[0] + nu[4][..., None] * cache[first_skip])
-        return norm(x).flatten(end_dim=1)
+        return self.ln_f(x).flatten(end_dim=1)
 
     def mudd_layer(self, block, x, ve, sa, ctx, g, cache, attn_in, bigram, fp8) -> Tensor:
         """The last layer with MUDD (#81): 14 per-token coefficients from the stream mix earlier streams into V and
@@ -1801,9 +1945,11 @@ class TrainLoader:
     With vocab_size, a shard holding a token id >= vocab_size is refused when it is read (a ShardError)."""
 
     def __init__(self, files: list[Path], seq_len: int, windows_per_step: int, rank: int, world_size: int,
-                 device: torch.device, state: dict | None = None, vocab_size: int | None = None):
+                 device: torch.device, state: dict | None = None, vocab_size: int | None = None,
+                 bos_aligned: bool = True):
         assert windows_per_step % world_size == 0, "every rank reads the same number of windows"
         self.files, self.seq_len, self.windows, self.vocab_size = files, seq_len, windows_per_step, vocab_size
+        self.bos_aligned = bos_aligned
         self.rank, self.world_size, self.device = rank, world_size, device
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         state = state or dict(shard=0, pos=0)
@@ -1850,6 +1996,12 @@ class TrainLoader:
         i = np.searchsorted(self.bos, pos)  # as record #28: continue from the first BOS after the last window
         return windows, int(self.bos[i]) if i < len(self.bos) else len(self.tokens)
 
+    def _plan_contiguous(self, seq_len: int) -> tuple[list, int] | None:
+        """GPT-2's plan: windows back to back from the position, cut anywhere; None if the shard ends first."""
+        end = self.pos + self.windows * seq_len
+        return None if end + 1 > len(self.tokens) else ([([a], [a + seq_len + 1]) for a in
+                                                          range(self.pos, end, seq_len)], end)
+
     def _plan_packed(self, seq_len: int, max_doc_len: int) -> tuple[list, int] | None:
         """Packed documents: (the pieces of each window, the next position), or None if this shard runs out of BOS."""
         if max_doc_len not in self.filled:  # filled[k] = tokens in pieces 0..k-1: a window's end is one search away
@@ -1872,7 +2024,9 @@ class TrainLoader:
         """This rank's (inputs, targets) for each micro-step of the next training step: windows of seq_len (default:
         the constructor's) + 1 tokens, packed from documents cut at max_doc_len tokens, or record #28's plan if None."""
         seq_len = self.seq_len if seq_len is None else seq_len
-        if max_doc_len is None:
+        if not self.bos_aligned:
+            plan = lambda: self._plan_contiguous(seq_len)
+        elif max_doc_len is None:
             if self.pos + 2 * self.windows * seq_len + 1 >= len(self.tokens):  # record #28's rule for a new shard
                 self._next_shard()
             plan = lambda: self._plan_windows(seq_len)  # None: documents too long to fit
@@ -1932,20 +2086,23 @@ def val_windows(tokens: np.ndarray, seq_len: int, rank: int, world_size: int, de
 ADAM_ROWS = {"embed.weight": "embed", "lm_head_w": "lm_head", "scalars": "scalars", "smear_gate": "smear_gate",
              "bigram_embed.weight": "bigram_embed", "resid_lambdas": "resid_lambdas", "post_lambdas": "post_lambdas",
              "mudd.w1": "mudd", "mudd.w2": "mudd", "mudd.b2": "mudd_bias", "gate.w1": "gate", "gate.w2": "gate",
-             "gate.b2": "gate_bias", "gate.scale": "gate_bias", "gate.values": "gate_bias"}
+             "gate.b2": "gate_bias", "gate.scale": "gate_bias", "gate.values": "gate_bias", "pos_embed.weight":
+             "pos_embed", "ln_f.weight": "norms", "ln_f.bias": "norms"}
+BLOCK_ADAM_ROWS = dict.fromkeys(MUON_PARAMETERS, "matrices") | dict(  # by the last part of the name; LayerNorm's
+    ve_gate="ve_gates", qkvo_b="biases", c_fc_b="biases", c_proj_b="biases", weight="norms", bias="norms")
 
 
 def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list:
-    """The optimizer tables: the block matrices go to Muon, every other parameter to its adam_table row; each
-    parameter in exactly one place."""
+    """The optimizer tables: the block matrices go to Muon (with use_muon), every other parameter to its adam_table
+    row; each parameter in exactly one place."""
     muon, adam = [], {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if name.startswith("blocks.") and leaf in MUON_PARAMETERS:
+        if name.startswith("blocks.") and leaf in MUON_PARAMETERS and args.use_muon:
             muon += [(p, view, lr_mul) for view, lr_mul in muon_matrices(leaf, p, args)]
         else:
-            row = ("value_embeds" if name.startswith("value_embeds.") else "ve_gates" if name.endswith(".ve_gate")
-                   else ADAM_ROWS[name])
+            row = ("value_embeds" if name.startswith("value_embeds.") else BLOCK_ADAM_ROWS[leaf]
+                   if name.startswith("blocks.") else ADAM_ROWS[name])
             adam.setdefault(row, []).append(p)
     table = args.adam_rows
     missing = sorted(set(adam) - set(table))
@@ -2273,10 +2430,11 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     if any(p.use_prefix for p in plans):
         model.prefix_table.copy_(torch.from_numpy(prefix_token_table(args.vocab_size)))
     model = model.to(rt.device)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizers = build_optimizers(model, args, rt)
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
     new_loader = lambda state=None: TrainLoader(train_files, plans[0].seq_len, args.windows_per_step, rt.rank,
-                                                rt.world_size, rt.device, state, args.vocab_size)
+                                                rt.world_size, rt.device, state, args.vocab_size, args.bos_aligned)
     progress = dict(step=0, loader=None, train_time_ms=0.0, val_losses={})
     if args.resume:
         progress = load_checkpoint(Path(args.resume), model, optimizers, args, rt)

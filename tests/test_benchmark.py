@@ -31,6 +31,20 @@ def test_model_flops_count_the_dense_weights_and_the_attended_keys():
     assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense + dc
 
 
+def test_gpt2_baseline_flops_count_its_matrices_and_its_1024_token_contexts():
+    args = tg.parse_args(["--preset=gpt2_baseline"])
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    dense = 12 * (4 * 768**2 + 2 * 768 * 3072) + 50304 * 768  # the tied head once; biases and positions: no matmul
+    assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense
+    smoke = tg.parse_args(["--preset=smoke_gpt2_baseline"])  # contexts of 256 tokens: 4 blocks of 64, causal
+    inputs = torch.full((1024,), 7)
+    inputs[::100] = tg.BOS_ID  # documents do not limit its attention
+    model = tg.GPT(smoke)
+    model.set_step(tg.plan_step(0, smoke))
+    assert benchmark.mean_attended_keys([(inputs, None)], model, smoke) == 64 * (1 + 2 + 3 + 4) / 4
+
+
 def test_attended_keys_follow_the_window():
     args = tg.parse_args(["--preset=smoke_2025_08_23", "--attn_pattern=LLLL", "--value_embed_pattern=0000"])
     model = tg.GPT(args)
@@ -67,7 +81,7 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
     (["--peak_tflops=nan"], "error: --peak_tflops=nan must be above 0 (see --help)"),
     (["--real=maybe"], "error: --real=maybe: write --real (or --real=true/false)"),
     (["--preset=nope"], "error: unknown preset 'nope'; choose one of speedrun, smoke, record_2025_08_23, "
-     "smoke_2025_08_23"),
+     "smoke_2025_08_23, gpt2_baseline, smoke_gpt2_baseline"),
     (["--preset=smoke", "--step=14"], "error: --step=14 is past the schedule's last training step, 13"),
     (["--preset=smoke", "--muon_lr=nan"], "error: muon_lr=nan must be a finite number above 0"),
     (["--estimate", "--gpu=v100"], "error: --gpu=v100: choose one of h100, a100"),

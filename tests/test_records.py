@@ -617,6 +617,29 @@ def test_golden_smoke_logs(capsys):
     assert report["runs"]["incomplete"] == [] and report["runs"]["unreadable"] == []
 
 
+def test_a_gpt2_baseline_log_compares_like_any_other(tmp_path, capsys):
+    """A log of our trainer's GPT-2 baseline preset (4 steps on the sample shards) reads as any run, and serves as
+    the BASELINE group against the golden smoke logs: final losses, the common steps, the one-run caveat."""
+    sys.path.insert(0, str(REPO))
+    import train_gpt
+
+    result = train_gpt.main(["--preset=smoke_gpt2_baseline", "--num_iterations=4", "--val_every=4", "--val_tokens=2048",
+                             "--windows_per_step=2", f"--log_dir={tmp_path / 'gpt2'}", "--run_id=gpt2"])
+    run = compare.read_log(tmp_path / "gpt2" / "gpt2.txt")
+    assert run.status == "complete" and run.total_steps == 4 and [step for step, _, _ in run.val] == [0, 4]
+    assert run.final_val_loss == float(f"{result['val_loss']:.4f}") and run.train_time_ms > 0
+    assert run.hyperparameters["residual"] == "plain" and run.hyperparameters["use_muon"] is False
+    assert [step for step, _ in run.train] == [1, 2, 3, 4]
+    code, report = run_json(GOLDEN, "--baseline", tmp_path / "gpt2", capsys=capsys)
+    golden = [compare.read_log(path) for path in sorted(GOLDEN.glob("*.txt"))]
+    assert report["baseline"]["n"] == 1 and report["baseline"]["mean_val_loss"] == run.final_val_loss
+    c = report["comparison"]
+    assert c["loss_diff"] == pytest.approx(np.mean([g.final_val_loss for g in golden]) - run.final_val_loss)
+    assert [row["step"] for row in c["by_step"]] == [0, 4]
+    assert c["by_step"][1]["baseline_mean_val_loss"] == run.final_val_loss
+    assert c["time_p_value"] is None and "at least 2 complete runs" in c["time_p_value_note"] and code == 1
+
+
 def test_the_same_run_given_twice_or_resumed_counts_once_and_says_so(tmp_path, capsys):
     """A record claim counts independent runs: a copy of a log, a log with another's run id and a run resumed from
     another's checkpoint are one run, merged with a line that says so; the ranks each run used are reported."""

@@ -330,6 +330,17 @@ def test_messages_name_the_real_cause(tmp_path, capsys, argv, message):
 @pytest.mark.parametrize("preset, overrides", [
     ("smoke_2025_08_23", dict(attn_gate_dim=0)),  # the 2025-08-23 recipe without its sparse attention gate
     ("smoke", dict(ve_gate_dim=0, attn_gate_dim=4, mudd_gate_layer=5, dc_window=0, bigram_vocab_size=2)),
+    # GPT-2 with document masks, positions counted from each BOS, BOS-aligned windows, Muon and no clipping
+    ("smoke_gpt2_baseline", dict(context_len=0, bos_aligned=True, use_muon=True, grad_clip=0)),
+    # the GPT-2 baseline's parts inside the records, one code path: each setting works on its own
+    ("smoke_2025_08_23", dict(layer_norm=True, mlp_activation="gelu", linear_bias=True, use_rotary=False,
+                              use_yarn=False, pos_embed_len=128, context_len=256, bos_aligned=False, use_muon=False,
+                              adamw=True, grad_clip=1.0, lr_warmup_steps=2, cooldown_shape="cosine",
+                              adam_table="embed:75:0.8:0.95:0 value_embeds:75:0.8:0.95:0 lm_head:1:0.8:0.95:0 "
+                                         "scalars:5:0.8:0.95:0 pos_embed:1:0.9:0.95:1 matrices:1:0.9:0.95:1 "
+                                         "biases:1:0.9:0.95:0 norms:1:0.9:0.95:0")),
+    ("smoke", dict(tie_embed=True, tie_embed_stages=0, logit_softcap=0.0, use_qk_norm=False, use_embed_norm=False,
+                   init_std=0.02)),
 ])
 def test_settings_at_their_edges_still_train(shard_dir, tmp_path, preset, overrides):
     small = dict(num_iterations=4, extension_iterations=0, val_every=0, warmup_steps=0, val_tokens=1024,

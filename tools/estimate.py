@@ -158,8 +158,8 @@ def sample_windows(args: tg.Hyperparameters, seq_len: int, max_doc_len: int | No
         # (tokens left < 2 x windows x seq_len) must not end a shard of 1,000-token documents
         files = benchmark.synthetic_shards(Path(tmp), max((count + 2) * seq_len * 2, 1 << 16), seed=seed)
         loader = tg.TrainLoader(tg.find_shards(files), seq_len, 1, 0, 1, torch.device("cpu"),
-                                vocab_size=args.vocab_size)
-        return [tg.document_ids(loader.next_step(seq_len, max_doc_len)[0][0]) for _ in range(count)]
+                                vocab_size=args.vocab_size, bos_aligned=args.bos_aligned)
+        return [tg.document_ids(loader.next_step(seq_len, max_doc_len)[0][0], args.context_len) for _ in range(count)]
 
 
 def layer_densities(docs_list: list[torch.Tensor], short: int, long: int, args: tg.Hyperparameters) -> list[float]:
@@ -262,7 +262,8 @@ def estimate(report: dict, gpu_name: str = "h100", world_size: int = 8, top: int
     with torch.device("meta"):
         model = tg.GPT(args)
     named = list(model.named_parameters())
-    adam_params = [p for n, p in named if not (n.startswith("blocks.") and n.rsplit(".", 1)[-1] in tg.MUON_PARAMETERS)]
+    adam_params = [p for n, p in named if not (n.startswith("blocks.") and n.rsplit(".", 1)[-1] in tg.MUON_PARAMETERS
+                                               and args.use_muon)]
     per_rank = args.windows_per_step // world_size * args.micro_batch_split  # micro-steps per rank and step
     plans = tg.full_schedule(args)
     stage_graphs = {}
@@ -396,7 +397,7 @@ def eval_estimate(kernels: list[dict], args: tg.Hyperparameters, plans: list, gp
     with tempfile.TemporaryDirectory() as tmp:
         benchmark.synthetic_shards(Path(tmp), args.val_seq_len + 1)
         tokens = torch.as_tensor(tg.load_shard(next(Path(tmp).glob("*.bin"))))
-    docs = tg.document_ids(tokens[:args.val_seq_len].long())
+    docs = tg.document_ids(tokens[:args.val_seq_len].long(), args.context_len)
     d = layer_densities([docs], final.window_short, final.window_long, args)
     window = graph_ms(kernels, gpu, d)
     windows = args.val_tokens // args.val_seq_len // world_size
@@ -411,6 +412,7 @@ def eval_estimate(kernels: list[dict], args: tg.Hyperparameters, plans: list, gp
 RECORDS = {
     "record_2025_08_23": dict(name="record #28 (2025-08-23)", ms_at_step={125: 94.25, 1695: 99.67}, train_s=168.9),
     "speedrun": dict(name="record #89 (2026-07)", stage_ms=[31.5, 56.8, 82.6], train_s=79.5, steps=1390),
+    "gpt2_baseline": dict(name="llm.c's GPT-2 (124M), the speedrun's starting point", train_s=45 * 60),
 }
 SYSTEM_FIELDS = {"train_files", "val_files", "device", "log_dir", "run_id", "save_every", "save_final",
                  "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s", "sample_tokens",
