@@ -630,6 +630,7 @@ def test_a_gpt2_baseline_log_compares_like_any_other(tmp_path, capsys):
     assert run.final_val_loss == float(f"{result['val_loss']:.4f}") and run.train_time_ms > 0
     assert run.hyperparameters["residual"] == "plain" and run.hyperparameters["use_muon"] is False
     assert [step for step, _ in run.train] == [1, 2, 3, 4]
+    capsys.readouterr()  # the run's own console lines
     code, report = run_json(GOLDEN, "--baseline", tmp_path / "gpt2", capsys=capsys)
     golden = [compare.read_log(path) for path in sorted(GOLDEN.glob("*.txt"))]
     assert report["baseline"]["n"] == 1 and report["baseline"]["mean_val_loss"] == run.final_val_loss

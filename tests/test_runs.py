@@ -247,7 +247,7 @@ def test_an_unexpected_error_is_one_line_on_the_console_and_a_traceback_in_the_l
     (dict(adam_lr=-0.01), "adam_lr=-0.01 must be a finite number above 0"),
     (dict(muon_weight_decay="nan"), "muon_weight_decay=nan must be a finite number >= 0"),
     (dict(logit_offset="inf"), "logit_offset=inf must be a finite number"),
-    (dict(logit_softcap=0), "logit_softcap=0.0 must be a finite number above 0"),
+    (dict(logit_softcap=-1), "logit_softcap=-1.0 must be a finite number >= 0"),  # 0: no soft-cap (GPT-2)
     (dict(logit_temperature=0), "logit_temperature=0.0 must be a finite number above 0"),
     (dict(rope_base=0), "rope_base=0.0 must be a finite number above 0"),
     (dict(model_dim=0), "model_dim=0 must be above 0"),

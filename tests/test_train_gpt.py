@@ -503,6 +503,29 @@ def test_the_baseline_is_gpt2():
     torch.testing.assert_close(model.logits(seq), ln(x, model.ln_f) @ model.lm_head_w.T, rtol=1e-4, atol=1e-4)
 
 
+def test_the_baseline_in_bf16_multiplies_in_bf16_with_fp32_weights():
+    """As under autocast: the weights (and so AdamW's state) stay fp32, every matmul of the step, forward and backward,
+    takes bf16 operands (the estimated step time rests on it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "bmm", "addmm", "baddbmm"):
+                seen.append(tuple(str(a.dtype) for a in args[:3] if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    args = baseline_args(dtype="bfloat16")
+    model = randomized_model(args).train()
+    model.set_step(tg.plan_step(0, args))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    seq = document_sequence(65, [0, 30])
+    with MatmulDtypes():
+        model(seq[:-1], seq[1:]).backward()
+    assert len(seen) > 20 and {dtype for operands in seen for dtype in operands} == {"torch.bfloat16"}, set(seen)
+
+
 @pytest.mark.parametrize("context_len", [0, 32])
 @torch.no_grad()
 def test_learned_positions_restart_with_each_context_or_document(context_len):
