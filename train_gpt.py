@@ -111,6 +111,8 @@ class Hyperparameters:
     gated_attn_layers: str = setting("3,10", "layers whose heads are scaled by per-token gates (#85)")
     residual: str = setting("sublayer", "sublayer: per-sublayer residual and output lambdas, x0 added after "
                             "attention (#45, #77); block: x <- a*x + b*x0 before each block (#9)")
+    learned_scalars: bool = setting(True, "skip weights, block and value lambdas, smear lambda are learned (Adam's "
+                                    "scalars row); off: a buffer fixed at their init, value lambda 1 (no parameter)")
     skip_connections: str = setting("3>6", "skips src>dst: layer src's output joins layer dst's input (#11, #45)")
     skip_gated: bool = setting(True, "skips weighted sigmoid(lambda) * per-token gate (#32, #85); off: raw weights")
     attn_input_layer: int = setting(7, "later layers take attention input from this layer's output (#77); -1: off")
@@ -130,6 +132,9 @@ class Hyperparameters:
     dc_window: int = setting(112, "tokens the DC correction looks back over")
     zero_init_attn_out: bool = setting(False, "zero-init the attention output matrix (#5; 2026 recipe: uniform, #64)")
     head_init_std: float = setting(0.005, "init std of the LM head (#51; 0: zero-init, #5)")
+    embed_init_std: float = setting(1.0, "init std of the token embedding (nn.Embedding's 1; GPT-2: 0.02)")
+    out_init_std: float = setting(0.0, "init std of the attention output and MLP c_proj matrices, normal (GPT-2: "
+                                  "0.02/sqrt(2*num_layers)); 0: uniform or zero_init_attn_out, c_proj zero")
     rope_base: float = setting(1024.0, "rotary frequencies run from 1 to 1/rope_base rad/token")
     rope_interleaved: bool = setting(True, "rotary pairs are adjacent dims (#58); off: dims j and j + head_dim/2")
     attn_scale: float = setting(0.1, "softmax scale (not 1/sqrt(head_dim))")
@@ -140,7 +145,8 @@ class Hyperparameters:
                                  "empty: the long window grows linearly to max_window_tokens, short = long/2 (#28)")
     max_window_tokens: int = setting(1728, "long window at the end of training when window_blocks is empty")
     final_window_blocks: int = setting(20, "long window of the final validation (#33, #35); 0: unchanged")
-    logit_softcap: float = setting(23.0, "logits z become cap * sigmoid((z + offset) / temperature) (#9, #54)")
+    logit_softcap: float = setting(23.0, "logits z become cap * f((z + offset) / temperature) (#9, #54)")
+    logit_softcap_fn: str = setting("sigmoid", "f of the soft-cap: sigmoid (#54) or tanh (#9: 30*tanh(z/30))")
     logit_offset: float = setting(5.0, "soft-cap offset")
     logit_temperature: float = setting(7.5, "soft-cap temperature")
     use_fp8: bool = setting(True, "LM head in FP8 (e4m3 forward, e5m2 gradient) during training (#19)")
@@ -158,7 +164,9 @@ class Hyperparameters:
     num_iterations: int = setting(1270, "scheduled training steps (stages split them evenly)")
     extension_iterations: int = setting(15, "steps after the schedule at the final LR and the extension window (#35)")
     stage_lr_mul: str = setting("1.0,1.52,1.73", "per stage: LR multiplier (#46)")
+    lr_warmup_steps: int = setting(0, "first steps over which the LR rises linearly, (step + 1)/n of its value")
     cooldown_frac: float = setting(0.6, "fraction of the scheduled steps over which the LR falls to final_lr_frac")
+    cooldown_shape: str = setting("linear", "how the LR falls in the cooldown: linear or cosine (half a period)")
     final_lr_frac: float = setting(0.15, "LR multiplier at the end of the schedule and in the extension")
     muon_lr: float = setting(0.023, "Muon learning rate (hidden matrices)")
     muon_momentum: float = setting(0.95, "Muon momentum after warm-up")
@@ -217,7 +225,8 @@ class Hyperparameters:
                     "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
                     "eval_chunk_tokens", "adam_every", "mudd_hidden", "micro_batch_split", "collective_timeout_s",
                     "muon_lr", "adam_lr", "adam_eps", "mlp_lr_mul", "c_proj_lr_mul", "logit_softcap",
-                    "logit_temperature", "attn_scale", "rope_base", "fp8_x_scale", "fp8_w_scale", "fp8_grad_scale")
+                    "logit_temperature", "attn_scale", "rope_base", "fp8_x_scale", "fp8_w_scale", "fp8_grad_scale",
+                    "embed_init_std")
         for f in dataclasses.fields(self):  # NaN passes no comparison: a float must be finite before anything else
             value, real = getattr(self, f.name), f.type is float
             if f.type not in (int, float) or f.name == "attn_input_layer":
@@ -337,6 +346,17 @@ class Hyperparameters:
         require(self.dtype in ("bfloat16", "float32"), f"dtype={self.dtype!r}: choose bfloat16 or float32")
         require(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: choose auto, cuda or cpu")
         require(0 <= self.cooldown_frac <= 1, f"cooldown_frac={self.cooldown_frac} must lie in [0, 1]")
+        require(self.cooldown_shape in ("linear", "cosine"), f"cooldown_shape={self.cooldown_shape!r}: choose linear "
+                "or cosine")
+        require(self.logit_softcap_fn in ("sigmoid", "tanh"), f"logit_softcap_fn={self.logit_softcap_fn!r}: choose "
+                "sigmoid or tanh")
+        cooldown = round(self.num_iterations * (1 - self.cooldown_frac))
+        require(self.lr_warmup_steps <= cooldown, f"lr_warmup_steps={self.lr_warmup_steps} must end before the "
+                f"cooldown starts at step {cooldown}. HINT: fewer warm-up steps, or a lower --cooldown_frac")
+        require(not (self.out_init_std and self.zero_init_attn_out), "out_init_std and zero_init_attn_out both set "
+                "the attention output's init. HINT: --zero_init_attn_out=false (or --out_init_std=0)")
+        require(self.embed_init_std == 1 or not self.tie_embed_stages, f"embed_init_std={self.embed_init_std} has "
+                "no effect while the embedding starts as the head. HINT: --tie_embed_stages=0 (or embed_init_std=1)")
         require(0 <= self.muon_momentum < 1 and 0 <= self.muon_momentum_start < 1, "Muon momenta must lie in [0, 1)")
         require(self.tie_embed_stages < stages or self.tie_embed_stages == 0,
                 f"tie_embed_stages={self.tie_embed_stages} must be below the number of stages ({stages})")
@@ -420,6 +440,13 @@ SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipp
     val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
     mlp_hidden=512, block_size=64, dtype="float32", use_fp8=False, use_fp8_mlp=False, use_compile=False,
     use_flex_attention=False)
+ONE_A100 = dict(  # the one-A100 recipe: GPT-2's shape and init, 1500 steps of 524,288 tokens (docs/recipes.md)
+    RECORD_2025_08_23, train_seq_len="65536", num_heads=12, head_dim=64, attn_pattern="L" * 12,
+    value_embed_pattern="-" * 12, attn_gate_dim=0, window_blocks="16/16", learned_scalars=False,
+    zero_init_attn_out=False, out_init_std=0.02 / 24**0.5, embed_init_std=0.02, logit_softcap_fn="tanh",
+    logit_temperature=30.0, use_fp8=False, num_iterations=1500, lr_warmup_steps=100, cooldown_frac=0.6,
+    cooldown_shape="cosine", final_lr_frac=0.15, muon_lr=0.02, adam_lr=0.006, val_every=250,
+    adam_table="embed:1:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0")
 PRESETS = {
     "speedrun": {},  # the 2026-08 recipe: 1285 steps, 338,821,120 tokens
     "smoke": dict(  # the 2026-08 recipe at 6 layers on a CPU
@@ -434,6 +461,11 @@ PRESETS = {
         RECORD_2025_08_23, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LS-L", value_embed_pattern="01-0",
         skip_connections="1>2,0>3", max_window_tokens=384, fp8_x_scale=128**0.5 / 448, num_iterations=20, val_every=5,
         warmup_steps=2, muon_momentum_warmup_steps=20),
+    "one_a100": ONE_A100,
+    "smoke_one_a100": dict(  # the one-A100 recipe at 4 layers on a CPU
+        ONE_A100, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LLLL", value_embed_pattern="----",
+        skip_connections="1>2,0>3", window_blocks="4/4", out_init_std=0.02 / 8**0.5, num_iterations=10,
+        lr_warmup_steps=2, val_every=5, warmup_steps=0, muon_momentum_warmup_steps=10),
 }
 
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
@@ -578,14 +610,18 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
 
 
 def lr_multiplier(step: int, args: Hyperparameters) -> float:
-    """The stage's multiplier, then a linear cooldown over the last cooldown_frac of the scheduled steps down to
-    final_lr_frac, which the extension keeps."""
+    """The stage's multiplier (after a linear warm-up), then a cooldown over the last cooldown_frac of the scheduled
+    steps down to final_lr_frac, which the extension keeps: linear, or the falling half of a cosine."""
     muls = args.per_stage("stage_lr_mul", float)
     mul = muls[min(stage_of(step, args), len(muls) - 1)]
+    if step < args.lr_warmup_steps:
+        mul *= (step + 1) / args.lr_warmup_steps
     x = step / args.num_iterations
     if args.cooldown_frac == 0 or x < 1 - args.cooldown_frac:
         return mul
     w = max(0.0, (1 - x) / args.cooldown_frac)
+    if args.cooldown_shape == "cosine":
+        w = (1 - math.cos(math.pi * w)) / 2
     return mul * w + (1 - w) * args.final_lr_frac
 
 
@@ -1289,6 +1325,8 @@ class CausalSelfAttention(nn.Module):
         self.qkvo_w = nn.Parameter(torch.empty(4, D, D).uniform_(-bound, bound).to(wdtype))
         if args.zero_init_attn_out:
             self.qkvo_w.data[3].zero_()
+        if args.out_init_std:  # GPT-2's init of the layers that write into the residual stream
+            self.qkvo_w.data[3].normal_(0, args.out_init_std)
         if args.attn_gate_dim:  # sparse attention gate (#28): gate 0.5 at init
             self.attn_gate = nn.Parameter(torch.zeros(H, args.attn_gate_dim))
         if args.ve_gate_dim and args.value_embed_pattern[layer] != "-":  # value-embedding gate (#55): 1 at init
@@ -1346,6 +1384,8 @@ class MLP(nn.Module):
         # both stored as (model_dim, hidden) so that Muon handles them as one batch of equal shapes
         self.c_fc = nn.Parameter(torch.empty(args.model_dim, args.mlp_hidden).uniform_(-bound, bound).to(wdtype))
         self.c_proj = nn.Parameter(torch.zeros(args.model_dim, args.mlp_hidden, dtype=wdtype))  # zero-init
+        if args.out_init_std:
+            self.c_proj.data.normal_(0, args.out_init_std)
 
     def forward(self, x: Tensor, fp8: tuple | None = None) -> Tensor:
         """ReLU^2 MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89): the
@@ -1470,6 +1510,7 @@ class GPT(nn.Module):
         dtype = getattr(torch, args.dtype)
         wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
         self.embed = nn.Embedding(V, D, dtype=dtype)
+        self.embed.weight.data.mul_(args.embed_init_std)  # nn.Embedding starts at N(0, 1)
         self.value_embeds = nn.ModuleList(nn.Embedding(V, D, dtype=dtype) for _ in range(args.value_embed_count))
         for ve in self.value_embeds:
             ve.weight.data.mul_(args.value_embed_init_std)  # nn.Embedding starts at N(0, 1)
@@ -1484,13 +1525,17 @@ class GPT(nn.Module):
         parts = {"skip": torch.full((n_skips,), skip_init)}
         if args.residual == "block":
             parts["block"] = torch.tensor([1.0, 0.0]).repeat(L)  # (residual, x0)
-        parts["attn"] = torch.tensor([0.5, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
+        value_lambda = 0.5 if args.learned_scalars else 1.0  # fixed: V is not scaled
+        parts["attn"] = torch.tensor([value_lambda, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
         if args.use_smear:
             parts["smear"] = torch.zeros(1)
         n = sum(map(len, parts.values()))
         fill = 1.0 if args.residual == "block" else 0.0
         parts["pad"] = torch.full(((-n) % args.windows_per_step,), fill)  # so that Adam can shard it by rank
-        self.scalars = nn.Parameter(torch.cat(list(parts.values())))
+        if args.learned_scalars:
+            self.scalars = nn.Parameter(torch.cat(list(parts.values())))
+        else:  # fixed at their initial values: a buffer, no parameter (GPT-2's plain residual with residual=block)
+            self.register_buffer("scalars", torch.cat(list(parts.values())))
         offsets = np.cumsum([0] + [len(v) for v in parts.values()])
         self.scalar_slices = {k: slice(int(a), int(b)) for k, a, b in zip(parts, offsets, offsets[1:])}
         if args.residual == "sublayer":  # residual decay sqrt(1.1) per sublayer (#45, #77)
@@ -1570,7 +1615,8 @@ class GPT(nn.Module):
         logits = logits.float()
         if args.logit_offset:
             logits = logits + args.logit_offset
-        return args.logit_softcap * torch.sigmoid(logits / args.logit_temperature)
+        squash = torch.tanh if args.logit_softcap_fn == "tanh" else torch.sigmoid
+        return args.logit_softcap * squash(logits / args.logit_temperature)
 
     def attention_context(self, input_seq: Tensor) -> dict:
         """What every attention layer of this sequence shares: document ids, masks, rotary tables, the scale."""
@@ -2272,6 +2318,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
 
     torch.manual_seed(args.seed)
     model = GPT(args)  # built on the CPU from the seed: the same weights on every rank and machine
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     if any(p.use_prefix for p in plans):
         model.prefix_table.copy_(torch.from_numpy(prefix_token_table(args.vocab_size)))
     model = model.to(rt.device)
