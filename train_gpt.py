@@ -1,11 +1,13 @@
 """train_gpt.py: train a GPT-2-small-class model on FineWeb to 3.28 val loss as fast as we can.
 
-Two public NanoGPT speedrun recipes, written our own way as presets of one code path that runs the same math on 8 GPUs,
-on fewer GPUs (gradient accumulation) and on a CPU (the tiny `smoke` presets, used by the tests). Facts and numbers of
-both recipes are in docs/recipes.md; credits below name the public record (#n) that introduced each technique.
+Two public NanoGPT speedrun recipes and a one-A100 recipe, written our own way as presets of one code path that runs
+the same math on 8 GPUs, on fewer GPUs (gradient accumulation) and on a CPU (the tiny `smoke` presets, used by the
+tests). Facts and numbers of the recipes are in docs/recipes.md; credits below name the public record (#n) that
+introduced each technique.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # the 2026-08 recipe (any --nproc_per_node dividing 8)
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=record_2025_08_23   # record #28 (2025-08-23)
+    python train_gpt.py --preset=one_a100                     # GPT-2's shape on one A100 80GB in about 78 minutes
     python train_gpt.py --preset=smoke                        # the 2026-08 recipe at 6 layers, on a CPU, in a minute
     python train_gpt.py --print_schedule                      # the schedule, one JSON line per step
     python train_gpt.py --help                                # every setting, its default and unit
@@ -25,7 +27,8 @@ Techniques (each a setting, so any can be switched off from the command line):
     cautious weight decay (#43, #50), per-head-pair Q/K blocks (#80); Adam on odd steps (#39) with a per-parameter
     table (#52, #56); embedding tied to the head for two thirds of the run (#51, #53)
   - staged batch sizes, windows and LR multipliers (#46, #65), multi-token (#53) and prefix-token (#88) losses,
-    BOS-aligned training data (#26), an untimed warm-up of every compiled variant (#21, #47)
+    BOS-aligned training data (#26), an untimed warm-up of every compiled variant (#21, #47); LR warm-up and cosine
+    cooldown, GPT-2's init and a tanh soft-cap for the one-A100 recipe
 """
 
 import concurrent.futures
@@ -71,8 +74,8 @@ MAX_STEPS = 20_000  # the schedule is planned step by step before training: ~30 
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: everything that changes results, in one frozen dataclass. `--field=value` overrides any of them.
-# Defaults are the 2026-08 recipe; PRESETS holds the 2025-08-23 record and the CPU smoke versions of both. Fields
-# marked "per stage" take a comma-separated value per training stage (one value: the same in every stage).
+# Defaults are the 2026-08 recipe; PRESETS holds the 2025-08-23 record, the one-A100 recipe and their CPU smoke
+# versions. Fields marked "per stage" take a comma-separated value per training stage (one value: the same in all).
 
 
 def setting(default, help: str):
@@ -440,7 +443,7 @@ SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipp
     val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
     mlp_hidden=512, block_size=64, dtype="float32", use_fp8=False, use_fp8_mlp=False, use_compile=False,
     use_flex_attention=False)
-ONE_A100 = dict(  # the one-A100 recipe: GPT-2's shape and init, 1500 steps of 524,288 tokens (docs/recipes.md)
+ONE_A100 = dict(  # GPT-2 shape, 1500 steps of 524,288 tokens on one A100 (docs/recipes.md#the-one-a100-recipe)
     RECORD_2025_08_23, train_seq_len="65536", num_heads=12, head_dim=64, attn_pattern="L" * 12,
     value_embed_pattern="-" * 12, attn_gate_dim=0, window_blocks="16/16", learned_scalars=False,
     zero_init_attn_out=False, out_init_std=0.02 / 24**0.5, embed_init_std=0.02, logit_softcap_fn="tanh",
