@@ -100,7 +100,9 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
     preset, changed = closest_preset(args)
     recipe = {"speedrun": "the 2026-08 NanoGPT speedrun recipe", "smoke": "the 2026-08 recipe at CPU smoke-test size",
               "record_2025_08_23": "the NanoGPT speedrun record of 2025-08-23 (record #28)",
-              "smoke_2025_08_23": "the 2025-08-23 recipe at CPU smoke-test size"}[preset]
+              "smoke_2025_08_23": "the 2025-08-23 recipe at CPU smoke-test size",
+              "one_a100": "the one-A100 recipe (GPT-2's shape, 1500 steps on one A100)",
+              "smoke_one_a100": "the one-A100 recipe at CPU smoke-test size"}[preset]
     recipe_line = f"preset `{preset}`: {recipe}" + (f", with {len(changed)} settings changed: "
                                                      f"`{', '.join(changed)}`" if changed else "")
     val = None
