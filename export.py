@@ -103,7 +103,9 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
               "record_2025_08_23": "the NanoGPT speedrun record of 2025-08-23 (record #28)",
               "smoke_2025_08_23": "the 2025-08-23 recipe at CPU smoke-test size",
               "gpt2_baseline": "the GPT-2 (124M) baseline that the speedrun's records are measured against",
-              "smoke_gpt2_baseline": "the GPT-2 baseline at CPU smoke-test size"}[preset]
+              "smoke_gpt2_baseline": "the GPT-2 baseline at CPU smoke-test size",
+              "one_a100": "the one-A100 recipe (GPT-2's shape, 1500 steps on one A100)",
+              "smoke_one_a100": "the one-A100 recipe at CPU smoke-test size"}[preset]
     recipe_line = f"preset `{preset}`: {recipe}" + (f", with {len(changed)} settings changed: "
                                                      f"`{', '.join(changed)}`" if changed else "")
     val = None

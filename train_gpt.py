@@ -1,13 +1,14 @@
 """train_gpt.py: train a GPT-2-small-class model on FineWeb to 3.28 val loss as fast as we can.
 
-Two public NanoGPT speedrun recipes and the GPT-2 baseline they are measured against, written our own way as presets
-of one code path that runs the same math on 8 GPUs, on fewer GPUs (gradient accumulation) and on a CPU (the tiny
-`smoke` presets, used by the tests). Facts and numbers are in docs/recipes.md; credits below name the public record
-(#n) that introduced each technique.
+Two public NanoGPT speedrun recipes, a one-A100 recipe and the GPT-2 baseline they are measured against, written our
+own way as presets of one code path that runs the same math on 8 GPUs, on fewer GPUs (gradient accumulation) and on a
+CPU (the tiny `smoke` presets, used by the tests). Facts and numbers are in docs/recipes.md; credits below name the
+public record (#n) that introduced each technique.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # the 2026-08 recipe (any --nproc_per_node dividing 8)
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=record_2025_08_23   # record #28 (2025-08-23)
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=gpt2_baseline   # GPT-2 (124M), AdamW: the reference
+    python train_gpt.py --preset=one_a100                     # GPT-2's shape on one A100 80GB in about 78 minutes
     python train_gpt.py --preset=smoke                        # the 2026-08 recipe at 6 layers, on a CPU, in a minute
     python train_gpt.py --print_schedule                      # the schedule, one JSON line per step
     python train_gpt.py --help                                # every setting, its default and unit
@@ -27,7 +28,8 @@ Techniques (each a setting, so any can be switched off from the command line):
     cautious weight decay (#43, #50), per-head-pair Q/K blocks (#80); Adam on odd steps (#39) with a per-parameter
     table (#52, #56); embedding tied to the head for two thirds of the run (#51, #53)
   - staged batch sizes, windows and LR multipliers (#46, #65), multi-token (#53) and prefix-token (#88) losses,
-    BOS-aligned training data (#26), an untimed warm-up of every compiled variant (#21, #47)
+    BOS-aligned training data (#26), an untimed warm-up of every compiled variant (#21, #47); a tanh soft-cap and
+    GPT-2's output init for the one-A100 recipe
   - the baseline's parts beside them: LayerNorm, GELU, biases, learned positions, 1024-token contexts, a tied head,
     GPT-2's init; AdamW for everything with gradient clipping, a warm-up and a cosine cooldown
 """
@@ -75,8 +77,8 @@ MAX_STEPS = 20_000  # the schedule is planned step by step before training: ~30 
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: everything that changes results, in one frozen dataclass. `--field=value` overrides any of them.
-# Defaults are the 2026-08 recipe; PRESETS holds the 2025-08-23 record and the CPU smoke versions of both. Fields
-# marked "per stage" take a comma-separated value per training stage (one value: the same in every stage).
+# Defaults are the 2026-08 recipe; PRESETS holds the 2025-08-23 record, the one-A100 recipe and their CPU smoke
+# versions. Fields marked "per stage" take a comma-separated value per training stage (one value: the same in all).
 
 
 def setting(default, help: str):
@@ -118,6 +120,8 @@ class Hyperparameters:
     residual: str = setting("sublayer", "sublayer: per-sublayer residual and output lambdas, x0 added after "
                             "attention (#45, #77); block: x <- a*x + b*x0 before each block (#9); plain: GPT-2's "
                             "x + f(norm(x)), no learned mixing")
+    learned_scalars: bool = setting(True, "skip weights, block and value lambdas, smear lambda are learned (Adam's "
+                                    "scalars row); off: a buffer fixed at their init, value lambda 1 (no parameter)")
     skip_connections: str = setting("3>6", "skips src>dst: layer src's output joins layer dst's input (#11, #45)")
     skip_gated: bool = setting(True, "skips weighted sigmoid(lambda) * per-token gate (#32, #85); off: raw weights")
     attn_input_layer: int = setting(7, "later layers take attention input from this layer's output (#77); -1: off")
@@ -152,6 +156,9 @@ class Hyperparameters:
                               "projections std/sqrt(2*num_layers), biases 0; 0: the recipes' init")
     zero_init_attn_out: bool = setting(False, "zero-init the attention output matrix (#5; 2026 recipe: uniform, #64)")
     head_init_std: float = setting(0.005, "init std of the LM head (#51; 0: zero-init, #5)")
+    embed_init_std: float = setting(1.0, "init std of the token embedding (nn.Embedding's 1; GPT-2: 0.02)")
+    out_init_std: float = setting(0.0, "init std of the attention output and MLP c_proj matrices, normal (GPT-2: "
+                                  "0.02/sqrt(2*num_layers)); 0: uniform or zero_init_attn_out, c_proj zero")
     rope_base: float = setting(1024.0, "rotary frequencies run from 1 to 1/rope_base rad/token")
     rope_interleaved: bool = setting(True, "rotary pairs are adjacent dims (#58); off: dims j and j + head_dim/2")
     attn_scale: float = setting(0.1, "softmax scale (not 1/sqrt(head_dim))")
@@ -162,8 +169,9 @@ class Hyperparameters:
                                  "empty: the long window grows linearly to max_window_tokens, short = long/2 (#28)")
     max_window_tokens: int = setting(1728, "long window at the end of training when window_blocks is empty")
     final_window_blocks: int = setting(20, "long window of the final validation (#33, #35); 0: unchanged")
-    logit_softcap: float = setting(23.0, "logits z become cap * sigmoid((z + offset) / temperature) (#9, #54); 0: "
-                                   "plain logits")
+    logit_softcap: float = setting(23.0, "logits z become cap * f((z + offset) / temperature) (#9, #54); 0: plain "
+                                   "logits")
+    logit_softcap_fn: str = setting("sigmoid", "f of the soft-cap: sigmoid (#54) or tanh (#9: 30*tanh(z/30))")
     logit_offset: float = setting(5.0, "soft-cap offset")
     logit_temperature: float = setting(7.5, "soft-cap temperature")
     use_fp8: bool = setting(True, "LM head in FP8 (e4m3 forward, e5m2 gradient) during training (#19)")
@@ -247,7 +255,7 @@ class Hyperparameters:
                     "mlp_hidden", "block_size", "vocab_size", "num_iterations", "orthogonalizer_steps",
                     "eval_chunk_tokens", "adam_every", "mudd_hidden", "micro_batch_split", "collective_timeout_s",
                     "muon_lr", "adam_lr", "adam_eps", "mlp_lr_mul", "c_proj_lr_mul", "logit_temperature",
-                    "attn_scale", "rope_base", "fp8_x_scale", "fp8_w_scale", "fp8_grad_scale")
+                    "attn_scale", "rope_base", "fp8_x_scale", "fp8_w_scale", "fp8_grad_scale", "embed_init_std")
         for f in dataclasses.fields(self):  # NaN passes no comparison: a float must be finite before anything else
             value, real = getattr(self, f.name), f.type is float
             if f.type not in (int, float) or f.name == "attn_input_layer":
@@ -395,6 +403,15 @@ class Hyperparameters:
                 "linear or cosine")
         require(self.lr_warmup_steps < self.num_iterations, f"lr_warmup_steps={self.lr_warmup_steps} must be below "
                 f"num_iterations={self.num_iterations}")
+        require(self.logit_softcap_fn in ("sigmoid", "tanh"), f"logit_softcap_fn={self.logit_softcap_fn!r}: choose "
+                "sigmoid or tanh")
+        require(not (self.out_init_std and self.zero_init_attn_out), "out_init_std and zero_init_attn_out both set "
+                "the attention output's init. HINT: --zero_init_attn_out=false (or --out_init_std=0)")
+        require(self.embed_init_std == 1 or not (self.tie_embed_stages or self.tie_embed), f"embed_init_std="
+                f"{self.embed_init_std} has no effect while the embedding starts as the head. HINT: "
+                "--tie_embed_stages=0 and --tie_embed=false (or embed_init_std=1)")
+        require(not self.init_std or (self.embed_init_std == 1 and not self.out_init_std), "init_std sets every "
+                "matrix's init. HINT: --embed_init_std=1 --out_init_std=0 (or --init_std=0)")
         require(0 <= self.muon_momentum < 1 and 0 <= self.muon_momentum_start < 1, "Muon momenta must lie in [0, 1)")
         require(self.tie_embed_stages < stages or self.tie_embed_stages == 0,
                 f"tie_embed_stages={self.tie_embed_stages} must be below the number of stages ({stages})")
@@ -493,6 +510,14 @@ SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipp
     val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
     mlp_hidden=512, block_size=64, dtype="float32", use_fp8=False, use_fp8_mlp=False, use_compile=False,
     use_flex_attention=False)
+ONE_A100 = dict(  # GPT-2 shape, 1500 steps of 524,288 tokens on one A100 (docs/recipes.md#the-one-a100-recipe)
+    RECORD_2025_08_23, train_seq_len="65536", num_heads=12, head_dim=64, attn_pattern="L" * 12,
+    value_embed_pattern="-" * 12, attn_gate_dim=0, window_blocks="16/16", learned_scalars=False,
+    zero_init_attn_out=False, out_init_std=0.02 / 24**0.5, embed_init_std=0.02, logit_softcap_fn="tanh",
+    logit_temperature=30.0, use_fp8=False, num_iterations=1500, lr_warmup_steps=100,
+    cooldown_frac=9 / 14,  # of the 1,400 steps after the warm-up: the last 900 of 1,500, the card's last 60%
+    cooldown_shape="cosine", final_lr_frac=0.15, muon_lr=0.02, adam_lr=0.006, val_every=250,
+    adam_table="embed:1:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0")
 PRESETS = {
     "speedrun": {},  # the 2026-08 recipe: 1285 steps, 338,821,120 tokens
     "smoke": dict(  # the 2026-08 recipe at 6 layers on a CPU
@@ -512,6 +537,11 @@ PRESETS = {
         GPT2_BASELINE, **SMOKE, train_seq_len="256", context_len=256, pos_embed_len=256, num_layers=4,
         attn_pattern="LLLL", value_embed_pattern="----", window_blocks="4/4", num_iterations=20, lr_warmup_steps=1,
         val_every=5, warmup_steps=0),
+    "one_a100": ONE_A100,
+    "smoke_one_a100": dict(  # the one-A100 recipe at 4 layers on a CPU
+        ONE_A100, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LLLL", value_embed_pattern="----",
+        skip_connections="1>2,0>3", window_blocks="4/4", out_init_std=0.02 / 8**0.5, num_iterations=10,
+        lr_warmup_steps=2, val_every=5, warmup_steps=0, muon_momentum_warmup_steps=10),
 }
 
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
@@ -1396,6 +1426,8 @@ class CausalSelfAttention(nn.Module):
         self.qkvo_b = nn.Parameter(torch.zeros(4, D, dtype=wdtype)) if args.linear_bias else None
         if args.zero_init_attn_out:
             self.qkvo_w.data[3].zero_()
+        if args.out_init_std:  # GPT-2's init of the layers that write into the residual stream
+            self.qkvo_w.data[3].normal_(0, args.out_init_std)
         if args.attn_gate_dim:  # sparse attention gate (#28): gate 0.5 at init
             self.attn_gate = nn.Parameter(torch.zeros(H, args.attn_gate_dim))
         if args.ve_gate_dim and args.value_embed_pattern[layer] != "-":  # value-embedding gate (#55): 1 at init
@@ -1459,6 +1491,8 @@ class MLP(nn.Module):
         bias = lambda n: nn.Parameter(torch.zeros(n, dtype=wdtype)) if args.linear_bias else None
         self.c_fc_b, self.c_proj_b = bias(args.mlp_hidden), bias(args.model_dim)
         self.gelu = args.mlp_activation == "gelu"
+        if args.out_init_std:
+            self.c_proj.data.normal_(0, args.out_init_std)
 
     def forward(self, x: Tensor, fp8: tuple | None = None) -> Tensor:
         """ReLU^2 (or GELU) MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89):
@@ -1587,6 +1621,8 @@ class GPT(nn.Module):
         dtype = getattr(torch, args.dtype)
         wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
         self.embed = None if args.tie_embed else nn.Embedding(V, D, dtype=dtype)  # tied: the head's matrix (GPT-2)
+        if self.embed is not None:
+            self.embed.weight.data.mul_(args.embed_init_std)  # nn.Embedding starts at N(0, 1)
         self.pos_embed = nn.Embedding(args.pos_embed_len, D, dtype=wdtype) if args.pos_embed_len else None
         self.value_embeds = nn.ModuleList(nn.Embedding(V, D, dtype=dtype) for _ in range(args.value_embed_count))
         for ve in self.value_embeds:
@@ -1604,13 +1640,17 @@ class GPT(nn.Module):
             parts["skip"] = torch.full((n_skips,), skip_init)
             if args.residual == "block":
                 parts["block"] = torch.tensor([1.0, 0.0]).repeat(L)  # (residual, x0)
-            parts["attn"] = torch.tensor([0.5, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
+            value_lambda = 0.5 if args.learned_scalars else 1.0  # fixed: V is not scaled
+            parts["attn"] = torch.tensor([value_lambda, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
         if args.use_smear:
             parts["smear"] = torch.zeros(1)
         n = sum(map(len, parts.values()))
         fill = 1.0 if args.residual == "block" else 0.0
         parts["pad"] = torch.full(((-n) % args.windows_per_step,), fill)  # so that Adam can shard it by rank
-        self.scalars = nn.Parameter(torch.cat(list(parts.values()))) if n else None
+        if not n or args.learned_scalars:
+            self.scalars = nn.Parameter(torch.cat(list(parts.values()))) if n else None
+        else:  # fixed at their initial values: a buffer, no parameter (GPT-2's plain residual with residual=block)
+            self.register_buffer("scalars", torch.cat(list(parts.values())))
         offsets = np.cumsum([0] + [len(v) for v in parts.values()])
         self.scalar_slices = {k: slice(int(a), int(b)) for k, a, b in zip(parts, offsets, offsets[1:])}
         if args.residual == "sublayer":  # residual decay sqrt(1.1) per sublayer (#45, #77)
@@ -1701,7 +1741,8 @@ class GPT(nn.Module):
             return logits
         if args.logit_offset:
             logits = logits + args.logit_offset
-        return args.logit_softcap * torch.sigmoid(logits / args.logit_temperature)
+        squash = torch.tanh if args.logit_softcap_fn == "tanh" else torch.sigmoid
+        return args.logit_softcap * squash(logits / args.logit_temperature)
 
     def attention_context(self, input_seq: Tensor) -> dict:
         """What every attention layer of this sequence shares: document ids, masks, rotary tables, the scale."""

@@ -29,6 +29,11 @@ def test_model_flops_count_the_dense_weights_and_the_attended_keys():
     dense += 2 * 64 * 768 + (14 + 5) * 64 + 2 * 64 * 768 + (26 + 41) * 64  # MUDD; the gate MLP (26 and 41 outputs)
     dc = 3 * (4 * 6 * 256 * 128 + 2 * 256 * 6)  # one DC layer: 256 keys per query (its block and the previous one)
     assert benchmark.flops_per_token(model, args, 0.0) == 6 * dense + dc
+    args = tg.parse_args(["--preset=one_a100"])  # GPT-2's shape, untied: 12 blocks and the head, nothing else
+    with torch.device("meta"):
+        model = tg.GPT(args)
+    dense = 12 * (4 * 768**2 + 2 * 768 * 3072) + 50304 * 768
+    assert benchmark.flops_per_token(model, args, 2048.0) == 6 * dense + 3 * 4 * 768 * 12 * 2048
 
 
 def test_gpt2_baseline_flops_count_its_matrices_and_its_1024_token_contexts():
@@ -81,7 +86,7 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
     (["--peak_tflops=nan"], "error: --peak_tflops=nan must be above 0 (see --help)"),
     (["--real=maybe"], "error: --real=maybe: write --real (or --real=true/false)"),
     (["--preset=nope"], "error: unknown preset 'nope'; choose one of speedrun, smoke, record_2025_08_23, "
-     "smoke_2025_08_23, gpt2_baseline, smoke_gpt2_baseline"),
+     "smoke_2025_08_23, gpt2_baseline, smoke_gpt2_baseline, one_a100, smoke_one_a100"),
     (["--preset=smoke", "--step=14"], "error: --step=14 is past the schedule's last training step, 13"),
     (["--preset=smoke", "--muon_lr=nan"], "error: muon_lr=nan must be a finite number above 0"),
     (["--estimate", "--gpu=v100"], "error: --gpu=v100: choose one of h100, a100"),

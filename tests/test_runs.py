@@ -352,6 +352,18 @@ def test_settings_at_their_edges_still_train(shard_dir, tmp_path, preset, overri
     assert result["val_losses"][4] < result["val_losses"][0]
 
 
+@pytest.mark.slow
+def test_the_one_a100_recipe_at_4_layers_trains_on_the_sample_text(tmp_path):
+    """smoke_one_a100 as CI runs it, on data/sample/: 10 steps, warm-up, hold and cosine cooldown; the loss falls
+    from the uniform guess of the zero-init head, and the log states the parameter count."""
+    result = tg.main(["--preset=smoke_one_a100", f"--log_dir={tmp_path}"])
+    losses = result["val_losses"]
+    assert list(losses) == [0, 5, 10] and losses[0] == pytest.approx(np.log(50304), abs=1e-4)
+    assert losses[0] > losses[5] + 1 > losses[10] + 2  # measured: 10.826, 8.326, 6.570
+    count = 2 * 50304 * 128 + 4 * (4 * 128**2 + 2 * 128 * 512)  # embedding, head, 4 blocks: no scalars
+    assert f"model: {count:,} parameters" in Path(result["log_path"]).read_text().splitlines()
+
+
 @pytest.mark.parametrize("which", ["train", "val"])
 def test_a_token_id_beyond_the_vocabulary_is_refused_naming_the_file_and_the_id(shard_dir, tmp_path, capsys, which):
     bad = tmp_path / f"bad_{which}_000001.bin"

@@ -167,6 +167,21 @@ def test_record_2025_08_23_preset_is_that_recipe():
     assert tg.parse_args(["--preset=speedrun"]) == tg.parse_args([])  # the default is the 2026-08 recipe
 
 
+def test_one_a100_preset_is_that_recipe():
+    args = tg.parse_args(["--preset=one_a100"])
+    assert args.windows_per_step * int(args.train_seq_len) == 524_288 and args.num_iterations == 1500
+    assert args.windows_per_step == 8 and int(args.train_seq_len) == 32 * 2048  # one rank: 8 accumulation steps
+    assert (args.num_layers, args.num_heads, args.head_dim, args.model_dim, args.mlp_hidden) == (12, 12, 64, 768, 3072)
+    assert args.attn_pattern == "L" * 12 and args.window_blocks == "16/16" and args.block_size == 128  # 2,048 tokens
+    assert args.skips == tuple((i, 11 - i) for i in range(5, -1, -1)) and not args.skip_gated  # mirrored blocks
+    assert (args.logit_softcap_fn, args.logit_softcap, args.logit_temperature, args.logit_offset) == ("tanh", 30, 30, 0)
+    assert args.tie_embed_stages == 0 and not args.learned_scalars and args.residual == "block"
+    assert args.out_init_std == pytest.approx(0.02 / math.sqrt(24)) and args.embed_init_std == 0.02
+    assert (args.muon_lr, args.adam_lr, args.adam_weight_decay) == (0.02, 0.006, 0)
+    assert args.adam_rows["embed"] == args.adam_rows["lm_head"] == (1, (0.8, 0.95), 0)
+    assert not (args.use_fp8 or args.use_fp8_mlp or args.value_embed_pattern.strip("-") or args.attn_gate_dim)
+
+
 def test_parse_overrides_presets_and_types():
     args = tg.parse_args(["--preset=smoke", "--num_iterations=7", "--use_fp8=true", "--adam_lr=1e-3"])
     assert args.num_iterations == 7 and args.use_fp8 is True and args.adam_lr == 1e-3
@@ -222,6 +237,12 @@ def test_parse_overrides_presets_and_types():
      "multiple of 16 for FP8"),
     (["--preset=smoke_2025_08_23", "--use_fp8=true", "--train_seq_len=200", "--block_size=8"], "train_seq_len=200 "
      "must be a multiple of 16"),
+    (["--logit_softcap_fn=erf"], "logit_softcap_fn='erf': choose sigmoid or tanh"),
+    (["--preset=gpt2_baseline", "--out_init_std=0.01"], "init_std sets every matrix's init. HINT: --embed_init_std=1"),
+    (["--preset=one_a100", "--zero_init_attn_out=true"], "both set the attention output's init. HINT: "
+     "--zero_init_attn_out=false"),
+    (["--embed_init_std=0.02"], "no effect while the embedding starts as the head. HINT: --tie_embed_stages=0"),
+    (["--preset=one_a100", "--embed_init_std=0"], "embed_init_std=0.0 must be a finite number above 0"),
 ])
 def test_bad_settings_say_what_to_do(argv, message):
     with pytest.raises(ValueError) as e:
@@ -474,6 +495,10 @@ def test_parameter_counts_are_the_recipes():
         model = tg.GPT(tg.parse_args([]))
     assert sum(p.numel() for p in model.parameters()) == 635_887_015
     assert model.scalars.numel() == 24 and model.blocks[6].attn is None
+    with torch.device("meta"):  # the one-A100 card's count: embedding, untied head and 12 blocks, nothing else
+        model = tg.GPT(tg.parse_args(["--preset=one_a100"]))
+    assert sum(p.numel() for p in model.parameters()) == 162_201_600 == 2 * 50304 * 768 + 12 * 12 * 768**2
+    assert "scalars" not in dict(model.named_parameters()) and all(b.attn is not None for b in model.blocks)
     with torch.device("meta"):  # GPT-2 (124M): the head is the token embedding, one matrix; no learned scalars
         model = tg.GPT(tg.parse_args(["--preset=gpt2_baseline"]))
     layer = 4 * 768**2 + 4 * 768 + 2 * 768 * 3072 + 3072 + 768 + 2 * 2 * 768  # QKVO, MLP with biases, 2 LayerNorms
@@ -541,6 +566,50 @@ def test_learned_positions_restart_with_each_context_or_document(context_len):
     moved = (model.logits(changed) - model.logits(a)).abs().amax(dim=-1)
     assert (moved[20:] > 1e-4).all() if context_len else (moved[20:] == 0).all()
 
+
+def test_fixed_scalars_are_the_learned_ones_at_their_initial_values_and_never_move():
+    """learned_scalars=false is the same model with skip weights and lambdas frozen (value lambda 1): GPT-2's plain
+    pre-norm residual with residual=block, and the U-Net skips added with weight 1."""
+    args = tiny_args(learned_scalars=False)
+    fixed, learned = randomized_model(args), randomized_model(tiny_args())
+    assert "scalars" not in dict(fixed.named_parameters()) and "scalars" in fixed.state_dict()
+    with torch.no_grad():
+        learned.scalars.copy_(fixed.scalars)
+        for name, p in fixed.named_parameters():
+            dict(learned.named_parameters())[name].copy_(p)
+    skips, block = fixed.scalars[fixed.scalar_slices["skip"]], fixed.scalars[fixed.scalar_slices["block"]]
+    assert set(skips.tolist()) == {1.0} and block.tolist() == [1.0, 0.0] * 3
+    assert fixed.scalars[fixed.scalar_slices["attn"]][0::2].tolist() == [1.0] * 3  # V is not scaled
+    seq = document_sequence(64, [0, 30])
+    torch.testing.assert_close(set_window(fixed, 2).logits(seq), set_window(learned, 2).logits(seq), rtol=0, atol=0)
+    before = fixed.scalars.clone()
+    fixed.train()
+    fixed(seq, seq.roll(-1)).backward()
+    for opt in tg.build_optimizers(fixed, args, tg.Runtime(0, 1, torch.device("cpu"))):
+        opt.step(plan_at(args))
+    assert torch.equal(fixed.scalars, before)
+
+
+def test_gpt2_init_of_the_output_projections_and_the_embedding():
+    args = tg.parse_args(["--preset=smoke_one_a100"])
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    std = 0.02 / math.sqrt(2 * args.num_layers)
+    outs = torch.cat([w.flatten() for b in model.blocks for w in (b.attn.qkvo_w[3], b.mlp.c_proj)])
+    assert outs.mean().abs() < 1e-4 and outs.std().item() == pytest.approx(std, rel=0.01)
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.01)
+    assert not model.lm_head_w.any()  # the head is zero-init as record #28's
+    plain = tg.GPT(tiny_args())  # the default 0: the output matrix zero (zero_init_attn_out) and c_proj zero
+    assert not any(b.mlp.c_proj.any() or b.attn.qkvo_w[3].any() for b in plain.blocks if b.attn is not None)
+
+
+def test_tanh_soft_cap_is_cap_times_tanh_of_z_over_temperature():
+    args = tiny_args(logit_softcap_fn="tanh", logit_softcap=30.0, logit_temperature=30.0)
+    model = randomized_model(args)
+    x = torch.randn(5, args.model_dim) * 30  # z of tens: the cap matters
+    z = x @ model.lm_head_w.T
+    torch.testing.assert_close(model.head(x), 30 * torch.tanh(z / 30))
+    assert model.head(x).min() < -15 and model.head(x).abs().max() <= 30  # odd, unlike the sigmoid form
 
 def test_initial_model_predicts_uniformly():
     """Zero-init head: every logit is the soft-cap's midpoint, so the loss is ln(vocab) exactly."""
@@ -727,6 +796,21 @@ def test_gpt2_baseline_schedule_warms_up_then_falls_as_a_cosine():
     assert all(line["adam_step"] == line["train"] and line["max_doc_len"] is None and line["seq_len"] == 65536
                for line in lines)
     assert max(line["lr"] for line in lines) == 1.0 and lines[714]["lr"] == 1.0 and lines[-1]["lr"] == 0.1
+
+
+def test_one_a100_schedule_warms_up_holds_and_cools_down_along_a_cosine(capsys):
+    tg.print_schedule(tg.parse_args(["--preset=one_a100"]))  # what --print_schedule prints
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    lr = [r["lr"] for r in rows]
+    assert len(rows) == 1501 and sum(r["tokens"] for r in rows) == 1500 * 524_288
+    assert lr[:100] == pytest.approx([(s + 1) / 100 for s in range(100)])  # 100 warm-up steps, linear
+    assert lr[99:601] == pytest.approx([1.0] * 502)  # the hold, until the last 60% of the steps
+    for s in (601, 700, 1050, 1300, 1499):  # the cosine from 1 down to 15% of the peak
+        assert lr[s] == pytest.approx(0.15 + 0.85 * (1 + math.cos(math.pi * (s - 600) / 900)) / 2)
+    assert lr[1050] == pytest.approx(0.575) and lr[1500] == pytest.approx(0.15)
+    assert all(a >= b for a, b in zip(lr[99:], lr[100:])) and lr[1499] > lr[1500]
+    assert [r["step"] for r in rows if r["validate"]] == [0, 250, 500, 750, 1000, 1250, 1500]
+    assert {(r["window_short_blocks"], r["window_long_blocks"]) for r in rows} == {(16, 16)}
 
 
 def test_momentum_and_window_schedules_of_the_2025_recipe():
