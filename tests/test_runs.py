@@ -359,7 +359,7 @@ def test_the_one_a100_recipe_at_4_layers_trains_on_the_sample_text(tmp_path):
     result = tg.main(["--preset=smoke_one_a100", f"--log_dir={tmp_path}"])
     losses = result["val_losses"]
     assert list(losses) == [0, 5, 10] and losses[0] == pytest.approx(np.log(50304), abs=1e-4)
-    assert losses[0] > losses[5] + 1 > losses[10] + 2  # measured: 10.826, 8.326, 6.570
+    assert losses[0] > losses[5] + 1 > losses[10] + 2  # measured: 10.826, 8.326, 6.413
     count = 2 * 50304 * 128 + 4 * (4 * 128**2 + 2 * 128 * 512)  # embedding, head, 4 blocks: no scalars
     assert f"model: {count:,} parameters" in Path(result["log_path"]).read_text().splitlines()
 
