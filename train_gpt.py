@@ -1033,22 +1033,23 @@ def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype) -> Ten
     else:  # polar_express: a safety margin on the norm, then per-iteration optimal coefficients
         X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
         coeffs = POLAR_EXPRESS_COEFFS[:steps]
+    mm_add = torch.baddbmm if X.dim() == 3 else torch.addmm  # beta*C + alpha*A@B, accumulated in fp32, rounded once
     for a, b, c in coeffs:
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        X = mm_add(X, mm_add(A, A, A, beta=b, alpha=c), X, beta=a)
     return X.mT if transposed else X
 
 
 def normuon_normalize(V: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     """NorMuon (arXiv 2510.05491): give every neuron (row; column when the matrix is wide) the same update scale,
-    using an EMA of its mean squared update, then restore the matrix's Frobenius norm. Updates second_moment."""
-    V = V.float()
+    using an EMA of its mean squared update, then restore the matrix's Frobenius norm. Updates second_moment. Computed
+    in fp32, returned in V's dtype (bf16 on a GPU: the update is applied rounded, as the 2026-08 record applies it)."""
+    dtype, V = V.dtype, V.float()
     dim = -1 if V.size(-2) >= V.size(-1) else -2
     second_moment.lerp_(V.square().mean(dim=dim, keepdim=True), 1 - beta2)
     norm = V.norm(dim=(-2, -1), keepdim=True)
     V = V * second_moment.clamp_min(1e-10).rsqrt()
-    return V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    return (V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))).to(dtype)
 
 
 def join_mantissa(weight: Tensor, mantissa: Tensor) -> Tensor:
