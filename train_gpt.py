@@ -65,6 +65,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._functorch.config
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -231,6 +232,8 @@ class Hyperparameters:
     device: str = setting("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = setting("bfloat16", "activation and orthogonalization precision: bfloat16 or float32")
     use_compile: bool = setting(True, "torch.compile the model and the orthogonalizer")
+    activation_memory_budget: float = setting(1.0, "share of the activations the compiled backward may keep; torch's "
+                                              "partitioner recomputes the rest (0.8: less memory, a little slower)")
     use_flex_attention: bool = setting(True, "FlexAttention with a block-sparse mask; off: dense masked softmax")
     eval_chunk_tokens: int = setting(8192, "evaluation computes head, soft-cap and loss this many tokens at a time")
     log_dir: str = setting("", "folder of run logs; empty: records/logs beside this file")
@@ -399,6 +402,8 @@ class Hyperparameters:
         require(self.dtype in ("bfloat16", "float32"), f"dtype={self.dtype!r}: choose bfloat16 or float32")
         require(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: choose auto, cuda or cpu")
         require(0 <= self.cooldown_frac <= 1, f"cooldown_frac={self.cooldown_frac} must lie in [0, 1]")
+        require(0 < self.activation_memory_budget <= 1,
+                f"activation_memory_budget={self.activation_memory_budget} must lie in (0, 1]")
         require(self.cooldown_shape in ("linear", "cosine"), f"cooldown_shape={self.cooldown_shape!r}: choose "
                 "linear or cosine")
         require(self.lr_warmup_steps < self.num_iterations, f"lr_warmup_steps={self.lr_warmup_steps} must be below "
@@ -2474,6 +2479,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     model = model.to(rt.device)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizers = build_optimizers(model, args, rt)
+    torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     step_model = torch.compile(model, dynamic=False, fullgraph=True) if args.use_compile else model
     new_loader = lambda state=None: TrainLoader(train_files, plans[0].seq_len, args.windows_per_step, rt.rank,
                                                 rt.world_size, rt.device, state, args.vocab_size, args.bos_aligned)

@@ -220,6 +220,7 @@ def test_parse_overrides_presets_and_types():
     (["--orthogonalizer=svd"], "choose newton_schulz or polar_express"),
     (["--dtype=float16"], "choose bfloat16 or float32"),
     (["--cooldown_frac=1.5"], "must lie in [0, 1]"),
+    (["--activation_memory_budget=0"], "must lie in (0, 1]"),
     (["--num_iterations=2"], "3 stages need at least as many steps (num_iterations=2). HINT: --num_iterations=3"),
     (["--warmup_steps=-1"], "must not be negative"),
     (["--preset=gpt2_baseline", "--skip_connections=1>2"], "residual=plain (GPT-2's) has no learned weights for skips"),
@@ -1179,6 +1180,21 @@ def test_warmup_is_undone_before_the_timed_run(shard_dir, tmp_path):
     cold = tg.main(tiny_run_argv(shard_dir, tmp_path, warmup_steps=0))
     warm = tg.main(tiny_run_argv(shard_dir, tmp_path, warmup_steps=3))
     assert warm["val_losses"] == cold["val_losses"]
+
+
+def test_the_compiled_step_keeps_the_activation_memory_budget(shard_dir, tmp_path, monkeypatch):
+    """torch's partitioner reads activation_memory_budget when the step is compiled: train() sets it first (the
+    memory and time it buys at the speedrun shapes are measured by benchmark.py --estimate, docs/cuda_check.md)."""
+    seen = []
+
+    def compile(model, **kwargs):  # the trainer's compile call, not run: CPU inductor would take a minute
+        seen.append(torch._functorch.config.activation_memory_budget)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)
+    tg.main(tiny_run_argv(shard_dir, tmp_path, use_compile=True, activation_memory_budget=0.75, num_iterations=2))
+    assert seen[-1] == 0.75  # the model, compiled after the orthogonalizer (which has no backward)
 
 
 @pytest.mark.parametrize("option", [["--orthogonalizer=polar_express"], ["--use_normuon=true"], ["--use_fp8=true"]])

@@ -74,6 +74,7 @@ def drive_trainer(tg, rig, opts):
     with torch.device("meta"):
         model = tg.GPT(args)  # no weights are needed: shapes only
     fake_h100.module_to_fake_cuda(model, rig.fake)
+    torch._functorch.config.activation_memory_budget = args.activation_memory_budget  # as train() does
     step_model = torch.compile(model, dynamic=False, fullgraph=True)  # as train() does
 
     def run(plan, tokens: int, train: bool):
