@@ -257,8 +257,8 @@ def main(argv: list[str]) -> dict:
              for i, p in enumerate(plans)]
     with tempfile.TemporaryDirectory() as tmp:
         steps = options["steps"] + options["warmup"]
-        files = args.train_files if options["real"] else synthetic_shards(
-            Path(tmp), (steps + 5) * args.windows_per_step * plans[0].seq_len * 2)
+        files = args.train_files if options["real"] else synthetic_shards(  # a window starts at a BOS: it also skips
+            Path(tmp), (steps + 5) * args.windows_per_step * (plans[0].seq_len + 2000) * 2)  # ~1000 (one document)
         loader = tg.TrainLoader(tg.find_shards(files), plans[0].seq_len, args.windows_per_step, rt.rank,
                                 rt.world_size, rt.device, vocab_size=args.vocab_size, bos_aligned=args.bos_aligned)
         torch.manual_seed(args.seed)

@@ -103,7 +103,9 @@ def test_bad_arguments_give_one_error_line_and_exit_1(argv, message, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the preset is only switched on a machine without a GPU")
 def test_without_a_gpu_the_default_preset_is_the_smoke_preset_with_a_note(capsys):
-    result = benchmark.main(["--steps=1", "--warmup=0"])
+    """8 steps of 2 BOS-aligned 512-token windows: the synthetic shard must hold the ~1,000 tokens each window skips
+    to reach the next document, too (it ran out at 8 steps when sized by the window alone)."""
+    result = benchmark.main(["--steps=8", "--warmup=0"])
     assert result["tokens_per_step"] == 1024 and result["settings"]["model_dim"] == 128  # smoke, not 49,152 x 8
     assert "note: no GPU: timing --preset=smoke" in capsys.readouterr().err
 
