@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 TRITON_VERSION = "3.7.1"  # what torch 2.13's CUDA build pins (its METADATA: triton==3.7.1)
@@ -182,6 +183,8 @@ def install():
     if found:
         raise ToolchainError("cannot fake an H100 here: " + "; ".join(found))
     library = hooks_library()
+    # the traced optimizer step reads fake scalars as numbers; torch warns about it, but nothing real is touched
+    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
     # Fresh compile caches: nothing from (or for) a real GPU is reused, and every kernel really goes through ptxas.
     scratch = tempfile.mkdtemp(prefix="fake_h100_")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
