@@ -43,7 +43,7 @@ def test_the_model_on_a_cpu_runs_the_plain_twin():
     tokens = torch.randint(0, 50257, (args.seq_lens[0] + 1,), generator=torch.Generator().manual_seed(0))
     loss = model(tokens[:-1], tokens[1:])
     z = model.head(model.hidden(tokens[:-1]), capped=False)
-    expected = tg.prediction_loss(tg.softcap(z, *model.softcap), tokens[1:], model.loss_weights, 1, None)
+    expected = tg.prediction_loss(tg.softcap(z, *model.softcap_args), tokens[1:], model.loss_weights, 1, None)
     assert torch.equal(loss, expected)
 
 
