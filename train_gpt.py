@@ -1065,7 +1065,7 @@ def softcap_loss_launch(z, targets, weights, out, lse, g: Tensor | None, cap, fn
 @torch.library.triton_op("nanogpt::softcap_loss", mutates_args=())
 def softcap_loss(z: Tensor, targets: Tensor, weights: Tensor, cap: float, fn: str, offset: float,
                  temperature: float) -> tuple[Tensor, Tensor]:
-    """Per row of z (T, V): sum_j weights[j] (lse - c[targets[:, j]]) (-1: no term) in fp32; and lse for backward."""
+    """Per row of z (T, V, contiguous): sum_j weights[j] (lse - c[targets[:, j]]) (-1: none), fp32; and lse."""
     loss, lse = torch.empty_like(z[:, 0], dtype=torch.float32), torch.empty_like(z[:, 0], dtype=torch.float32)
     softcap_loss_launch(z, targets, weights, loss, lse, None, cap, fn, offset, temperature)
     return loss, lse
