@@ -33,7 +33,8 @@ def test_the_kernels_match_the_plain_loss_under_the_triton_interpreter():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                              __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]  # every check ran; only this test skipped itself there
+    assert summary.startswith(f"{len(CASES) + 2} passed, 1 skipped in "), result.stdout[-2000:]
 
 
 def test_the_model_on_a_cpu_runs_the_plain_twin():
