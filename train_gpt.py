@@ -72,6 +72,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+try:  # the Triton kernels (the fused loss); a CPU-only install runs their plain twins and never calls them
+    import triton
+    import triton.language as tl
+except ImportError:  # the kernels' annotations still read tl.constexpr
+    triton, tl = None, type("tl", (), {"constexpr": None})
+
 # inductor advises TF32 where a graph has an fp32 matmul: ours stay exact (fp32 presets, fp32 scalars' products)
 warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
 
@@ -184,6 +190,7 @@ class Hyperparameters:
     fp8_w_scale: float = setting(1.6 / 448, "FP8 head: weight scale")
     fp8_grad_scale: float = setting(0.75 / 448, "FP8 head: gradient scale")
     use_fp8_mlp: bool = setting(True, "MLP forward in FP8 during training (#84, #89)")
+    fused_loss: bool = setting(True, "soft-cap and loss fused in Triton kernels (#60, #67, #79); off, CPU: plain")
     weights_bf16: bool = setting(True, "with dtype=bfloat16, keep weights in bf16; the hidden matrices keep 16 more "
                                  "mantissa bits in the optimizer (#57)")
     mtp_weights: str = setting("1,0.5,0.25>0;1,0.5>0;1", "per stage (;-separated): loss weights of the next, 2nd, "
@@ -1015,6 +1022,87 @@ def mlp_plain(x: Tensor, c_fc: Tensor, c_proj: Tensor, b_fc: Tensor | None = Non
     return F.linear(h, c_proj.type_as(x), None if b_proj is None else b_proj.type_as(x))
 
 
+# Fused soft-capped loss (records #60, #67, #79: FusedSoftcappedCrossEntropy; ours is written from the math). Per row
+# of the raw head output z: c = cap * f((z + offset) / temperature), loss = sum_j w_j (lse(c) - c[t_j]) over its targets
+# t_j (next token, later ones, prefix; -1: absent). Forward: a running max and sum of exp over vocab tiles. Backward: c
+# again per tile, dloss/dz = g (softmax(c) sum_j w_j - sum_j w_j onehot(t_j)) dc/dz. c is never stored.
+triton_jit = triton.jit if triton is not None else lambda fn: fn
+
+
+@triton_jit
+def softcap_kernel(z, CAP, OFFSET, INV_TEMP, FN: tl.constexpr):  # (c, dc/dz); FN 1: sigmoid, 2: tanh, 0: c = z
+    if FN == 0:
+        return z, z * 0 + 1
+    s = tl.sigmoid((z + OFFSET) * (FN * INV_TEMP))  # tanh(u) = 2 sigmoid(2u) - 1
+    return CAP * (FN * s - (FN - 1)), (CAP * FN * FN * INV_TEMP) * s * (1 - s)
+
+
+@triton_jit
+def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, lse_ptr, g_ptr, V, CAP: tl.constexpr,
+                        OFFSET: tl.constexpr, INV_TEMP: tl.constexpr, FN: tl.constexpr, K: tl.constexpr,
+                        BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    """One row per program. Forward: out[row] = its loss, lse[row]. Backward: out[row, :] = g[row] dloss/dz."""
+    row, m, total, picked, w_sum = tl.program_id(0).to(tl.int64), -float("inf"), 0.0, 0.0, 0.0
+    for j in tl.static_range(K):  # the weights of the terms present at this row
+        w_sum += tl.where(tl.load(targets_ptr + row * K + j) >= 0, tl.load(weights_ptr + j), 0.0)
+    for start in range(0, V, BLOCK):
+        cols, hot = start + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32)  # hot: sum_j w_j onehot(t_j)
+        for j in tl.static_range(K):
+            hot += tl.where(cols == tl.load(targets_ptr + row * K + j), tl.load(weights_ptr + j), 0.0)
+        c, dc = softcap_kernel(tl.load(z_ptr + row * V + cols, mask=cols < V, other=0).to(tl.float32), CAP, OFFSET,
+                               INV_TEMP, FN)
+        if BACKWARD:
+            grad = tl.load(g_ptr + row) * (tl.exp(c - tl.load(lse_ptr + row)) * w_sum - hot) * dc
+            tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=cols < V)
+        else:
+            picked += tl.sum(hot * c, 0)  # sum_j w_j c[t_j]
+            c = tl.where(cols < V, c, -float("inf"))
+            m_new = tl.maximum(m, tl.max(c, 0))
+            total, m = total * tl.exp(m - m_new) + tl.sum(tl.exp(c - m_new), 0), m_new
+    if not BACKWARD:
+        tl.store(out_ptr + row, w_sum * (m + tl.log(total)) - picked)
+        tl.store(lse_ptr + row, m + tl.log(total))
+
+
+def softcap_loss_launch(z, targets, weights, out, lse, g: Tensor | None, cap, fn, offset, temperature):  # cap 0: z
+    torch.library.wrap_triton(softcap_loss_kernel)[(z.size(0),)](
+        z, targets, weights, out, lse, lse if g is None else g, z.size(1), CAP=cap, OFFSET=offset,
+        INV_TEMP=1 / temperature, FN=("sigmoid", "tanh").index(fn) + 1 if cap else 0, K=targets.size(1),
+        BLOCK=min(2048, triton.next_power_of_2(z.size(1))), BACKWARD=g is not None, num_warps=8)
+
+
+@torch.library.triton_op("nanogpt::softcap_loss", mutates_args=())
+def softcap_loss(z: Tensor, targets: Tensor, weights: Tensor, cap: float, fn: str, offset: float,
+                 temperature: float) -> tuple[Tensor, Tensor]:
+    """Per row of z (T, V, contiguous): sum_j weights[j] (lse - c[targets[:, j]]) (-1: none), fp32; and lse."""
+    loss, lse = torch.empty_like(z[:, 0], dtype=torch.float32), torch.empty_like(z[:, 0], dtype=torch.float32)
+    softcap_loss_launch(z, targets, weights, loss, lse, None, cap, fn, offset, temperature)
+    return loss, lse
+
+
+def _softcap_loss_backward(ctx, g, _):
+    (z, targets, weights, lse), grad = ctx.saved_tensors, torch.empty_like(ctx.saved_tensors[0])
+    softcap_loss_launch(z, targets, weights, grad, lse, g.contiguous(), *ctx.softcap)
+    return grad, None, None, None, None, None, None
+
+
+softcap_loss.register_autograd(_softcap_loss_backward, setup_context=lambda ctx, inputs, output: (
+    ctx.save_for_backward(*inputs[:3], output[1]), setattr(ctx, "softcap", inputs[3:])))
+
+
+def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:
+    """cap * f((z + offset) / temperature) in fp32, f = sigmoid (#54) or tanh (#9); cap 0: z. softcap_loss's twin."""
+    z = z.float() if not offset or not cap else z.float() + offset
+    return cap * (torch.tanh if fn == "tanh" else torch.sigmoid)(z / temperature) if cap else z
+
+
+def fused_prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions: int, prefixes, softcap):
+    """prediction_loss(cap * f((z + offset) / temperature), ...) of the raw head output z, by softcap_loss."""
+    ahead = [torch.cat([target_seq[k:], target_seq.new_full((k,), -1)]) for k in range(predictions)]
+    targets = torch.stack(ahead + ([] if prefixes is None else [prefixes]), dim=1).int()
+    return softcap_loss(z, targets, weights[:targets.size(1)].float(), *softcap)[0].sum()
+
+
 # -----------------------------------------------------------------------------
 # Optimizers: Muon (NorMuon) for the hidden matrices, Adam for embeddings, head, gates and scalars. Both are tables
 # built from the model's parameter names, shard their work across ranks and communicate in explicit phases (launch
@@ -1694,6 +1782,7 @@ class GPT(nn.Module):
             self.register_buffer("fp8_window", torch.zeros(1, dtype=torch.int64), persistent=False)
             self.register_buffer("fp8_bootstrap", torch.ones((), dtype=torch.bool), persistent=False)
         self.make_mask = flex_block_mask if args.use_flex_attention else dense_mask
+        self.softcap_args = (args.logit_softcap, args.logit_softcap_fn, args.logit_offset, args.logit_temperature)
         self.ln_f = LayerNorm(D) if args.layer_norm else norm
         if args.init_std:  # GPT-2's: N(0, std), the outputs of attention and MLP std/sqrt(2 layers); biases stay 0
             for p in self.parameters():
@@ -1729,6 +1818,9 @@ class GPT(nn.Module):
         x = self.hidden(input_seq)
         if self.training:
             prefixes = self.prefix_table[target_seq] if self.use_prefix else None
+            if self.args.fused_loss and x.is_cuda:  # the soft-cap inside the loss kernels
+                return fused_prediction_loss(self.head(x, capped=False), target_seq, self.loss_weights,
+                                             self.num_predictions, prefixes, self.softcap_args)
             return prediction_loss(self.head(x), target_seq, self.loss_weights, self.num_predictions, prefixes)
         # Evaluation: head, soft-cap and cross-entropy chunk by chunk, so that memory does not depend on the compiler
         # fusing them (262,144 tokens of fp32 logits alone are 49 GiB).
@@ -1739,20 +1831,14 @@ class GPT(nn.Module):
         """Soft-capped fp32 logits (T, vocab) of a packed sequence of documents, each starting with BOS."""
         return self.head(self.hidden(input_seq))
 
-    def head(self, x: Tensor) -> Tensor:
-        """Soft-capped fp32 logits of final hidden states: FP8 in training when use_fp8, else plain."""
+    def head(self, x: Tensor, capped: bool = True) -> Tensor:
+        """Soft-capped fp32 logits of final hidden states, or the raw ones: FP8 in training when use_fp8, else plain."""
         args = self.args
         if self.training and args.use_fp8:
             logits = fp8_mm(x, self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale)[0]
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x))
-        logits = logits.float()
-        if not args.logit_softcap:
-            return logits
-        if args.logit_offset:
-            logits = logits + args.logit_offset
-        squash = torch.tanh if args.logit_softcap_fn == "tanh" else torch.sigmoid
-        return args.logit_softcap * squash(logits / args.logit_temperature)
+        return softcap(logits, *self.softcap_args) if capped else logits
 
     def attention_context(self, input_seq: Tensor) -> dict:
         """What every attention layer of this sequence shares: document ids, masks, rotary tables, the scale."""

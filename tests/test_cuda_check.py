@@ -394,6 +394,45 @@ def test_a_lone_matmul_takes_its_flops_over_the_peak_and_a_lone_copy_its_bytes_o
     assert estimate.price(copy, a100)["kernel_ms"] == pytest.approx(1e3 * copy["bytes"] / 2039e9, rel=1e-9)
 
 
+def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_tensors():
+    """train_gpt's fused soft-capped loss (a user-defined Triton kernel inside a custom op) at the speedrun's last
+    stage, 49,152 tokens x 50,304: under fullgraph compile, built for sm_90 without spills, and recorded with the
+    bytes of one pass over each tensor argument (inductor's own count stops at 1e9 elements of each buffer)."""
+    require_the_toolchain()
+    T, V = 49152, 50304
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+            "import fake_h100, cuda_check\n"
+            "torch = fake_h100.install()\n"
+            "import train_gpt as tg\n"
+            "rig = cuda_check.Rig(torch)\n"
+            "with rig.phase('loss', tokens=None), rig.fake:\n"
+            f"    z = torch.empty({T}, {V}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
+            f"    targets, prefixes = (torch.zeros({T}, dtype=torch.int64, device='cuda') for _ in range(2))\n"
+            "    weights = torch.ones(4, device='cuda')\n"
+            "with rig.phase('loss', tokens=None):\n"
+            "    loss = torch.compile(tg.fused_prediction_loss, fullgraph=True, dynamic=False)(\n"
+            "        z, targets, weights, 3, prefixes, (23.0, 'sigmoid', 5.0, 7.5))\n"
+            "    with rig.fake:\n"
+            "        loss.backward()\n"
+            "name = 'softcap_loss_kernel'\n"
+            "kernels = [k for g in rig.phases['loss']['aot'] for k in g['kernels'] if k['name'] == name]\n"
+            "built = [fake_h100.kernel_resources(k) for k in fake_h100.COMPILED_KERNELS if k.name == name]\n"
+            "print(json.dumps(dict(kernels=kernels, built=built, graphs=len(rig.phases['loss']['graphs']))))")
+    out = run_on_fake_h100(code)
+    assert out["graphs"] == 1
+    forward, backward = out["kernels"]
+    small = T * (4 * 4 + 4 + 4) + 4 * 4  # targets (T, 4) int32, loss and lse (or g) fp32, the weights
+    assert forward["kind"] == "extern" and forward["bytes"] == T * V * 2 + small  # reads z
+    assert backward["bytes"] == 2 * T * V * 2 + small  # reads z, writes its gradient (g and lse: 8 bytes a row)
+    sys.path.insert(0, str(ROOT / "tools"))
+    import estimate
+
+    assert estimate.price(backward, estimate.GPUS["h100"]())["kernel_ms"] == pytest.approx(
+        1e3 * backward["bytes"] / 3350e9, rel=1e-9)
+    assert len(out["built"]) == 2 and all(k["target"] == "cuda:90" and k["local"] == 0 and k["registers"] <= 255
+                                          and k["shared"] <= 232448 for k in out["built"])
+
+
 def test_a_block_size_the_h100_backward_cannot_take_fails_the_check():
     """Why Hyperparameters refuses compiled bf16 FlexAttention with blocks under 128 tokens: the check, run with
     that refusal side-stepped (use_compile=false: the check compiles anyway), finds no backward kernel for the

@@ -336,6 +336,12 @@ def kernel_records(scheduler) -> list[dict]:
         dtype = parts[0].get_outputs()[0].node.maybe_get_dtype() if parts[0].get_outputs() else None
         record.update(flops=int(flops) if flops else 0, bytes=int(node.get_read_write_buffers_sizes() or 0),
                       dtype=str(dtype).removeprefix("torch."), inductor_ms=float(node.get_estimated_runtime()))
+        if isinstance(node.node, ir.UserDefinedTritonKernel):  # our own Triton kernel (train_gpt's fused loss):
+            # inductor counts at most 1e9 elements of each buffer an extern kernel touches (2 GB of the 4.9 GB bf16
+            # logits); price it as a streaming kernel that reads or writes each tensor argument once, in full
+            buffers = {b.get_name(): b for b in node.node.inputs}.values()
+            record.update(name=node.node.get_kernel_and_metadata()[0].fn.__name__, bytes=sum(
+                int(b.get_numel()) * b.get_dtype().itemsize for b in buffers))
         if kind == "template":  # FlexAttention: the query's and the key's shapes, to count what its mask computes
             inputs = getattr(parts[0].node, "inputs", [])
             record["shapes"] = [[int(d) for d in i.get_size()] for i in inputs[:2]
