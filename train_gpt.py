@@ -424,9 +424,6 @@ class Hyperparameters:
                 f"{self.newton_schulz_coeffs!r}: give three numbers a,b,c (e.g. 2,-1.5,0.5)")
         require(not (self.norm_gain and self.layer_norm), "norm_gain (RMSNorm with a gain) and layer_norm exclude "
                 "each other: choose one")
-        require(not self.optimizer_file or (self.optimizer_file.endswith(".py") and os.path.isfile(
-            self.optimizer_file)), f"optimizer_file={self.optimizer_file!r} is not a Python file. HINT: see "
-                "docs/optimizer_adamw.py for one")
         require(self.track in ("", "optimization"), f"track={self.track!r}: the only track is optimization")
         require(not (self.out_init_std and self.zero_init_attn_out), "out_init_std and zero_init_attn_out both set "
                 "the attention output's init. HINT: --zero_init_attn_out=false (or --out_init_std=0)")
@@ -585,7 +582,7 @@ PRESETS = {
     "optimization_track": OPTIMIZATION_TRACK,
     "smoke_optimization_track": dict(  # the optimization track at 4 layers on a CPU
         OPTIMIZATION_TRACK, **SMOKE, train_seq_len="256", context_len=256, num_layers=4, attn_pattern="LLLL",
-        value_embed_pattern="----", window_blocks="4/4", num_iterations=24, val_every=8, final_val_every=2,
+        value_embed_pattern="----", window_blocks="4/4", num_iterations=20, val_every=8, final_val_every=2,
         warmup_steps=0),
 }
 FIELDS = [f.name for f in dataclasses.fields(Hyperparameters)]
@@ -2395,8 +2392,10 @@ def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFail
                       "continue from the last checkpoint with --resume")
 
 
-def source_sha256() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+def source_sha256(args: Hyperparameters) -> str:
+    """Of this file, and of the optimizer file if there is one."""
+    files = [Path(__file__)] + ([Path(args.optimizer_file)] if args.optimizer_file else [])
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def barrier():
@@ -2483,8 +2482,8 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
                          "sharded by rank)")
     current = dataclasses.asdict(args)
     changed = sorted(k for k in set(current) | set(saved) if k not in RUN_SETTINGS and current.get(k) != saved.get(k))
-    if progress["source_sha256"] != source_sha256():
-        changed.append("the code of train_gpt.py")
+    if progress["source_sha256"] != source_sha256(args):
+        changed.append("the code of train_gpt.py" + (" or of the optimizer file" if args.optimizer_file else ""))
     if changed and not args.resume_anyway:
         raise ValueError(f"{folder} was written with other settings or code: {', '.join(changed)}. HINT: resume "
                          "with the same train_gpt.py and settings, or pass --resume_anyway=true to continue anyway")
@@ -2531,8 +2530,11 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
 
 
 def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal, hooks=()) -> dict:
+    files = [Path(args.optimizer_file)] if args.optimizer_file else []  # every line the run ran, a user's too
+    if not all(f.is_file() and f.suffix == ".py" for f in files):
+        raise ValueError(f"optimizer_file={args.optimizer_file!r} is not a Python file. HINT: docs/optimizer_adamw.py "
+                         "is an example")
     if rt.is_master:  # the code and the machine that ran it
-        files = [Path(args.optimizer_file)] if args.optimizer_file else []  # every line the run ran, a user's too
         log("\n".join([Path(__file__).read_text(), *[t for f in files for t in ("-" * 40, f"# {f.name}", "-" * 40,
                         f.read_text())], "=" * 100, *describe_machine(rt.device), "=" * 100]), console=False)
     args, notes = adapt_to_device(args, rt.device)
@@ -2619,7 +2621,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
         training_time_ms += 1000 * (time.perf_counter() - t0)
         folder = checkpoints / f"step_{steps_done}"
         state = dict(step=steps_done, loader=loader.state(), train_time_ms=training_time_ms, val_losses=val_losses,
-                     world_size=rt.world_size, source_sha256=source_sha256(), run_id=run_id)
+                     world_size=rt.world_size, source_sha256=source_sha256(args), run_id=run_id)
         try:
             save_checkpoint(folder, model, optimizers, state, rt)
         except OSError as e:
