@@ -679,7 +679,7 @@ def optimization_track(runs: Group, base: Group | None) -> dict:
                   unreadable=[(str(p), why) for p, why in runs.unreadable], runs=None, baseline=None, pairwise=None)
     if refused or not runs.complete or (base is not None and not base.complete):
         why = "logs refused" if refused else "no complete run" + (" in RUNS" if runs.complete == [] else " in BASELINE")
-        return dict(report, holds=False, summary=f"does not hold: {why}")
+        return dict(report, holds=False, summary=f"claim does not hold: {why}")
     report["runs"] = ours = track_result(runs.complete)
     holds, summary = ours["valid"], (
         f"valid at step {ours['step']}: mean val loss {ours['mean_val_loss']:.4f} over {ours['n']} runs, (3.28 - mean)"
