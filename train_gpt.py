@@ -9,6 +9,7 @@ public record (#n) that introduced each technique.
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=record_2025_08_23   # record #28 (2025-08-23)
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=gpt2_baseline   # GPT-2 (124M), AdamW: the reference
     python train_gpt.py --preset=one_a100                     # GPT-2's shape on one A100 80GB in about 78 minutes
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=optimization_track --optimizer_file=my_opt.py
     python train_gpt.py --preset=smoke                        # the 2026-08 recipe at 6 layers, on a CPU, in a minute
     python train_gpt.py --print_schedule                      # the schedule, one JSON line per step
     python train_gpt.py --help                                # every setting, its default and unit
@@ -32,6 +33,8 @@ Techniques (each a setting, so any can be switched off from the command line):
     GPT-2's output init for the one-A100 recipe
   - the baseline's parts beside them: LayerNorm, GELU, biases, learned positions, 1024-token contexts, a tied head,
     GPT-2's init; AdamW for everything with gradient clipping, a warm-up and a cosine cooldown
+  - the optimization track's frozen model (RMSNorm gains, biases, a head bias, 15z/sqrt(z^2+15^2) soft-cap, chunks of
+    1024 tokens) and its baseline's Newton-Schulz map; a user's optimizer from a file (docs/recipes.md)
 """
 
 import concurrent.futures
