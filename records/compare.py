@@ -25,6 +25,11 @@ The claim holds when RUNS have at least 2 complete runs with p < alpha, nothing 
 differ in step count, embedded source or hardware; a diverged run; a baseline on other hardware) and, with --baseline,
 RUNS are faster with a one-sided Welch p < alpha.
 
+With --track=optimization the question is steps, not time (docs/recipes.md#judging-a-claim): logs must be runs of
+train_gpt.py --preset=optimization_track with its frozen settings (others are refused, named with the reason); the
+verdict names the earliest step, evaluated by every run, whose mean val loss meets (3.28 - mean) * sqrt(n) >= 0.004
+and, with --baseline (an earlier result), needs (dloss + dsteps/100 * 0.0045) / sqrt(1/n1 + 1/n2) >= 0.004.
+
 Exit status: 0 the claim holds; 1 it does not (the verdict line says why); 2 bad arguments or no logs found.
 """
 
@@ -804,8 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.01, help="significance level (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     parser.add_argument("--track", choices=("time", "optimization"), default="time", help="time: the record rule "
-                        "above; optimization: the optimization track's rule on steps (docs/recipes.md#the-optimizat"
-                        "ion-track), (3.28 - mean) * sqrt(n) >= 0.004 and, with --baseline, the pairwise rule")
+                        "above; optimization: the optimization track's rule on steps, (3.28 - mean) * sqrt(n) >= "
+                        "0.004 and, with --baseline, the pairwise rule (docs/recipes.md#judging-a-claim)")
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG of val loss against train time and step")
     return parser
 
