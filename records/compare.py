@@ -682,8 +682,10 @@ def optimization_track(runs: Group, base: Group | None) -> dict:
                if (why := track_refusal(run))]
     report = dict(refused=refused, left_out=[(str(r.path), r.reason) for r in runs.left_out],
                   unreadable=[(str(p), why) for p, why in runs.unreadable], runs=None, baseline=None, pairwise=None)
-    if refused or not runs.complete or (base is not None and not base.complete):
-        why = "logs refused" if refused else "no complete run" + (" in RUNS" if runs.complete == [] else " in BASELINE")
+    diverged = [r for r in runs.left_out if r.status == "diverged"]  # every run counts: none may quietly drop out
+    if refused or diverged or not runs.complete or (base is not None and not base.complete):
+        why = ("logs refused" if refused else f"{_plural(len(diverged), 'run')} diverged" if diverged else
+               "no complete run" + (" in RUNS" if runs.complete == [] else " in BASELINE"))
         return dict(report, holds=False, summary=f"claim does not hold: {why}")
     report["runs"] = ours = track_result(runs.complete)
     holds, summary = ours["valid"], (
