@@ -674,7 +674,8 @@ def track_result(runs: list[RunLog]) -> dict:
         mean = float(np.mean([next(loss for s, loss, _ in run.val if s == step) for run in runs]))
         rows.append(dict(step=step, mean_val_loss=mean, statistic=(3.28 - mean) * math.sqrt(n)))
     valid = [r for r in rows if r["statistic"] >= TRACK_SIGMA_BOUND]
-    return dict(valid[0] if valid else rows[-1], valid=bool(valid), n=n)
+    last = rows[-1] if rows else dict(step=None, mean_val_loss=math.nan, statistic=-math.inf)  # no common step
+    return dict(valid[0] if valid else last, valid=bool(valid), n=n)
 
 
 def optimization_track(runs: Group, base: Group | None) -> dict:
