@@ -694,7 +694,7 @@ def optimization_track(runs: Group, base: Group | None) -> dict:
         f" * sqrt(n) = {ours['statistic']:.4f} >= {TRACK_SIGMA_BOUND}" if ours["valid"] else
         f"not valid: at the last step evaluated by every run ({ours['step']}), (3.28 - {ours['mean_val_loss']:.4f}) *"
         f" sqrt({ours['n']}) = {ours['statistic']:.4f} < {TRACK_SIGMA_BOUND}")
-    if base is not None:
+    if base is not None and ours["step"] is not None and track_result(base.complete)["step"] is not None:
         report["baseline"] = theirs = track_result(base.complete)
         gain = (theirs["mean_val_loss"] - ours["mean_val_loss"]
                 + (theirs["step"] - ours["step"]) / 100 * TRACK_LOSS_PER_100_STEPS)
