@@ -10,6 +10,7 @@
     python benchmark.py --estimate --preset=gpt2_baseline   # GPT-2 (124M), AdamW: against llm.c's 45 minutes
     python benchmark.py --estimate --gpu=a100               # one A100 SXM 80GB (bf16 head and MLP, one rank)
     python benchmark.py --estimate --preset=one_a100 --gpu=a100   # the one-A100 recipe: its card measured the A100
+    python benchmark.py --estimate --preset=optimization_track   # the optimization track's step on 8xH100
 
 Any train_gpt.py setting can follow (--field=value). It builds the model and optimizers exactly as train_gpt.py does,
 runs --warmup untimed steps (compilation), then --steps timed steps, and reports tokens/s, ms/step, model FLOPs per

@@ -105,7 +105,9 @@ def model_card(model: train_gpt.GPT, step: int, run_log, log_name: str | None, r
               "gpt2_baseline": "the GPT-2 (124M) baseline that the speedrun's records are measured against",
               "smoke_gpt2_baseline": "the GPT-2 baseline at CPU smoke-test size",
               "one_a100": "the one-A100 recipe (GPT-2's shape, 1500 steps on one A100)",
-              "smoke_one_a100": "the one-A100 recipe at CPU smoke-test size"}[preset]
+              "smoke_one_a100": "the one-A100 recipe at CPU smoke-test size",
+              "optimization_track": "the speedrun optimization track's frozen model (its baseline: Muon + AdamW)",
+              "smoke_optimization_track": "the optimization track's model at CPU smoke-test size"}[preset]
     recipe_line = f"preset `{preset}`: {recipe}" + (f", with {len(changed)} settings changed: "
                                                      f"`{', '.join(changed)}`" if changed else "")
     val = None

@@ -9,6 +9,7 @@ public record (#n) that introduced each technique.
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=record_2025_08_23   # record #28 (2025-08-23)
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=gpt2_baseline   # GPT-2 (124M), AdamW: the reference
     python train_gpt.py --preset=one_a100                     # GPT-2's shape on one A100 80GB in about 78 minutes
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=optimization_track --optimizer_file=my_opt.py
     python train_gpt.py --preset=smoke                        # the 2026-08 recipe at 6 layers, on a CPU, in a minute
     python train_gpt.py --print_schedule                      # the schedule, one JSON line per step
     python train_gpt.py --help                                # every setting, its default and unit
@@ -32,6 +33,8 @@ Techniques (each a setting, so any can be switched off from the command line):
     GPT-2's output init for the one-A100 recipe
   - the baseline's parts beside them: LayerNorm, GELU, biases, learned positions, 1024-token contexts, a tied head,
     GPT-2's init; AdamW for everything with gradient clipping, a warm-up and a cosine cooldown
+  - the optimization track's frozen model (RMSNorm gains, biases, a head bias, 15z/sqrt(z^2+15^2) soft-cap, chunks of
+    1024 tokens) and its baseline's Newton-Schulz map; a user's optimizer from a file (docs/recipes.md)
 """
 
 import concurrent.futures
@@ -152,6 +155,8 @@ class Hyperparameters:
     dc_window: int = setting(112, "tokens the DC correction looks back over")
     layer_norm: bool = setting(False, "LayerNorm with weight and bias before each sublayer and at the end (GPT-2); "
                                "off: RMSNorm without a learned gain")
+    norm_gain: bool = setting(False, "RMSNorms after the embedding, before each sublayer and at the end have a "
+                              "learned gain, 1 at init (the optimization track)")
     use_embed_norm: bool = setting(True, "RMSNorm after the embedding (#8)")
     use_qk_norm: bool = setting(True, "QK-norm: RMSNorm of queries and keys (#5)")
     use_rotary: bool = setting(True, "rotary position embeddings (#2, #17)")
@@ -162,6 +167,7 @@ class Hyperparameters:
                                "(GPT-2's 1024-token sequences); 0: at every document's BOS (#13)")
     mlp_activation: str = setting("relu2", "relu2: ReLU^2 (#5); gelu: GELU, tanh approximation (GPT-2)")
     linear_bias: bool = setting(False, "biases in the attention and MLP projections (GPT-2)")
+    head_bias: bool = setting(False, "a bias on the LM head's logits (the optimization track)")
     tie_embed: bool = setting(False, "the embedding is the head, one matrix, for the whole run (GPT-2)")
     init_std: float = setting(0.0, "GPT-2's init: every weight matrix and embedding N(0, std), the residual output "
                               "projections std/sqrt(2*num_layers), biases 0; 0: the recipes' init")
@@ -170,6 +176,8 @@ class Hyperparameters:
     embed_init_std: float = setting(1.0, "init std of the token embedding (nn.Embedding's 1; GPT-2: 0.02)")
     out_init_std: float = setting(0.0, "init std of the attention output and MLP c_proj matrices, normal (GPT-2: "
                                   "0.02/sqrt(2*num_layers)); 0: uniform or zero_init_attn_out, c_proj zero")
+    init_fan_in_var: float = setting(0.0, "Q, K, V and MLP input matrices N(0, v/fan_in) (the optimization track: "
+                                     "1/3, nn.Linear's variance); 0: uniform with std 0.5/sqrt(model_dim)")
     rope_base: float = setting(1024.0, "rotary frequencies run from 1 to 1/rope_base rad/token")
     rope_interleaved: bool = setting(True, "rotary pairs are adjacent dims (#58); off: dims j and j + head_dim/2")
     attn_scale: float = setting(0.1, "softmax scale (not 1/sqrt(head_dim))")
@@ -182,7 +190,8 @@ class Hyperparameters:
     final_window_blocks: int = setting(20, "long window of the final validation (#33, #35); 0: unchanged")
     logit_softcap: float = setting(23.0, "logits z become cap * f((z + offset) / temperature) (#9, #54); 0: plain "
                                    "logits")
-    logit_softcap_fn: str = setting("sigmoid", "f of the soft-cap: sigmoid (#54) or tanh (#9: 30*tanh(z/30))")
+    logit_softcap_fn: str = setting("sigmoid", "f of the soft-cap: sigmoid (#54), tanh (#9: 30*tanh(z/30)) or "
+                                    "algebraic, z/sqrt(1+z^2) (the optimization track: 15z/sqrt(z^2+15^2))")
     logit_offset: float = setting(5.0, "soft-cap offset")
     logit_temperature: float = setting(7.5, "soft-cap temperature")
     use_fp8: bool = setting(True, "LM head in FP8 (e4m3 forward, e5m2 gradient) during training (#19)")
@@ -190,7 +199,8 @@ class Hyperparameters:
     fp8_w_scale: float = setting(1.6 / 448, "FP8 head: weight scale")
     fp8_grad_scale: float = setting(0.75 / 448, "FP8 head: gradient scale")
     use_fp8_mlp: bool = setting(True, "MLP forward in FP8 during training (#84, #89)")
-    fused_loss: bool = setting(True, "soft-cap and loss fused in Triton kernels (#60, #67, #79); off, CPU: plain")
+    fused_loss: bool = setting(True, "soft-cap and loss fused in Triton kernels (#60, #67, #79); off, CPU, the "
+                               "algebraic cap: plain")
     weights_bf16: bool = setting(True, "with dtype=bfloat16, keep weights in bf16; the hidden matrices keep 16 more "
                                  "mantissa bits in the optimizer (#57)")
     mtp_weights: str = setting("1,0.5,0.25>0;1,0.5>0;1", "per stage (;-separated): loss weights of the next, 2nd, "
@@ -215,6 +225,8 @@ class Hyperparameters:
     cautious_weight_decay: bool = setting(True, "decay only where the update moves a weight toward zero (#43, #50)")
     orthogonalizer: str = setting("polar_express", "polar_express (#38) or newton_schulz (the 2025-08-23 recipe)")
     orthogonalizer_steps: int = setting(5, "iterations of the orthogonalizer (polar_express has 5 tuned steps)")
+    newton_schulz_coeffs: str = setting("3.4445,-4.775,2.0315", "a,b,c of newton_schulz's X <- aX + b(XX^T)X + "
+                                        "c(XX^T)^2 X (the optimization track: 2,-1.5,0.5, which converges to 1)")
     use_normuon: bool = setting(True, "NorMuon: normalize Muon updates per neuron by an EMA of their second moment")
     normuon_beta2: float = setting(0.9, "NorMuon second-moment EMA decay")
     qk_heads_per_matrix: int = setting(2, "Muon orthogonalizes Q and K in blocks of this many heads (#80); 0: whole")
@@ -223,7 +235,8 @@ class Hyperparameters:
     adam_lr: float = setting(0.008, "Adam base learning rate")
     adam_eps: float = setting(1e-10, "Adam epsilon")
     adam_weight_decay: float = setting(0.005, "Adam weight decay; each step decays by weight_decay * wd_mul * lr^2")
-    adamw: bool = setting(False, "AdamW's decay: by weight_decay * wd_mul * lr, not lr^2 (Loshchilov & Hutter)")
+    adamw: bool = setting(False, "AdamW's decay: by weight_decay * wd_mul * lr, not lr^2 (Loshchilov & Hutter); "
+                          "Muon's by muon_weight_decay * lr")
     use_muon: bool = setting(True, "Muon for the hidden matrices (#3); off: Adam, adam_table row matrices")
     grad_clip: float = setting(0.0, "clip the norm of the gradients Adam updates (all of them without Muon, as "
                                "GPT-2) to this; 0: off")
@@ -234,8 +247,14 @@ class Hyperparameters:
         "resid_lambdas:5:0.9:0.95:0 mudd:0.25:0.9:0.99:1 mudd_bias:0.25:0.9:0.99:0 gate:0.1:0.9:0.99:1 "
         "gate_bias:0.1:0.9:0.99:0", "Adam rows name:lr_mul:beta1:beta2:wd_mul, one per parameter group (#52, #57)")
     tie_embed_stages: int = setting(2, "stages in which the embedding is the head, then a copy (#51, #53); 0: untied")
+    optimizer_file: str = setting("", "a Python file whose build_optimizers(groups, args, rank, world_size) replaces "
+                                  "Muon and Adam (docs/recipes.md#bring-your-own-optimizer); its source goes into "
+                                  "the log")
     # evaluation and run
     val_every: int = setting(250, "steps between validations (0: only at the start and the end)")
+    final_val_every: int = setting(0, "steps between validations in the last 10% of the run; 0: val_every")
+    track: str = setting("", "optimization: its presets' model, data and tokens per step are frozen (set by "
+                         "--preset=optimization_track and its smoke twin)")
     warmup_steps: int = setting(2, "untimed steps that compile and warm up kernels (plus 4 around each stage "
                                 "change); the model is then reset")
     seed: int = setting(0, "seed of the model's initialization")
@@ -419,8 +438,13 @@ class Hyperparameters:
                 "linear or cosine")
         require(self.lr_warmup_steps < self.num_iterations, f"lr_warmup_steps={self.lr_warmup_steps} must be below "
                 f"num_iterations={self.num_iterations}")
-        require(self.logit_softcap_fn in ("sigmoid", "tanh"), f"logit_softcap_fn={self.logit_softcap_fn!r}: choose "
-                "sigmoid or tanh")
+        require(self.logit_softcap_fn in ("sigmoid", "tanh", "algebraic"), f"logit_softcap_fn="
+                f"{self.logit_softcap_fn!r}: choose sigmoid, tanh or algebraic")
+        require(len(self.ns_coeffs) == 3 and all(map(math.isfinite, self.ns_coeffs)), "newton_schulz_coeffs="
+                f"{self.newton_schulz_coeffs!r}: give three numbers a,b,c (e.g. 2,-1.5,0.5)")
+        require(not (self.norm_gain and self.layer_norm), "norm_gain (RMSNorm with a gain) and layer_norm exclude "
+                "each other: choose one")
+        require(self.track in ("", "optimization"), f"track={self.track!r}: the only track is optimization")
         require(not (self.out_init_std and self.zero_init_attn_out), "out_init_std and zero_init_attn_out both set "
                 "the attention output's init. HINT: --zero_init_attn_out=false (or --out_init_std=0)")
         require(self.embed_init_std == 1 or not (self.tie_embed_stages or self.tie_embed), f"embed_init_std="
@@ -467,6 +491,10 @@ class Hyperparameters:
             raise ValueError(f"window_blocks={self.window_blocks!r}: give one short/long pair per stage, and "
                              f"optionally one more for the extension ({stages} stages)")
         return stages
+
+    @property
+    def ns_coeffs(self) -> tuple[float, ...]:
+        return self.per_stage("newton_schulz_coeffs", float)
 
     @property
     def seq_lens(self) -> tuple[int, ...]:
@@ -534,6 +562,19 @@ ONE_A100 = dict(  # GPT-2 shape, 1500 steps of 524,288 tokens on one A100 (docs/
     cooldown_frac=9 / 14,  # of the 1,400 steps after the warm-up: the last 900 of 1,500, the card's last 60%
     cooldown_shape="cosine", final_lr_frac=0.15, muon_lr=0.02, adam_lr=0.006, val_every=250,
     adam_table="embed:1:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0")
+OPTIMIZATION_TRACK = dict(  # the optimization track's frozen model and data, its baseline's Muon + AdamW: 3250 steps
+    # of 524,288 tokens in 1024-token contexts (docs/recipes.md#the-optimization-track)
+    GPT2_BASELINE, num_heads=6, head_dim=128, layer_norm=False, norm_gain=True, use_embed_norm=True, use_qk_norm=True,
+    use_rotary=True, rope_interleaved=False, pos_embed_len=0, mlp_activation="relu2", head_bias=True, tie_embed=False,
+    init_std=0.0, init_fan_in_var=1 / 3, zero_init_attn_out=True, head_init_std=0.0, attn_scale=0.12,
+    logit_softcap=15.0, logit_softcap_fn="algebraic", logit_offset=0.0, logit_temperature=15.0, num_iterations=3250,
+    lr_warmup_steps=0, cooldown_frac=0.7, cooldown_shape="linear", final_lr_frac=0.0, use_muon=True, muon_lr=0.025,
+    muon_momentum_warmup_steps=0, muon_momentum_cooldown_steps=0, muon_weight_decay=0.05, orthogonalizer_steps=12,
+    orthogonalizer="newton_schulz", newton_schulz_coeffs="2,-1.5,0.5", use_normuon=False, qk_heads_per_matrix=0,
+    mlp_lr_mul=2.0, c_proj_lr_mul=0.5,  # sqrt(max(1, rows/cols)) of nn.Linear's (out, in): c_fc 2, c_proj 1
+    adam_lr=0.001, adam_eps=1e-10, adam_weight_decay=0.001, grad_clip=0.0, val_every=125, final_val_every=25,
+    adam_table="embed:700:0.8:0.95:1 lm_head:4:0.8:0.95:1 biases:15:0.8:0.95:1 norms:15:0.8:0.95:1",
+    track="optimization")
 PRESETS = {
     "speedrun": {},  # the 2026-08 recipe: 1285 steps, 338,821,120 tokens
     "smoke": dict(  # the 2026-08 recipe at 6 layers on a CPU
@@ -558,7 +599,17 @@ PRESETS = {
         ONE_A100, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LLLL", value_embed_pattern="----",
         skip_connections="1>2,0>3", window_blocks="4/4", out_init_std=0.02 / 8**0.5, num_iterations=10,
         lr_warmup_steps=2, val_every=5, warmup_steps=0, muon_momentum_warmup_steps=10),
+    "optimization_track": OPTIMIZATION_TRACK,
+    "smoke_optimization_track": dict(  # the optimization track at 4 layers on a CPU
+        OPTIMIZATION_TRACK, **SMOKE, train_seq_len="256", context_len=256, num_layers=4, attn_pattern="LLLL",
+        value_embed_pattern="----", window_blocks="4/4", num_iterations=20, val_every=8, final_val_every=2,
+        warmup_steps=0),
 }
+FIELDS = [f.name for f in dataclasses.fields(Hyperparameters)]
+TRACK_FROZEN = [name for name in FIELDS[FIELDS.index("val_tokens"):FIELDS.index("num_iterations")] + [
+    "tie_embed_stages"] if name not in ("val_seq_len", "micro_batch_split", "value_embed_init_std", "init_std",
+                                        "zero_init_attn_out", "head_init_std", "embed_init_std", "out_init_std",
+                                        "init_fan_in_var", "weights_bf16")]  # the model, the data, the batch
 
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
 
@@ -594,6 +645,12 @@ def parse_args(argv: list[str]) -> Hyperparameters:
             if name in EXTRAS:
                 hint = f": an option of train_extras.py, which runs this trainer: python train_extras.py {arg} ..."
             raise ValueError(f"unknown setting --{name}{hint}")
+    given = lambda n: overrides[n] != PRESETS[preset].get(n, fields[n].default)
+    frozen = [n for n in overrides if n in TRACK_FROZEN + ["track"] and given(n)]
+    if "track" in frozen or PRESETS[preset].get("track") and frozen:
+        raise ValueError(f"--{(frozen or ['track'])[0]}: the optimization track freezes the model, the data and the "
+                         "tokens per step; the optimizer, its schedules and the initialization are free. HINT: try "
+                         "the change under another preset (e.g. --preset=gpt2_baseline)")
     try:
         return Hyperparameters(**{**PRESETS[preset], **overrides})
     except ValueError as e:  # a HINT quotes the value of the preset in use
@@ -695,7 +752,8 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
         tokens=args.windows_per_step * seq_len, window_short=short, window_long=long,
         lr=lr_multiplier(step, args), muon_momentum=muon_momentum(step, args),
         loss_weights=tuple(ramp(w, frac) for w in mtp.split(",")), prefix_weight=ramp(prefix, frac),
-        use_prefix=prefix.strip() not in ("0", "0.0"), validate=step == total or step % (args.val_every or total) == 0,
+        use_prefix=prefix.strip() not in ("0", "0.0"), validate=step == total or step % (args.val_every or total) == 0
+        or bool(args.final_val_every and step >= 0.9 * total and step % args.final_val_every == 0),
         adam_step=step % args.adam_every == args.adam_every - 1, tied=untie is not None and step <= untie,
         untie=step == untie,
     )
@@ -1091,9 +1149,11 @@ softcap_loss.register_autograd(_softcap_loss_backward, setup_context=lambda ctx,
 
 
 def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:
-    """cap * f((z + offset) / temperature) in fp32, f = sigmoid (#54) or tanh (#9); cap 0: z. softcap_loss's twin."""
+    """cap * f((z + offset) / temperature) in fp32, f = sigmoid (#54), tanh (#9) or the optimization track's
+    z / sqrt(1 + z^2); cap 0: z. softcap_loss's twin (sigmoid, tanh)."""
     z = z.float() if not offset or not cap else z.float() + offset
-    return cap * (torch.tanh if fn == "tanh" else torch.sigmoid)(z / temperature) if cap else z
+    f = dict(tanh=torch.tanh, sigmoid=torch.sigmoid, algebraic=lambda z: z * torch.rsqrt(1 + z * z))[fn]
+    return cap * f(z / temperature) if cap else z
 
 
 def fused_prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions: int, prefixes, softcap):
@@ -1118,7 +1178,7 @@ POLAR_EXPRESS_COEFFS = (  # one (a, b, c) per iteration, for 5 iterations (Amsel
 )
 
 
-def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype) -> Tensor:
+def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype, coeffs=NEWTON_SCHULZ_COEFFS) -> Tensor:
     """Approximates U V^T of G = U S V^T for each matrix in the batch G[..., rows, cols] with an odd polynomial."""
     X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
@@ -1126,7 +1186,7 @@ def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype) -> Ten
         X = X.mT
     if method == "newton_schulz":
         X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        coeffs = [NEWTON_SCHULZ_COEFFS] * steps
+        coeffs = [coeffs] * steps
     else:  # polar_express: a safety margin on the norm, then per-iteration optimal coefficients
         X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
         coeffs = POLAR_EXPRESS_COEFFS[:steps]
@@ -1255,7 +1315,7 @@ class Muon:
              if keep_mantissa else weights.clone())
         lr_eff = lr * lr_mul
         if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
-            decay = lr_eff * args.muon_weight_decay * lr * p
+            decay = (1 if args.adamw else lr_eff) * args.muon_weight_decay * lr * p
             p.sub_(decay * (V * p >= 0) if args.cautious_weight_decay else decay)
         p.add_(V.to(p.dtype), alpha=-lr_eff)
         if keep_mantissa:
@@ -1371,6 +1431,21 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x.float(), (x.size(-1),), self.weight.float(), self.bias.float()).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain, 1 at init (the optimization track's norm)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight.type_as(x))
+
+
+def make_norm(args: Hyperparameters) -> nn.Module | Callable:
+    return LayerNorm(args.model_dim) if args.layer_norm else RMSNorm(args.model_dim) if args.norm_gain else norm
 
 
 class Rotary(nn.Module):
@@ -1526,6 +1601,8 @@ class CausalSelfAttention(nn.Module):
             self.qkvo_w.data[3].zero_()
         if args.out_init_std:  # GPT-2's init of the layers that write into the residual stream
             self.qkvo_w.data[3].normal_(0, args.out_init_std)
+        if args.init_fan_in_var:
+            self.qkvo_w.data[:3].normal_(0, (args.init_fan_in_var / D) ** 0.5)
         if args.attn_gate_dim:  # sparse attention gate (#28): gate 0.5 at init
             self.attn_gate = nn.Parameter(torch.zeros(H, args.attn_gate_dim))
         if args.ve_gate_dim and args.value_embed_pattern[layer] != "-":  # value-embedding gate (#55): 1 at init
@@ -1591,6 +1668,8 @@ class MLP(nn.Module):
         self.gelu = args.mlp_activation == "gelu"
         if args.out_init_std:
             self.c_proj.data.normal_(0, args.out_init_std)
+        if args.init_fan_in_var:
+            self.c_fc.data.normal_(0, (args.init_fan_in_var / args.model_dim) ** 0.5)
 
     def forward(self, x: Tensor, fp8: tuple | None = None) -> Tensor:
         """ReLU^2 (or GELU) MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89):
@@ -1613,8 +1692,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(args, layer, wdtype) if args.attn_pattern[layer] != "-" else None
         self.mlp = MLP(args, wdtype)
         self.residual = args.residual
-        self.ln_1 = LayerNorm(args.model_dim) if args.layer_norm and self.attn is not None else norm
-        self.ln_2 = LayerNorm(args.model_dim) if args.layer_norm else norm
+        self.ln_1 = make_norm(args) if self.attn is not None else norm
+        self.ln_2 = make_norm(args)
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, sa_lambdas: Tensor, mix, ctx: dict, gates: dict,
                 attn_in: Tensor | None = None, bigram: Tensor | None = None, fp8=None) -> Tensor:
@@ -1729,6 +1808,7 @@ class GPT(nn.Module):
         self.rotary = Rotary(args, [plan_step(s, args).window_long * args.block_size for s in stage_starts(args)])
         head = torch.randn(V, D) * args.head_init_std if args.head_init_std else torch.zeros(V, D)
         self.lm_head_w = nn.Parameter(head.to(wdtype))
+        self.lm_head_b = nn.Parameter(torch.zeros(V)) if args.head_bias else None
         if args.tie_embed_stages:  # the embedding starts as the head (#51); the optimizer keeps them tied
             self.embed.weight.data.copy_(head)
         # scalars, one fp32 vector for Adam: skip weights, block lambdas, attention lambdas, smear lambda, padding
@@ -1783,7 +1863,7 @@ class GPT(nn.Module):
             self.register_buffer("fp8_bootstrap", torch.ones((), dtype=torch.bool), persistent=False)
         self.make_mask = flex_block_mask if args.use_flex_attention else dense_mask
         self.softcap_args = (args.logit_softcap, args.logit_softcap_fn, args.logit_offset, args.logit_temperature)
-        self.ln_f = LayerNorm(D) if args.layer_norm else norm
+        self.ln_f, self.ln_e = make_norm(args), RMSNorm(D) if args.norm_gain and args.use_embed_norm else norm
         if args.init_std:  # GPT-2's: N(0, std), the outputs of attention and MLP std/sqrt(2 layers); biases stay 0
             for p in self.parameters():
                 if p.ndim >= 2:
@@ -1818,7 +1898,7 @@ class GPT(nn.Module):
         x = self.hidden(input_seq)
         if self.training:
             prefixes = self.prefix_table[target_seq] if self.use_prefix else None
-            if self.args.fused_loss and x.is_cuda:  # the soft-cap inside the loss kernels
+            if self.args.fused_loss and x.is_cuda and self.args.logit_softcap_fn != "algebraic":  # cap in the kernel
                 return fused_prediction_loss(self.head(x, capped=False), target_seq, self.loss_weights,
                                              self.num_predictions, prefixes, self.softcap_args)
             return prediction_loss(self.head(x), target_seq, self.loss_weights, self.num_predictions, prefixes)
@@ -1838,6 +1918,8 @@ class GPT(nn.Module):
             logits = fp8_mm(x, self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale)[0]
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x))
+        if self.lm_head_b is not None:  # the optimization track's head bias, on the raw logits
+            logits = logits.float() + self.lm_head_b.float()
         return softcap(logits, *self.softcap_args) if capped else logits
 
     def attention_context(self, input_seq: Tensor) -> dict:
@@ -1849,7 +1931,7 @@ class GPT(nn.Module):
                  for kind in {block.attn.kind for block in self.blocks if block.attn is not None}}
         positions = torch.arange(T, device=input_seq.device)
         ctx = dict(docs=docs, positions=positions, masks=masks, rotary=self.rotary,
-                   rope=self.rotary(positions, self.stage),
+                   rope=self.rotary(positions % args.context_len if args.context_len else positions, self.stage),
                    attn_scale=self.rotary.scales.index_select(0, self.stage.view(1))[0])
         if args.paired_head_layers:  # slot 2t holds heads 0..H/2-1 of token t, slot 2t+1 the others (#58)
             pair_docs = docs[:, None].expand(T, 2).reshape(-1)
@@ -1879,7 +1961,7 @@ class GPT(nn.Module):
             gate = torch.sigmoid(F.linear(e[:, 1:, :12], self.smear_gate.type_as(e)))
             lam = s[self.scalar_slices["smear"].start]  # 0-dim: the fp32 scalar keeps the stream in bf16, as #34's
             e = torch.cat([e[:, :1], e[:, 1:] + lam * gate * e[:, :-1]], dim=1)
-        x = x0 = norm(e) if args.use_embed_norm else e
+        x = x0 = self.ln_e(e) if args.use_embed_norm else e
         gates = [self.gate(0, x0), None] if hasattr(self, "gate") else None
         bigram = self.bigram(input_seq) if args.bigram_vocab_size else None
         if bigram is not None:
@@ -2224,23 +2306,34 @@ ADAM_ROWS = {"embed.weight": "embed", "lm_head_w": "lm_head", "scalars": "scalar
              "bigram_embed.weight": "bigram_embed", "resid_lambdas": "resid_lambdas", "post_lambdas": "post_lambdas",
              "mudd.w1": "mudd", "mudd.w2": "mudd", "mudd.b2": "mudd_bias", "gate.w1": "gate", "gate.w2": "gate",
              "gate.b2": "gate_bias", "gate.scale": "gate_bias", "gate.values": "gate_bias", "pos_embed.weight":
-             "pos_embed", "ln_f.weight": "norms", "ln_f.bias": "norms"}
+             "pos_embed", "ln_f.weight": "norms", "ln_f.bias": "norms", "ln_e.weight": "norms", "lm_head_b": "biases"}
 BLOCK_ADAM_ROWS = dict.fromkeys(MUON_PARAMETERS, "matrices") | dict(  # by the last part of the name; LayerNorm's
     ve_gate="ve_gates", qkvo_b="biases", c_fc_b="biases", c_proj_b="biases", weight="norms", bias="norms")
 
 
 def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list:
     """The optimizer tables: the block matrices go to Muon (with use_muon), every other parameter to its adam_table
-    row; each parameter in exactly one place."""
-    muon, adam = [], {}
+    row; each parameter in exactly one place. With optimizer_file, that file's build_optimizers(groups, args, rank,
+    world_size) gets every parameter as {row: [(name, parameter), ...]} (the block matrices in row "matrices") and
+    returns the optimizers: objects with step(plan) and a `state` that checkpoints save and restore."""
+    muon, adam, groups = [], {}, {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
+        row = ("value_embeds" if name.startswith("value_embeds.") else BLOCK_ADAM_ROWS[leaf]
+               if name.startswith("blocks.") else ADAM_ROWS[name])
+        groups.setdefault(row, []).append((name, p))
         if name.startswith("blocks.") and leaf in MUON_PARAMETERS and args.use_muon:
             muon += [(p, view, lr_mul) for view, lr_mul in muon_matrices(leaf, p, args)]
         else:
-            row = ("value_embeds" if name.startswith("value_embeds.") else BLOCK_ADAM_ROWS[leaf]
-                   if name.startswith("blocks.") else ADAM_ROWS[name])
             adam.setdefault(row, []).append(p)
+    if args.optimizer_file:
+        spec = importlib.util.spec_from_file_location(Path(args.optimizer_file).stem, args.optimizer_file)
+        spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
+        optimizers = list(module.build_optimizers(groups, args, rt.rank, rt.world_size))
+        if not all(callable(getattr(o, "step", None)) and hasattr(o, "state") for o in optimizers):
+            raise ValueError(f"{args.optimizer_file}: build_optimizers must return objects with step(plan) and a "
+                             "state (docs/recipes.md#bring-your-own-optimizer)")
+        return optimizers
     table = args.adam_rows
     missing = sorted(set(adam) - set(table))
     if missing:
@@ -2249,7 +2342,8 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
     covered = [p for _, params, *_ in rows for p in params] + list(dict.fromkeys(p for p, _, _ in muon))
     assert len({id(p) for p in covered}) == len(covered) == len(list(model.parameters())), "optimizer table is off"
     grad_scale = 1 / args.windows_per_step  # gradients are summed over windows: this makes them the 8-GPU average
-    ortho = lambda G: orthogonalize(G, args.orthogonalizer, args.orthogonalizer_steps, getattr(torch, args.dtype))
+    ortho = lambda G: orthogonalize(G, args.orthogonalizer, args.orthogonalizer_steps, getattr(torch, args.dtype),
+                                    args.ns_coeffs)
     if args.use_compile:
         ortho = torch.compile(ortho, dynamic=False, fullgraph=True)
     tied = (model.lm_head_w, model.embed.weight) if args.tie_embed_stages else None
@@ -2401,8 +2495,10 @@ def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFail
                       "continue from the last checkpoint with --resume")
 
 
-def source_sha256() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+def source_sha256(args: Hyperparameters) -> str:
+    """Of this file, and of the optimizer file if there is one."""
+    files = [Path(__file__)] + ([Path(args.optimizer_file)] if args.optimizer_file else [])
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def barrier():
@@ -2489,8 +2585,8 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
                          "sharded by rank)")
     current = dataclasses.asdict(args)
     changed = sorted(k for k in set(current) | set(saved) if k not in RUN_SETTINGS and current.get(k) != saved.get(k))
-    if progress["source_sha256"] != source_sha256():
-        changed.append("the code of train_gpt.py")
+    if progress["source_sha256"] != source_sha256(args):
+        changed.append("the code of train_gpt.py" + (" or of the optimizer file" if args.optimizer_file else ""))
     if changed and not args.resume_anyway:
         raise ValueError(f"{folder} was written with other settings or code: {', '.join(changed)}. HINT: resume "
                          "with the same train_gpt.py and settings, or pass --resume_anyway=true to continue anyway")
@@ -2537,8 +2633,13 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
 
 
 def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: StopSignal, hooks=()) -> dict:
+    files = [Path(args.optimizer_file)] if args.optimizer_file else []  # every line the run ran, a user's too
+    if not all(f.is_file() and f.suffix == ".py" for f in files):
+        raise ValueError(f"optimizer_file={args.optimizer_file!r} is not a Python file. HINT: docs/optimizer_adamw.py "
+                         "is an example")
     if rt.is_master:  # the code and the machine that ran it
-        log("\n".join([Path(__file__).read_text(), "=" * 100, *describe_machine(rt.device), "=" * 100]), console=False)
+        log("\n".join([Path(__file__).read_text(), *[t for f in files for t in ("-" * 40, f"# {f.name}", "-" * 40,
+                        f.read_text())], "=" * 100, *describe_machine(rt.device), "=" * 100]), console=False)
     args, notes = adapt_to_device(args, rt.device)
     for note in notes:
         log(note)
@@ -2624,7 +2725,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
         training_time_ms += 1000 * (time.perf_counter() - t0)
         folder = checkpoints / f"step_{steps_done}"
         state = dict(step=steps_done, loader=loader.state(), train_time_ms=training_time_ms, val_losses=val_losses,
-                     world_size=rt.world_size, source_sha256=source_sha256(), run_id=run_id)
+                     world_size=rt.world_size, source_sha256=source_sha256(args), run_id=run_id)
         try:
             save_checkpoint(folder, model, optimizers, state, rt)
         except OSError as e:

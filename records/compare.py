@@ -25,6 +25,11 @@ The claim holds when RUNS have at least 2 complete runs with p < alpha, nothing 
 differ in step count, embedded source or hardware; a diverged run; a baseline on other hardware) and, with --baseline,
 RUNS are faster with a one-sided Welch p < alpha.
 
+With --track=optimization the question is steps, not time (docs/recipes.md#judging-a-claim): logs must be runs of
+train_gpt.py --preset=optimization_track with its frozen settings (others are refused, named with the reason); the
+verdict names the earliest step, evaluated by every run, whose mean val loss meets (3.28 - mean) * sqrt(n) >= 0.004
+and, with --baseline (an earlier result), needs (dloss + dsteps/100 * 0.0045) / sqrt(1/n1 + 1/n2) >= 0.004.
+
 Exit status: 0 the claim holds; 1 it does not (the verdict line says why); 2 bad arguments or no logs found.
 """
 
@@ -637,6 +642,78 @@ def _json_safe(x):
 
 
 # -----------------------------------------------------------------------------
+# The optimization track (docs/recipes.md#the-optimization-track): the model, data and batch are frozen, steps count.
+
+TRACK_SIGMA_BOUND = 0.004  # (3.28 - mean) * sqrt(n) >= 0.004: a one-sided z-test with sigma 0.0013 at p < 0.001
+TRACK_LOSS_PER_100_STEPS = 0.0045  # the pairwise rule's exchange rate: 100 fewer steps are worth this much loss
+TRACK_SETTINGS = dict(track="optimization", num_layers=12, model_dim=768, num_heads=6, head_dim=128, mlp_hidden=3072,
+                      vocab_size=50304, context_len=1024, val_tokens=10_485_760, attn_scale=0.12, logit_softcap=15.0,
+                      logit_softcap_fn="algebraic", norm_gain=True, head_bias=True, linear_bias=True, residual="plain")
+TRACK_TOKENS_PER_STEP = 524_288
+
+
+def track_refusal(run: RunLog) -> str | None:
+    """Why a log is not a run of --preset=optimization_track with its frozen settings; None when it is one."""
+    h = run.hyperparameters
+    if h is None or h.get("track") != "optimization":
+        return "not a run of --preset=optimization_track (its hyperparameters do not say track=optimization)"
+    changed = [f"{k}={h.get(k)!r} (the track's: {v!r})" for k, v in TRACK_SETTINGS.items() if h.get(k) != v]
+    tokens = h.get("windows_per_step", 0) * sum(int(n) for n in str(h.get("train_seq_len", 0)).split(",")[:1])
+    if tokens != TRACK_TOKENS_PER_STEP:
+        changed.append(f"{tokens:,} tokens per step (the track's: {TRACK_TOKENS_PER_STEP:,})")
+    return f"changed a frozen setting: {', '.join(changed)}" if changed else None
+
+
+def track_result(runs: list[RunLog]) -> dict:
+    """The earliest step, evaluated by every run, whose mean val loss over the n runs meets (3.28 - mean) * sqrt(n) >=
+    0.004; the final step when none does (valid: false)."""
+    n = len(runs)
+    common = sorted(set.intersection(*({step for step, _, _ in run.val} for run in runs)))
+    rows = []
+    for step in common:
+        mean = float(np.mean([next(loss for s, loss, _ in run.val if s == step) for run in runs]))
+        rows.append(dict(step=step, mean_val_loss=mean, statistic=(3.28 - mean) * math.sqrt(n)))
+    valid = [r for r in rows if r["statistic"] >= TRACK_SIGMA_BOUND]
+    last = rows[-1] if rows else dict(step=None, mean_val_loss=math.nan, statistic=-math.inf)  # no common step
+    return dict(valid[0] if valid else last, valid=bool(valid), n=n)
+
+
+def optimization_track(runs: Group, base: Group | None) -> dict:
+    refused = [(str(run.path), why) for run in runs.complete + (base.complete if base else [])
+               if (why := track_refusal(run))]
+    report = dict(refused=refused, left_out=[(str(r.path), r.reason) for r in runs.left_out],
+                  unreadable=[(str(p), why) for p, why in runs.unreadable], runs=None, baseline=None, pairwise=None)
+    diverged = [r for r in runs.left_out if r.status == "diverged"]  # every run counts: none may quietly drop out
+    if refused or diverged or not runs.complete or (base is not None and not base.complete):
+        why = ("logs refused" if refused else f"{_plural(len(diverged), 'run')} diverged" if diverged else
+               "no complete run" + (" in RUNS" if runs.complete == [] else " in BASELINE"))
+        return dict(report, holds=False, summary=f"claim does not hold: {why}")
+    report["runs"] = ours = track_result(runs.complete)
+    holds, summary = ours["valid"], (
+        f"valid at step {ours['step']}: mean val loss {ours['mean_val_loss']:.4f} over {ours['n']} runs, (3.28 - mean)"
+        f" * sqrt(n) = {ours['statistic']:.4f} >= {TRACK_SIGMA_BOUND}" if ours["valid"] else
+        f"not valid: at the last step evaluated by every run ({ours['step']}), (3.28 - {ours['mean_val_loss']:.4f}) *"
+        f" sqrt({ours['n']}) = {ours['statistic']:.4f} < {TRACK_SIGMA_BOUND}")
+    if base is not None and ours["step"] is not None and track_result(base.complete)["step"] is not None:
+        report["baseline"] = theirs = track_result(base.complete)
+        gain = (theirs["mean_val_loss"] - ours["mean_val_loss"]
+                + (theirs["step"] - ours["step"]) / 100 * TRACK_LOSS_PER_100_STEPS)
+        statistic = gain / math.sqrt(1 / ours["n"] + 1 / theirs["n"])
+        report["pairwise"] = dict(statistic=statistic, holds=statistic >= TRACK_SIGMA_BOUND)
+        holds = holds and statistic >= TRACK_SIGMA_BOUND
+        summary += (f"; against the baseline (step {theirs['step']}, mean {theirs['mean_val_loss']:.4f}, n="
+                    f"{theirs['n']}): (dloss + dsteps/100 * {TRACK_LOSS_PER_100_STEPS}) / sqrt(1/n1 + 1/n2) = "
+                    f"{statistic:.4f} {'>=' if statistic >= TRACK_SIGMA_BOUND else '<'} {TRACK_SIGMA_BOUND}")
+    return dict(report, holds=holds, summary=("claim holds: " if holds else "claim does not hold: ") + summary)
+
+
+def format_track_report(report: dict) -> str:
+    out = [f"refused {path}: {why}" for path, why in report["refused"]]
+    out += [f"left out {path}: {why}" for path, why in report["left_out"] + report["unreadable"]]
+    return "\n".join(out + [f"VERDICT (optimization track): {report['summary']}"])
+
+
+# -----------------------------------------------------------------------------
 # The plot
 
 
@@ -734,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", type=float, default=3.28, help="val loss to beat (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.01, help="significance level (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--track", choices=("time", "optimization"), default="time", help="time: the record rule "
+                        "above; optimization: the optimization track's rule on steps, (3.28 - mean) * sqrt(n) >= "
+                        "0.004 and, with --baseline, the pairwise rule (docs/recipes.md#judging-a-claim)")
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG of val loss against train time and step")
     return parser
 
@@ -778,6 +858,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = load_group("RUNS", run_paths)
     base = load_group("BASELINE", base_paths) if base_paths is not None else None
+    if args.track == "optimization":
+        report = optimization_track(runs, base)
+        print(json.dumps(_json_safe(report), indent=2) if args.json else format_track_report(report))
+        return EXIT_HOLDS if report["holds"] else EXIT_FAILS
     runs_summary = summarize(runs, args.target)
     if moved:
         runs_summary["notes"].append(f"{_plural(len(moved), 'log')} given both as RUNS and as --baseline "

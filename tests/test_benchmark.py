@@ -86,7 +86,8 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
     (["--peak_tflops=nan"], "error: --peak_tflops=nan must be above 0 (see --help)"),
     (["--real=maybe"], "error: --real=maybe: write --real (or --real=true/false)"),
     (["--preset=nope"], "error: unknown preset 'nope'; choose one of speedrun, smoke, record_2025_08_23, "
-     "smoke_2025_08_23, gpt2_baseline, smoke_gpt2_baseline, one_a100, smoke_one_a100"),
+     "smoke_2025_08_23, gpt2_baseline, smoke_gpt2_baseline, one_a100, smoke_one_a100, optimization_track, "
+     "smoke_optimization_track"),
     (["--preset=smoke", "--step=14"], "error: --step=14 is past the schedule's last training step, 13"),
     (["--preset=smoke", "--muon_lr=nan"], "error: muon_lr=nan must be a finite number above 0"),
     (["--estimate", "--gpu=v100"], "error: --gpu=v100: choose one of h100, a100"),

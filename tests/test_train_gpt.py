@@ -238,7 +238,9 @@ def test_parse_overrides_presets_and_types():
      "multiple of 16 for FP8"),
     (["--preset=smoke_2025_08_23", "--use_fp8=true", "--train_seq_len=200", "--block_size=8"], "train_seq_len=200 "
      "must be a multiple of 16"),
-    (["--logit_softcap_fn=erf"], "logit_softcap_fn='erf': choose sigmoid or tanh"),
+    (["--logit_softcap_fn=erf"], "logit_softcap_fn='erf': choose sigmoid, tanh or algebraic"),
+    (["--newton_schulz_coeffs=2,-1.5"], "newton_schulz_coeffs='2,-1.5': give three numbers a,b,c"),
+    (["--preset=gpt2_baseline", "--norm_gain=true"], "norm_gain (RMSNorm with a gain) and layer_norm exclude"),
     (["--preset=gpt2_baseline", "--out_init_std=0.01"], "init_std sets every matrix's init. HINT: --embed_init_std=1"),
     (["--preset=one_a100", "--zero_init_attn_out=true"], "both set the attention output's init. HINT: "
      "--zero_init_attn_out=false"),
