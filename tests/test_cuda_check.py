@@ -291,8 +291,9 @@ def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(spee
     assert 2 * args.eval_chunk_tokens * V <= peak["eval_inference"] < 2 * E * V
     parameters = graph[f"{last}_forward"]["inputs"]  # the parameters and one window of tokens
     assert parameters + max(peak.values()) < fake_h100.H100.total_memory
-    # for scale: the 2026-08 record measured 30,220-32,160 MiB peak allocated per GPU on 8xH100
-    assert 25 * 2**30 < parameters + peak[f"{last}_backward"] < 60 * 2**30
+    # for scale: the 2026-08 record measured 30,220-32,160 MiB peak allocated per GPU on 8xH100; ours 24.5 GiB with
+    # the fused loss (33.7 with the plain one)
+    assert 20 * 2**30 < parameters + peak[f"{last}_backward"] < 60 * 2**30
 
 
 @pytest.fixture(scope="module")

@@ -416,7 +416,7 @@ RECORDS = {
 }
 SYSTEM_FIELDS = {"train_files", "val_files", "device", "log_dir", "run_id", "save_every", "save_final",
                  "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s", "sample_tokens",
-                 "hellaswag_items", "wandb_project", "warmup_steps", "seed"}
+                 "hellaswag_items", "wandb_project", "warmup_steps", "seed", "fused_loss", "activation_memory_budget"}
 
 
 def preset_of(settings: dict) -> str | None:
