@@ -159,18 +159,18 @@ def test_an_optimizer_file_that_is_missing_or_returns_no_optimizers_is_refused(t
 @pytest.mark.slow
 def test_the_baselines_muon_and_adamw_beat_plain_adamw_at_equal_steps(tmp_path):
     """smoke_optimization_track, 20 steps of 1,024 tokens on the sample text: the track's baseline (Muon for the
-    blocks' matrices, AdamW for the rest) against AdamW for those matrices too, at its better of two LRs, every other
-    parameter as in the baseline. Measured (2026-12-06): 5.6501 against 5.7447 (lr 0.003) and 5.7218 (lr 0.01) at
+    blocks' matrices, AdamW for the rest) against AdamW for those matrices too, at the better of two LRs measured
+    (lr 0.01; the run at 0.003, weaker, is not repeated here), every other parameter as in the baseline. Measured (2026-12-06): 5.6501 against 5.7447 (lr 0.003) and 5.7218 (lr 0.01) at
     step 20. At this size the embedding and the head hold 94% of the parameters: the docs' plain AdamW for every
     parameter at one LR reaches 8.7174 (0.001), 6.0153 (0.003) and 5.5289 (0.01), the last below the baseline, whose
     AdamW LRs are the full model's (docs/recipes.md#the-optimization-track)."""
     run = lambda *extra: tg.main(["--preset=smoke_optimization_track", f"--log_dir={tmp_path}", *extra])["val_losses"]
     baseline = run()
     rows = tg.PRESETS["optimization_track"]["adam_table"]
-    adamw = {mul: run("--use_muon=false", f"--adam_table={rows} matrices:{mul}:0.8:0.95:1") for mul in (3, 10)}
+    adamw = run("--use_muon=false", f"--adam_table={rows} matrices:10:0.8:0.95:1")
     assert list(baseline) == [0, 8, 16, 18, 20] and baseline[0] == pytest.approx(math.log(50304), abs=1e-4)
-    assert baseline[20] == pytest.approx(5.6501, abs=0.01) and adamw[10][20] == pytest.approx(5.7218, abs=0.01)
-    assert baseline[20] < min(losses[20] for losses in adamw.values()) - 0.03
+    assert baseline[20] == pytest.approx(5.6501, abs=0.01) and adamw[20] == pytest.approx(5.7218, abs=0.01)
+    assert baseline[20] < adamw[20] - 0.03
 
 
 # -----------------------------------------------------------------------------
