@@ -159,11 +159,11 @@ def test_an_optimizer_file_that_is_missing_or_returns_no_optimizers_is_refused(t
 @pytest.mark.slow
 def test_the_baselines_muon_and_adamw_beat_plain_adamw_at_equal_steps(tmp_path):
     """smoke_optimization_track, 20 steps of 1,024 tokens on the sample text: the track's baseline (Muon for the
-    blocks' matrices, AdamW for the rest) against AdamW for those matrices too, at the better of two LRs measured
-    (lr 0.01; the run at 0.003, weaker, is not repeated here), every other parameter as in the baseline. Measured (2026-12-06): 5.6501 against 5.7447 (lr 0.003) and 5.7218 (lr 0.01) at
-    step 20. At this size the embedding and the head hold 94% of the parameters: the docs' plain AdamW for every
-    parameter at one LR reaches 8.7174 (0.001), 6.0153 (0.003) and 5.5289 (0.01), the last below the baseline, whose
-    AdamW LRs are the full model's (docs/recipes.md#the-optimization-track)."""
+    blocks' matrices, AdamW for the rest) against AdamW for those matrices too, at the better of two LRs measured,
+    every other parameter as in the baseline. Measured (2026-12-06): 5.6501 against 5.7447 (lr 0.003, not repeated
+    here) and 5.7218 (lr 0.01) at step 20. At this size the embedding and the head hold 94% of the parameters: the
+    docs' plain AdamW for every parameter at one LR reaches 8.7174 (0.001), 6.0153 (0.003) and 5.5289 (0.01), the
+    last below the baseline, whose AdamW LRs are the full model's (docs/recipes.md#the-optimization-track)."""
     run = lambda *extra: tg.main(["--preset=smoke_optimization_track", f"--log_dir={tmp_path}", *extra])["val_losses"]
     baseline = run()
     rows = tg.PRESETS["optimization_track"]["adam_table"]
