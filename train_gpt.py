@@ -1088,9 +1088,13 @@ triton_jit = triton.jit if triton is not None else lambda fn: fn
 
 
 @triton_jit
-def softcap_kernel(z, CAP, OFFSET, INV_TEMP, FN: tl.constexpr):  # (c, dc/dz); FN 1: sigmoid, 2: tanh, 0: c = z
-    if FN == 0:
+def softcap_kernel(z, CAP, OFFSET, INV_TEMP, FN: tl.constexpr):  # (c, dc/dz); FN 1: sigmoid, 2: tanh, 3: algebraic
+    if FN == 0:  # no cap: c = z
         return z, z * 0 + 1
+    if FN == 3:  # u / sqrt(1 + u^2), u = (z + offset) / temperature
+        u = (z + OFFSET) * INV_TEMP
+        r = 1 / tl.sqrt(1 + u * u)
+        return CAP * u * r, (CAP * INV_TEMP) * r * r * r
     s = tl.sigmoid((z + OFFSET) * (FN * INV_TEMP))  # tanh(u) = 2 sigmoid(2u) - 1
     return CAP * (FN * s - (FN - 1)), (CAP * FN * FN * INV_TEMP) * s * (1 - s)
 
@@ -1125,11 +1129,10 @@ def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, lse_ptr, g_ptr
 def softcap_loss_launch(z, targets, weights, out, lse, g: Tensor | None, cap, fn, offset, temperature):  # cap 0: z
     torch.library.wrap_triton(softcap_loss_kernel)[(z.size(0),)](
         z, targets, weights, out, lse, lse if g is None else g, z.size(1), CAP=cap, OFFSET=offset,
-        INV_TEMP=1 / temperature, FN=("sigmoid", "tanh").index(fn) + 1 if cap else 0, K=targets.size(1),
+        INV_TEMP=1 / temperature, FN=("sigmoid", "tanh", "algebraic").index(fn) + 1 if cap else 0, K=targets.size(1),
         BLOCK=min(2048, triton.next_power_of_2(z.size(1))), BACKWARD=g is not None, num_warps=8)
 
 
-@torch.library.triton_op("nanogpt::softcap_loss", mutates_args=())
 def softcap_loss(z: Tensor, targets: Tensor, weights: Tensor, cap: float, fn: str, offset: float,
                  temperature: float) -> tuple[Tensor, Tensor]:
     """Per row of z (T, V, contiguous): sum_j weights[j] (lse - c[targets[:, j]]) (-1: none), fp32; and lse."""
@@ -1144,13 +1147,16 @@ def _softcap_loss_backward(ctx, g, _):
     return grad, None, None, None, None, None, None
 
 
-softcap_loss.register_autograd(_softcap_loss_backward, setup_context=lambda ctx, inputs, output: (
-    ctx.save_for_backward(*inputs[:3], output[1]), setattr(ctx, "softcap", inputs[3:])))
+if triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):  # only where
+    # it runs: registering reads the kernels with inductor's parser, and importing inductor costs ~1.5 s a process
+    softcap_loss = torch.library.triton_op("nanogpt::softcap_loss", softcap_loss, mutates_args=())
+    softcap_loss.register_autograd(_softcap_loss_backward, setup_context=lambda ctx, inputs, output: (
+        ctx.save_for_backward(*inputs[:3], output[1]), setattr(ctx, "softcap", inputs[3:])))
 
 
 def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:
     """cap * f((z + offset) / temperature) in fp32, f = sigmoid (#54), tanh (#9) or the optimization track's
-    z / sqrt(1 + z^2); cap 0: z. softcap_loss's twin (sigmoid, tanh)."""
+    z / sqrt(1 + z^2); cap 0: z. softcap_loss's twin."""
     z = z.float() if not offset or not cap else z.float() + offset
     f = dict(tanh=torch.tanh, sigmoid=torch.sigmoid, algebraic=lambda z: z * torch.rsqrt(1 + z * z))[fn]
     return cap * f(z / temperature) if cap else z
@@ -1898,7 +1904,7 @@ class GPT(nn.Module):
         x = self.hidden(input_seq)
         if self.training:
             prefixes = self.prefix_table[target_seq] if self.use_prefix else None
-            if self.args.fused_loss and x.is_cuda and self.args.logit_softcap_fn != "algebraic":  # cap in the kernel
+            if self.args.fused_loss and x.is_cuda:  # the soft-cap in the kernel
                 return fused_prediction_loss(self.head(x, capped=False), target_seq, self.loss_weights,
                                              self.num_predictions, prefixes, self.softcap_args)
             return prediction_loss(self.head(x), target_seq, self.loss_weights, self.num_predictions, prefixes)

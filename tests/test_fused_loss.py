@@ -6,7 +6,7 @@ pytest process that sets it before anything imports triton; the parent's one tes
 failures. The loss and the gradient with respect to the raw head output are compared in fp32 and bf16 at a vocab that
 is one partial tile (1,000), several tiles with a tail (5,000; 50,304, the speedrun's), odd sequence lengths, 1 to 3
 predicted tokens (the last positions of the window lack the later ones), prefixes with -1 (none) among them, the
-sigmoid (2026) and tanh (one-A100) soft-caps and none (GPT-2)."""
+sigmoid (2026), tanh (one-A100) and algebraic (the optimization track) soft-caps and none (GPT-2)."""
 
 import importlib.util
 import os
@@ -24,7 +24,8 @@ import train_gpt as tg  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (requirements.txt)")
-SOFTCAPS = {"sigmoid": (23.0, "sigmoid", 5.0, 7.5), "tanh": (30.0, "tanh", 0.0, 30.0), "none": (0.0, "sigmoid", 0, 1)}
+SOFTCAPS = {"sigmoid": (23.0, "sigmoid", 5.0, 7.5), "tanh": (30.0, "tanh", 0.0, 30.0), "none": (0.0, "sigmoid", 0, 1),
+            "algebraic": (15.0, "algebraic", 0.5, 15.0)}
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
@@ -75,6 +76,8 @@ CASES = [  # T, V, predictions, prefix, softcap, dtype
     (11, 50304, 3, True, "sigmoid", torch.float32),
     (7, 50304, 3, True, "sigmoid", torch.bfloat16),
     (19, 3000, 2, True, "none", torch.float32),
+    (13, 5000, 1, False, "algebraic", torch.float32),  # the optimization track's (offset 0 there; 0.5 tests it)
+    (13, 5000, 1, False, "algebraic", torch.bfloat16),
     (2, 1000, 3, True, "sigmoid", torch.float32),  # shorter than the predictions: the third token is never there
 ]
 
