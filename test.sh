@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The tests, exactly as CI runs them (.ci/run calls this): set up .venv when needed (setup.sh), lint, then the test
 # suite, all on the CPU (tests that need a GPU are marked `gpu` and skip without one).
-# The tests spread over every core (pytest-xdist), with one worker more than the cores: a test that waits (on its
-# ranks, a socket, a timeout) leaves its core to the extra worker. Tests that share a compiled report stay on one worker.
+# The tests spread over every core (pytest-xdist: -n logical, tests that share a compiled report kept on one worker).
 # Extra arguments go to pytest, e.g. ./test.sh -x -k records, or ./test.sh -n 0 for one process.
 #   ./test.sh -m "not cuda_check"      the quick loop: everything but the CUDA compile check (minutes)
 #   ./test.sh -m cuda_check            the CUDA compile check alone
@@ -11,6 +10,5 @@ cd "$(dirname "$0")"
 . ./setup.sh
 echo "test.sh: ruff check ." >&2
 ruff check .
-workers=$(( $(python -c 'import os; print(len(os.sched_getaffinity(0)))') + 1 ))
-echo "test.sh: python -m pytest -q -n $workers --dist loadgroup $*" >&2
-exec python -m pytest -q -n "$workers" --dist loadgroup "$@"
+echo "test.sh: python -m pytest -q -n logical --dist loadgroup $*" >&2
+exec python -m pytest -q -n logical --dist loadgroup "$@"
