@@ -588,7 +588,7 @@ PRESETS = {
     "smoke_2025_08_23": dict(  # the 2025-08-23 recipe at 4 layers on a CPU
         RECORD_2025_08_23, **SMOKE, train_seq_len="256", num_layers=4, attn_pattern="LS-L", value_embed_pattern="01-0",
         skip_connections="1>2,0>3", max_window_tokens=384, fp8_x_scale=128**0.5 / 448, num_iterations=20, val_every=5,
-        warmup_steps=2, muon_momentum_warmup_steps=20),
+        warmup_steps=0, muon_momentum_warmup_steps=20),  # nothing to warm up: not compiled
     "gpt2_baseline": GPT2_BASELINE,
     "smoke_gpt2_baseline": dict(  # GPT-2 at 4 layers on a CPU, on smoke_2025_08_23's tokens
         GPT2_BASELINE, **SMOKE, train_seq_len="256", context_len=256, pos_embed_len=256, num_layers=4,

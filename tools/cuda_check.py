@@ -35,7 +35,8 @@ def parse_options(argv: list[str]):
                         "speedrun: the default preset")
     p.add_argument("--windows", default="1,3", help="window sizes in blocks, run in turn (none may recompile)")
     p.add_argument("--world_sizes", default="1,8", help="world sizes whose Muon shards are compiled (none: skip)")
-    p.add_argument("--stages", default="all", help="training stages to compile: all, last, or a list like 0,2")
+    p.add_argument("--stages", default="all",
+                   help="training stages to compile: all, last, none (the evaluation alone), or a list like 0,2")
     opts, settings = p.parse_known_args(argv)
     opts.windows = [int(w) for w in opts.windows.split(",")]
     opts.world_sizes = [int(w) for w in opts.world_sizes.split(",") if w and w != "none"]
@@ -92,8 +93,8 @@ def drive_trainer(tg, rig, opts):
     first_steps = {}
     for plan in plans[:-1]:
         first_steps.setdefault(min(plan.stage, args.num_stages - 1), []).append(plan)
-    wanted = {"all": list(first_steps), "last": [max(first_steps)]}.get(opts.stages) or \
-        [int(k) for k in opts.stages.split(",")]
+    named = {"all": list(first_steps), "last": [max(first_steps)], "none": []}
+    wanted = named[opts.stages] if opts.stages in named else [int(k) for k in opts.stages.split(",")]
     for stage, stage_plans in first_steps.items():  # train_step(): forward, then backward of the summed loss
         if stage not in wanted:
             continue
