@@ -398,10 +398,13 @@ def test_a_lone_matmul_takes_its_flops_over_the_peak_and_a_lone_copy_its_bytes_o
     assert estimate.price(copy, a100)["kernel_ms"] == pytest.approx(1e3 * copy["bytes"] / 2039e9, rel=1e-9)
 
 
-def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_tensors():
+@pytest.mark.parametrize("softcap", [(23.0, "sigmoid", 5.0, 7.5), (15.0, "algebraic", 0.0, 15.0)],
+                         ids=["speedrun", "optimization_track"])
+def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_tensors(softcap):
     """train_gpt's fused soft-capped loss (a user-defined Triton kernel inside a custom op) at the speedrun's last
-    stage, 49,152 tokens x 50,304: under fullgraph compile, built for sm_90 without spills, and recorded with the
-    bytes of one pass over each tensor argument (inductor's own count stops at 1e9 elements of each buffer)."""
+    stage, 49,152 tokens x 50,304, with each soft-cap a preset compiles: under fullgraph compile, built for sm_90
+    without spills, and recorded with the bytes of one pass over each tensor argument (inductor's own count stops at
+    1e9 elements of each buffer)."""
     require_the_toolchain()
     T, V = 49152, 50304
     code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
@@ -415,7 +418,7 @@ def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_
             "    weights = torch.ones(4, device='cuda')\n"
             "with rig.phase('loss', tokens=None):\n"
             "    loss = torch.compile(tg.fused_prediction_loss, fullgraph=True, dynamic=False)(\n"
-            "        z, targets, weights, 3, prefixes, (23.0, 'sigmoid', 5.0, 7.5))\n"
+            f"        z, targets, weights, 3, prefixes, {softcap!r})\n"
             "    with rig.fake:\n"
             "        loss.backward()\n"
             "name = 'softcap_loss_kernel'\n"
