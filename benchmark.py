@@ -216,6 +216,8 @@ def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
     lowest = dict(steps=1, warmup=0, step=0)
     for arg in argv:
         name, eq, value = arg.removeprefix("--").partition("=")
+        if name in options and sum(a.removeprefix("--").partition("=")[0] == name for a in argv) > 1:
+            raise ValueError(f"--{name} is given twice: which one is meant? HINT: give each option once")
         if name == "real":
             if eq and value.lower() not in ("true", "false"):
                 raise ValueError(f"--real={value}: write --real (or --real=true/false)")

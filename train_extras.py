@@ -53,6 +53,8 @@ def split_options(argv: list[str]) -> tuple[dict, list[str]]:
     for arg in argv:
         name, eq, text = arg.removeprefix("--").partition("=")
         if arg.startswith("--") and eq and name in OPTIONS:
+            if name in mine:
+                raise ValueError(f"--{name} is given twice: which one is meant? HINT: give each option once")
             try:
                 mine[name] = OPTIONS[name](text)
             except ValueError:

@@ -818,12 +818,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_twice(parser: argparse.ArgumentParser, args: list[str]) -> str | None:
+    """'--name is given twice (a, then b)...' for the first single-valued option args give twice, else None."""
+    seen: dict[argparse.Action, list[str]] = {}
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if not eq:  # --name VALUE, or a bare --name (nargs="?")
+            value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("-") else arg
+        matches = [a for s, a in parser._option_string_actions.items() if s == name or
+                   (parser.allow_abbrev and name.startswith("--") and len(name) > 2 and s.startswith(name))]
+        if len({id(a) for a in matches}) != 1 or not isinstance(matches[0], argparse._StoreAction):
+            continue
+        seen.setdefault(matches[0], []).append(value)
+        if len(seen[matches[0]]) == 2:
+            values = ", then ".join(seen[matches[0]])
+            return (f"{matches[0].option_strings[-1]} is given twice ({values}): which one is meant? HINT: give each "
+                    "option once")
+    return None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """A bad command line is one line, as in every tool of the project (its cli_parser.py, written here again so that
     this file stands alone), with exit status EXIT_USAGE: 1 means that a claim does not hold."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        twice = given_twice(self, sys.argv[1:] if args is None else list(args))
+        if twice:
+            self.error(twice)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
-        print(f"{self.prog}: error: {message}. HINT: `{self.prog} --help` lists every option", file=sys.stderr)
+        hint = "" if "HINT:" in message else f". HINT: `{self.prog} --help` lists every option"
+        print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 

@@ -182,3 +182,31 @@ def test_every_tool_answers_a_bad_command_line_in_one_line(tool):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == (2 if tool.startswith("records/") else 1), result.stderr
     assert len(lines) == 1 and "error: " in lines[0] and "HINT" in lines[0], lines  # (or a missing required one)
+
+
+TWICE = {"sample.py": ["--checkpoint=x", "--temperature=1", "--temperature", "0.5"],
+         "export.py": ["--checkpoint=x", "--out=a", "--out=b"],
+         "evals/hellaswag.py": ["--checkpoint=x", "--limit=1", "--limit=2"],
+         "data/tokenize_text.py": ["in.txt", "--out=o", "--name=x", "--name=y"],
+         "data/shards.py": ["inspect", "x.bin", "--decode=1", "--decode=2"],
+         "records/compare.py": ["runs", "--target=3", "--target=4"],
+         "records/curves.py": ["run.txt", "--out=a.png", "--out=b.png"],
+         "benchmark.py": ["--steps=2", "--steps=3"],
+         "train_extras.py": ["--sample_tokens=1", "--sample_tokens=2"]}
+
+
+@pytest.mark.parametrize("tool", TWICE)
+def test_every_tool_refuses_an_option_given_twice(tool):
+    """As train_gpt.py refuses a setting given twice: the last one is not silently taken; one line, no double HINT."""
+    result = subprocess.run([sys.executable, tool, *TWICE[tool]], cwd=ROOT, capture_output=True, text=True,
+                            env=clean_env(), timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == (2 if tool.startswith("records/") else 1), result.stderr
+    assert len(lines) == 1 and "is given twice" in lines[0] and lines[0].count("HINT") == 1, lines
+
+
+def test_a_message_that_holds_its_own_hint_gets_no_second_one(tmp_path):
+    (tmp_path / "a_file").write_text("x\n")
+    result = subprocess.run([sys.executable, "data/tokenize_text.py", "in.txt", f"--out={tmp_path / 'a_file'}",
+                             "--name=x"], cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert result.returncode == 1 and result.stderr.count("HINT") == 1, result.stderr
