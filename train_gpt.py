@@ -302,7 +302,7 @@ class Hyperparameters:
             require(ok, f"{f.name}={value} must {rule}. HINT: see --help; the default is {f.default}")
         require(self.num_iterations + self.extension_iterations <= MAX_STEPS, f"num_iterations={self.num_iterations}"
                 f" + extension_iterations={self.extension_iterations} is more than the {MAX_STEPS:,} steps a run plans "
-                "before it starts (in about a second). HINT: lower --num_iterations (the speedrun's is 1270)")
+                "before it starts (in about a second). HINT: lower --num_iterations; the default is 1270")
         require(self.normuon_beta2 < 1, f"normuon_beta2={self.normuon_beta2} must lie in [0, 1)")
         require(self.bigram_vocab_size != 1, "bigram_vocab_size=1 leaves no row for bigrams (the last row is "
                 "reserved): use 0 (off) or at least 2")
@@ -2583,7 +2583,12 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
     try:
         progress = json.loads((folder / "progress.json").read_text())
         saved = json.loads((folder / SETTINGS_FILE).read_text())
-    except (OSError, ValueError) as e:
+        assert isinstance(progress, dict) and isinstance(saved, dict), "a file that is not a JSON object"
+        assert progress.get("run_id") == saved.get("run_id"), (f"its progress.json is of run {progress.get('run_id')!r}"
+                                                               f", its settings.json of run {saved.get('run_id')!r}")
+        assert all(isinstance(progress.get(k), t) for k, t in (("step", int), ("world_size", int), ("loader", dict), (
+            "val_losses", dict), ("train_time_ms", (int, float)), ("source_sha256", str))), "a damaged progress.json"
+    except (OSError, ValueError, AssertionError) as e:
         raise ValueError(f"{folder} is not a complete checkpoint ({e}). {hint}") from None
     if progress["world_size"] != rt.world_size:
         raise ValueError(f"{folder} was written by {progress['world_size']} ranks; this run has {rt.world_size}. "
@@ -2596,6 +2601,9 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
     if changed and not args.resume_anyway:
         raise ValueError(f"{folder} was written with other settings or code: {', '.join(changed)}. HINT: resume "
                          "with the same train_gpt.py and settings, or pass --resume_anyway=true to continue anyway")
+    if not 0 <= progress["step"] <= args.num_iterations + args.extension_iterations:
+        raise ValueError(f"{folder} is at step {progress['step']}, past this run's last step. HINT: resume with its "
+                         "--num_iterations and --extension_iterations")
     try:
         model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(rt.device)))
         shard = torch.load(folder / f"rank{rt.rank}.pt", map_location=rt.device, weights_only=True)

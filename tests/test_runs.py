@@ -99,6 +99,27 @@ def test_resuming_other_settings_or_a_damaged_checkpoint_is_refused(shard_dir, t
         tg.main(argv(shard_dir, tmp_path, run_id="partial", **{**common, "resume": str(damaged)}))
 
 
+@pytest.mark.parametrize("progress, message", [
+    ([1], "not a complete checkpoint (a file that is not a JSON object). HINT"),
+    ({"run_id": "another"}, "not a complete checkpoint (its progress.json is of run 'another', its settings.json of run "
+                            "'base'). HINT"),
+    ({"step": "4"}, "not a complete checkpoint (a damaged progress.json). HINT"),
+    ({"loader": None}, "not a complete checkpoint (a damaged progress.json). HINT"),
+    ({"step": 9}, "is at step 9, past this run's last step. HINT: resume with its --num_iterations"),
+])
+def test_a_progress_file_from_another_run_or_damaged_is_one_line(shard_dir, tmp_path, capsys, progress, message):
+    """Not a KeyError or TypeError from the middle of the resume: the checkpoint's progress.json is checked first."""
+    tg.main(argv(shard_dir, tmp_path, run_id="base", save_every=4, num_iterations=6, extension_iterations=0))
+    folder = tmp_path / "ckpt" / "base" / "step_4"
+    if isinstance(progress, dict):
+        progress = {**json.loads((folder / "progress.json").read_text()), **progress}
+    (folder / "progress.json").write_text(json.dumps(progress))
+    assert tg.cli(argv(shard_dir, tmp_path, run_id="next", num_iterations=6, extension_iterations=0,
+                       resume=str(folder), resume_anyway=True)) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(f"error: {folder} ") and message in err, err
+
+
 # --- Nothing a user made is lost: checkpoint folders belong to one run ----------------------------------------------
 
 def test_a_run_id_whose_checkpoints_belong_to_another_run_is_refused_before_training(shard_dir, tmp_path, capsys):
@@ -314,6 +335,8 @@ def test_a_step_count_the_schedule_cannot_plan_is_refused_at_once_and_the_larges
      "HINT: give a glob of the files, e.g. 'SHARD_FOLDER/*_train_*.bin'"),
     (["--preset=smoke", "--resume=A_FILE", "--num_iterations=4"], "resume='A_FILE' is a file, not a folder. HINT"),
     (["--preset=smoke", "--resume=NOWHERE", "--num_iterations=4"], "resume='NOWHERE' is not a folder. HINT"),
+    (["--preset=smoke", "--num_iterations=20001"], "num_iterations=20001 + extension_iterations=2 is more than the "
+     "20,000 steps a run plans before it starts (in about a second). HINT: lower --num_iterations; --preset=smoke uses 12"),
 ])
 def test_messages_name_the_real_cause(tmp_path, capsys, argv, message):
     (tmp_path / "A_FILE").write_text("x\n")
