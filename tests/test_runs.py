@@ -101,8 +101,8 @@ def test_resuming_other_settings_or_a_damaged_checkpoint_is_refused(shard_dir, t
 
 @pytest.mark.parametrize("progress, message", [
     ([1], "not a complete checkpoint (a file that is not a JSON object). HINT"),
-    ({"run_id": "another"}, "not a complete checkpoint (its progress.json is of run 'another', its settings.json of run "
-                            "'base'). HINT"),
+    ({"run_id": "another"}, "not a complete checkpoint (its progress.json is of run 'another', its settings.json of "
+                            "run 'base'). HINT"),
     ({"step": "4"}, "not a complete checkpoint (a damaged progress.json). HINT"),
     ({"loader": None}, "not a complete checkpoint (a damaged progress.json). HINT"),
     ({"step": 9}, "is at step 9, past this run's last step. HINT: resume with its --num_iterations"),
@@ -336,7 +336,8 @@ def test_a_step_count_the_schedule_cannot_plan_is_refused_at_once_and_the_larges
     (["--preset=smoke", "--resume=A_FILE", "--num_iterations=4"], "resume='A_FILE' is a file, not a folder. HINT"),
     (["--preset=smoke", "--resume=NOWHERE", "--num_iterations=4"], "resume='NOWHERE' is not a folder. HINT"),
     (["--preset=smoke", "--num_iterations=20001"], "num_iterations=20001 + extension_iterations=2 is more than the "
-     "20,000 steps a run plans before it starts (in about a second). HINT: lower --num_iterations; --preset=smoke uses 12"),
+     "20,000 steps a run plans before it starts (in about a second). HINT: lower --num_iterations; --preset=smoke "
+     "uses 12"),
 ])
 def test_messages_name_the_real_cause(tmp_path, capsys, argv, message):
     (tmp_path / "A_FILE").write_text("x\n")
