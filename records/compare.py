@@ -286,23 +286,39 @@ def load_group(name: str, paths: list[Path]) -> Group:
     return group
 
 
+def same_run(a: RunLog, b: RunLog) -> str | None:
+    """Why logs a and b are of one run (a copy, one run id, one resumed from the other's checkpoint), else None."""
+    if a.digest == b.digest:
+        return f"{a.path} is a byte-identical copy of {b.path}"
+    if a.run_id and a.run_id == b.run_id:
+        return f"{a.path} has the same run id {a.run_id!r} as {b.path}"
+    if b.resumes and b.resumes in {a.run_id, a.path.stem}:
+        return f"{b.path} resumed the run of {a.path} from its checkpoint"
+    if a.resumes and a.resumes in {b.run_id, b.path.stem}:
+        return f"{a.path} resumed the run of {b.path} from its checkpoint"
+    return None
+
+
+def drop_baseline_runs(group: Group, base: Group) -> None:
+    """A run given both as RUNS and as BASELINE (a copy of a log, its run id, its resumed part) is no sample of both:
+    it counts as baseline only, and group.merged says so."""
+    kept = []
+    for run in group.complete + group.left_out:
+        why = next((w for b in base.complete + base.left_out if (w := same_run(run, b))), None)
+        if why:
+            group.merged.append(f"{why}, given as BASELINE: one run, counted as baseline only")
+        else:
+            kept.append(run)
+    group.complete = [r for r in kept if r.status == "complete"]
+    group.left_out = [r for r in kept if r.status != "complete"]
+
+
 def merge_same_runs(group: Group) -> None:
     """Logs of one run count once: copies (the same bytes), logs with the same run id, and a run resumed from another's
     checkpoint (its log says 'resumed from ...: step S of run R'), which is not an independent sample of it. Each set
     keeps one log, a complete one if there is one, and group.merged says what was merged and why."""
     runs = group.complete + group.left_out
-    names = [{run.run_id, run.path.stem} - {None} for run in runs]
-
-    def relation(a: RunLog, i: int, b: RunLog, j: int) -> str | None:
-        if a.digest == b.digest:
-            return f"{a.path} is a byte-identical copy of {b.path}"
-        if a.run_id and a.run_id == b.run_id:
-            return f"{a.path} has the same run id {a.run_id!r} as {b.path}"
-        if b.resumes in names[i]:
-            return f"{b.path} resumed the run of {a.path} from its checkpoint"
-        if a.resumes in names[j]:
-            return f"{a.path} resumed the run of {b.path} from its checkpoint"
-        return None
+    relation = lambda a, i, b, j: same_run(a, b)  # noqa: E731
 
     parent = list(range(len(runs)))
 
@@ -886,6 +902,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = load_group("RUNS", run_paths)
     base = load_group("BASELINE", base_paths) if base_paths is not None else None
+    if base is not None:
+        drop_baseline_runs(runs, base)
+        if not runs.complete + runs.left_out + runs.unreadable:
+            parser.error(f"every log in RUNS {' '.join(args.runs)} is a run given as --baseline too")
     if args.track == "optimization":
         report = optimization_track(runs, base)
         print(json.dumps(_json_safe(report), indent=2) if args.json else format_track_report(report))

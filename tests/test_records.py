@@ -680,6 +680,37 @@ def test_the_same_run_given_twice_or_resumed_counts_once_and_says_so(tmp_path, c
     assert any(f.startswith("runs differ in ranks (processes that trained): ") for f in report["runs"]["flags"])
 
 
+@pytest.mark.parametrize("how", ["copy", "run id", "resumed"])
+def test_a_run_given_as_runs_and_as_baseline_counts_as_baseline_only(tmp_path, capsys, how):
+    """Not one sample in each group: a copy of a baseline log, a log with a baseline run's id, or a run resumed from
+    a baseline run's checkpoint, given among RUNS, is the baseline's run (merged: says so)."""
+    seed = {i: (GOLDEN / f"smoke_seed{i}.txt").read_text() for i in range(3)}
+    runs, base = tmp_path / "runs", tmp_path / "base"
+    runs.mkdir(), base.mkdir()
+    (runs / "seed0.txt").write_text(seed[0])
+    (base / "seed1.txt").write_text(seed[1])
+    (base / "seed2.txt").write_text(seed[2])
+    if how == "copy":
+        (runs / "seed1.txt").write_text(seed[1])
+    elif how == "run id":
+        (runs / "seed1.txt").write_text(seed[1].replace("step:14/14 val_loss:", "step:14/14 val_loss:1"))
+    else:
+        head, _, tail = seed[0].partition("step:5/14")
+        (runs / "after.txt").write_text(head.replace('"run_id": "smoke_seed0"', '"run_id": "after"').replace(
+            "smoke_seed0", "x") + "resumed from ckpt/smoke_seed1/step_4: step 4 of run smoke_seed1, train_time 4008ms\n"
+            "step:5/14" + tail)
+    _, report = run_json(runs, "--baseline", base, capsys=capsys)
+    assert report["runs"]["n"] == 1 and report["baseline"]["n"] == 2, report["runs"]
+    assert [Path(f).name for f in report["runs"]["files"]] == ["seed0.txt"]
+    (merged,) = report["runs"]["merged"]
+    assert merged.endswith(", given as BASELINE: one run, counted as baseline only"), merged
+    assert str(base / "seed1.txt") in merged
+    (runs / "seed0.txt").unlink()
+    with pytest.raises(SystemExit) as stop:
+        compare.main([str(runs), "--baseline", str(base)])
+    assert stop.value.code == compare.EXIT_USAGE and "is a run given as --baseline too" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # records/curves.py: one run's loss curves
 
