@@ -27,11 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # Ctrl-C while torch and the model load is our line too, not a traceback from an import
+    signal.signal(signal.SIGINT, lambda *_: (print("stopped: interrupted", file=sys.stderr), os._exit(130)))
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
@@ -72,7 +77,10 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={device} but no CUDA GPU is visible. HINT: use --device=cpu (or auto)")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:  # torch's list of every device type it knows
+        raise ValueError(f"--device={device} is not a device. HINT: use cpu, cuda, cuda:N or auto") from None
 
 
 def load(checkpoint: str | Path, device: str = "auto") -> train_gpt.GPT:
@@ -111,7 +119,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     the top_k most likely tokens (None or 0: all)."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    scaled = logits / temperature
+    logits = scaled if scaled.isfinite().all() else (logits.double() - logits.max()) / temperature  # tiny: ~greedy
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -184,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if __name__ == "__main__":  # loaded: Ctrl-C is a KeyboardInterrupt again, caught below
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -198,6 +199,36 @@ def test_sampling_settings_that_are_not_finite_and_positive_are_refused(saved_sm
     shown = float(value) if name == "temperature" else value
     assert err.splitlines() == [err.strip()] and err.startswith(f"sample.py: error: {name}={shown} must"), err
     assert "HINT" in err
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-320, 5e-324])
+def test_a_tiny_positive_temperature_is_greedy_not_a_torch_error(temperature):
+    """logits / 1e-320 overflows (and 1e-320 is 0 in fp32): the limit of softmax(logits / T) is the argmax."""
+    logits = torch.randn(sample.GPT2_VOCAB, generator=torch.Generator().manual_seed(0)) * 10
+    for top_k in (None, 5):
+        assert sample.sample_next(logits, temperature, top_k, torch.Generator()) == int(logits.argmax())
+
+
+def test_a_device_torch_does_not_know_is_one_line(saved_smoke, capsys):
+    assert sample.main([f"--checkpoint={saved_smoke}", "--device=tpu"]) == 1
+    err = capsys.readouterr().err
+    assert err == "sample.py: error: --device=tpu is not a device. HINT: use cpu, cuda, cuda:N or auto\n", err
+
+
+@pytest.mark.parametrize("after_s", [0.3, 1.0])
+def test_ctrl_c_while_loading_or_sampling_is_one_line(saved_smoke, enc, after_s):
+    """Ctrl-C early, while torch is imported, as well as later, while sampling: `stopped: interrupted`, no traceback."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--checkpoint={saved_smoke}", "--device=cpu",
+                             "--max_new_tokens=100000", "--num_samples=100000", "--temperature=2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(TIKTOKEN_CACHE_DIR=os.environ["TIKTOKEN_CACHE_DIR"]),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "stopped: interrupted", err
+    assert "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "settings a list", "settings not JSON", "a file"])
