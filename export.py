@@ -58,7 +58,8 @@ def read_run_log(path: Path, strict: bool = False):
         return compare.read_log(path)
     except compare.LogError as e:
         if strict:
-            raise ExportError(f"--log={path} is not a training log: {e}. HINT: pass the run's log, "
+            why = str(e).removesuffix(": not a training log")
+            raise ExportError(f"--log={path} is not a training log: {why}. HINT: pass the run's log, "
                               "records/logs/<run_id>.txt, or leave --log out") from None
         return None
 
@@ -173,6 +174,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     """--out is a new or empty folder; with overwrite, a folder whose files of our names may be replaced."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out={out} is a file, not a folder. HINT: give a new folder, e.g. --out=exports/NAME")
+    if above := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise ExportError(f"--out={out} cannot be made: {above} is a file, not a folder. HINT: give a new folder, e.g. "
+                          "--out=exports/NAME")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not overwrite:
         raise ExportError(f"--out={out} is not empty (it holds {', '.join(held[:4])}"
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write into a folder that is not empty, replacing the files an export writes (default: "
                              "false, refuse)")
     args = parser.parse_args(argv)
+    if not args.out.strip():
+        parser.error("--out is empty. HINT: give a new folder, e.g. --out=exports/NAME")
     if args.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.push_to_hub):
         parser.error(f"--push_to_hub={args.push_to_hub}: give the repository as <user or org>/<name>")
     try:

@@ -323,6 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "each shard's file name inside --out. HINT: e.g. --name=mytext; choose the folder with --out")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder. HINT: give a folder (it is created if missing)")
+    if above := next((p for p in args.out.parents if p.exists() and not p.is_dir()), None):
+        parser.error(f"--out {args.out} cannot be made: {above} is a file, not a folder. HINT: give a folder (it is "
+                     "created if missing)")
     return args
 
 

@@ -317,6 +317,18 @@ def test_tokenize_cli_errors(tmp_path, tokenizer_cache, capsys):
     assert code == 1 and "1 unreadable" in err and f"unreadable: {tmp_path / 'latin1.txt'}: 'utf-8' codec" in err
 
 
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub"])
+def test_tokenize_an_out_that_is_or_is_under_a_file_is_one_line_before_tokenizing(tmp_path, capsys, out):
+    (tmp_path / "a_file").write_text("x\n")
+    (tmp_path / "in.txt").write_text("hello\n")
+    with pytest.raises(SystemExit) as usage:
+        tokenize_text.main([str(tmp_path / "in.txt"), "--out", str(tmp_path / out), "--name", "x"])
+    err = capsys.readouterr().err
+    assert usage.value.code == 1 and len(err.splitlines()) == 1 and err.count("HINT") == 1, err
+    assert f"{tmp_path / 'a_file'} is a file, not a folder" in err, err
+
+
 def test_tokenize_says_what_it_does_and_shows_progress_without_a_terminal(tmp_path, tokenizer_cache, capsys,
                                                                           monkeypatch):
     """Without a terminal there is no bar: a first line says what is being done, then progress lines follow."""

@@ -471,14 +471,24 @@ def test_export_never_writes_over_a_folder_that_is_not_empty_and_uploads_only_wh
 def test_export_names_the_real_cause_of_a_bad_out_or_log(tmp_path, saved_smoke, capsys):
     (tmp_path / "a_file").write_text("x\n")
     (tmp_path / "notes.txt").write_text("not a training log\n")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00garbage")
     cases = [([f"--out={tmp_path / 'a_file'}"], f"--out={tmp_path / 'a_file'} is a file, not a folder. HINT"),
              ([f"--out={tmp_path / 'o1'}", f"--log={tmp_path}"], f"--log={tmp_path}: is a folder, not a file. HINT"),
              ([f"--out={tmp_path / 'o2'}", f"--log={tmp_path / 'notes.txt'}"],
-              f"--log={tmp_path / 'notes.txt'} is not a training log: no line of 100 '=' characters")]
+              f"--log={tmp_path / 'notes.txt'} is not a training log: no line of 100 '=' characters"),
+             ([f"--out={tmp_path / 'o3'}", f"--log={tmp_path / 'binary'}"],
+              f"--log={tmp_path / 'binary'} is not a training log: not UTF-8 text (bad byte at offset 0). HINT"),
+             ([f"--out={tmp_path / 'a_file' / 'sub'}"],
+              f"--out={tmp_path / 'a_file' / 'sub'} cannot be made: {tmp_path / 'a_file'} is a file, not a folder. "
+              "HINT"),
+             (["--out="], "--out is empty. HINT")]
     for args, message in cases:
-        assert export.main([f"--checkpoint={saved_smoke}", *args]) == 1
+        try:
+            assert export.main([f"--checkpoint={saved_smoke}", *args]) == 1
+        except SystemExit as usage:  # the parser's refusal
+            assert usage.code == 1
         err = capsys.readouterr().err
-        assert err.splitlines() == [err.strip()] and message in err, err
+        assert err.splitlines() == [err.strip()] and message in err and err.count("HINT") == 1, err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused before writing anything
 
 
