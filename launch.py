@@ -37,6 +37,8 @@ def launch(argv: list[str]) -> int:
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     try:
         run(args)
+    except ValueError as e:  # torchrun's own check of its options, e.g. --nproc_per_node=abc
+        error(str(e).strip().rstrip("."))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode

@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sample",
                         help="output folder (default: data/sample)")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out={args.out} is a file, not a folder. HINT: give a folder (it is created if missing)")
+    default = Path(__file__).resolve().parent / "sample"
+    if args.out.resolve() != default and (held := sorted(p.name for p in args.out.glob("sample_*.bin"))):
+        parser.error(f"--out={args.out} already holds {', '.join(held)}. HINT: choose a new folder; only the "
+                     "default, data/sample, is rewritten in place")
     for old in args.out.glob("sample_*.bin"):
         old.unlink()
     documents = ((text, len(text), None) for text in stdlib_documents())

@@ -62,7 +62,7 @@ def cache_dir() -> Path:
 def read_items(path: Path) -> list[dict]:
     """The items of a HellaSwag .jsonl file, each checked for a context, four endings and a label."""
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a byte that is not UTF-8: not an item, said below
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -112,7 +112,9 @@ def load_items(data: str | Path | None = None, url: str = URL) -> list[dict]:
     """The validation items: from `data` if given, else from the cache, downloading them the first time."""
     if data is not None:
         if not Path(data).is_file():
-            raise HellaSwagError(f"--data={data}: no such file. HINT: leave --data out to download the validation set")
+            what = "is a folder, not a file" if Path(data).is_dir() else "no such file"
+            raise HellaSwagError(f"--data={data}: {what}. HINT: give a HellaSwag .jsonl file, or leave --data out to "
+                                 "download the validation set")
         return read_items(Path(data))
     path = cache_dir() / FILE_NAME
     if path.is_file():
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit < 0 or args.seq_len < 0:
         parser.error("--limit and --seq_len must be positive (0: the default)")
     try:
+        resolve_checkpoint(args.checkpoint)  # a checkpoint that is not there is said before any download
         items = load_items(args.data, args.url)
         items = items[:args.limit] if args.limit else items
         model = load(args.checkpoint, args.device)

@@ -725,3 +725,18 @@ def test_sample_is_reproducible(tmp_path, tokenizer_cache):
     assert result.returncode == 0, result.stderr
     for name in ("sample_val_000000.bin", "sample_train_000001.bin"):
         assert (tmp_path / name).read_bytes() == (DATA / "sample" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("out, message", [("a_file", "--out=A is a file, not a folder. HINT"),
+                                          ("mine", "--out=A already holds sample_train_000001.bin. HINT")])
+def test_make_sample_never_deletes_a_users_shards_and_names_a_file_out(tmp_path, capsys, out, message):
+    """Only the default folder, data/sample, is rewritten in place; elsewhere, sample_*.bin files are the user's."""
+    (tmp_path / "a_file").write_text("x\n")
+    (tmp_path / "mine").mkdir()
+    write_shard(tmp_path / "mine" / "sample_train_000001.bin", [BOS_ID, 1, 2])
+    with pytest.raises(SystemExit) as usage:
+        make_sample.main(["--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert usage.value.code == 1 and err.splitlines() == [err.strip()], err
+    assert message.replace("A", str(tmp_path / out), 1) in err, err
+    assert load_shard(tmp_path / "mine" / "sample_train_000001.bin").tolist() == [BOS_ID, 1, 2]

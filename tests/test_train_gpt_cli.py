@@ -210,3 +210,11 @@ def test_a_message_that_holds_its_own_hint_gets_no_second_one(tmp_path):
     result = subprocess.run([sys.executable, "data/tokenize_text.py", "in.txt", f"--out={tmp_path / 'a_file'}",
                              "--name=x"], cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
     assert result.returncode == 1 and result.stderr.count("HINT") == 1, result.stderr
+
+
+def test_launch_py_answers_a_value_torchrun_refuses_in_one_line():
+    result = subprocess.run([sys.executable, "launch.py", "--nproc_per_node=abc", "train_gpt.py"], cwd=ROOT,
+                            capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "launch.py: error: Unsupported nproc_per_node value: abc. HINT: `torchrun --help` lists torchrun's options; "
+        "then the script and its settings"], result.stderr

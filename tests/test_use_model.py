@@ -614,6 +614,24 @@ def test_hellaswag_offline_says_what_to_do(tmp_path, monkeypatch):
         hellaswag.load_items(bad)
 
 
+@pytest.mark.parametrize("case, message", [
+    ("no checkpoint", "NOWHERE: no such folder. HINT"),
+    ("data a folder", "--data=TMP: is a folder, not a file. HINT"),
+    ("data binary", "TMP/binary, line 1: not a HellaSwag item"),
+])
+def test_hellaswag_names_the_real_cause(tmp_path, saved_smoke, monkeypatch, capsys, case, message):
+    """A checkpoint that is not there is said before any download; --data that is a folder or not text names that."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # an empty cache: the data would be downloaded
+    (tmp_path / "binary").write_bytes(b"\xa3\xff\x00garbage\n")
+    checkpoint = tmp_path / "nowhere" if case == "no checkpoint" else saved_smoke
+    data = {"no checkpoint": [], "data a folder": [f"--data={tmp_path}"], "data binary": [f"--data={tmp_path}/binary"]}
+    assert hellaswag.main([f"--checkpoint={checkpoint}", "--device=cpu", "--url=http://127.0.0.1:9/x.jsonl",
+                           *data[case]]) == 1
+    err = capsys.readouterr().err
+    message = message.replace("NOWHERE", str(tmp_path / "nowhere")).replace("TMP", str(tmp_path))
+    assert err.splitlines() == [err.strip()] and message in err and "download" not in err.split("HINT")[0], err
+
+
 def test_hellaswag_command_line(tmp_path, enc):
     model, _ = fixture_model(enc)
     tg.save_model(model, tmp_path / "bigram")
