@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which FineWeb sample (default: %(default)s)")
     args, rest = parser.parse_known_args(argv)
     out = Path(__file__).resolve().parent / f"fineweb{args.version}"
+    ours = {"--out": str(out), "--name": "fineweb", "--val_tokens": str(10**8), "--shard_tokens": str(10**8)}
+    given = {arg.partition("=")[0] for arg in rest}  # the user's --out DIR replaces ours (not given twice: refused)
     return tokenize_text.main(["--hf_dataset", "HuggingFaceFW/fineweb", "--hf_config", f"sample-{args.version}T",
-                               "--out", str(out), "--name", "fineweb", "--val_tokens", str(10**8),
-                               "--shard_tokens", str(10**8), *rest])  # later options win: --out DIR overrides ours
+                               *[x for name, value in ours.items() if name not in given for x in (name, value)], *rest])
 
 
 if __name__ == "__main__":
