@@ -1243,6 +1243,15 @@ def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Cal
 MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")
 
 
+def step_optimizers(optimizers: list, plan: "StepPlan"):
+    """The optimizers' phases in lockstep (#61): every reduction is launched before any update and every gather before
+    any wait on one, so each optimizer's communication overlaps the others' updates. An optimizer without phases (one
+    of an --optimizer_file) simply steps."""
+    running = [opt.phases(plan) if hasattr(opt, "phases") else (o.step(plan) for o in [opt]) for opt in optimizers]
+    while running:
+        running = [phases for phases in running if next(phases, StopIteration) is not StopIteration]
+
+
 class Muon:
     """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), with NorMuon's per-neuron normalization,
     cautious weight decay tied to the LR (#43) and, for bf16 weights, 16 extra mantissa bits kept on the owning rank
@@ -1260,8 +1269,11 @@ class Muon:
         self.rank, self.world_size = rank, world_size
         self.state: dict[int, dict[str, Tensor]] = {}
 
-    @torch.no_grad()
     def step(self, plan: StepPlan):
+        step_optimizers([self], plan)
+
+    @torch.no_grad()
+    def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
         args, W = self.args, self.world_size
         lr, momentum = args.muon_lr * plan.lr, plan.muon_momentum
         reduced = []
@@ -1274,6 +1286,7 @@ class Muon:
             else:
                 mine = grads.new_empty(share, *grads.shape[1:])
                 reduced.append((mine, dist.reduce_scatter_single(mine, grads, async_op=True)))
+        yield
         gathers = []
         for index, ((_, lr_mul, _), entries) in enumerate(self.groups.items()):  # phase 2: update, launch gathers
             grads, handle = reduced[index]
@@ -1291,6 +1304,7 @@ class Muon:
             else:
                 full = updated.new_empty(share * W, *updated.shape[1:])
                 gathers.append((entries, full, dist.all_gather_single(full, updated, async_op=True)))
+        yield
         for entries, full, handle in gathers:  # phase 3: everyone receives every updated matrix
             if handle is not None:
                 handle.wait()
@@ -1346,8 +1360,11 @@ class DistAdam:
         self.state: dict[int, dict] = {}
         self.fp32_state = args.weights_bf16  # bf16 weights, fp32 moments (#56); else moments in the weight's dtype
 
-    @torch.no_grad()
     def step(self, plan: StepPlan):
+        step_optimizers([self], plan)
+
+    @torch.no_grad()
+    def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
         if not plan.adam_step:  # gradients keep accumulating until the next Adam step
             return
         args, W, r = self.args, self.world_size, self.rank
@@ -1367,6 +1384,7 @@ class DistAdam:
                 reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
             else:  # every rank applies the same update to the whole tensor
                 reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+        yield
         grad_scale = self.grad_scale
         if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
             norm_sq = reduced[0][0].new_zeros((), dtype=torch.float32)
@@ -1407,6 +1425,7 @@ class DistAdam:
                 p_shard.copy_(work_p)
             if sharded(p):
                 gathers.append(dist.all_gather_single(p.data, p_shard.clone(), async_op=True))
+        yield
         for handle in gathers:  # phase 3
             handle.wait()
         if tied:
@@ -2370,8 +2389,7 @@ def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters
             loss = model(chunk_inputs, chunk_targets)
             loss.backward()  # gradients accumulate as a sum; the optimizers scale and reduce them
             loss_sum += loss.detach()
-    for opt in optimizers:
-        opt.step(plan)
+    step_optimizers(optimizers, plan)
     return all_reduce_sum(torch.stack([loss_sum / plan.tokens, loss_sum.new_zeros(()) if stop is None else stop]))
 
 

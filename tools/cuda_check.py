@@ -126,9 +126,9 @@ def drive_trainer(tg, rig, opts):
                                 p.grad = torch.zeros_like(p)
                         muon.step(plans[0])
                     muon.state.clear()
-        # One whole optimizer step (Adam, then Muon) of rank 0, which owns the largest share, traced op by op for the
-        # time estimate: a step of the last stage (the embedding untied) on which Adam updates; the second such step,
-        # so that the optimizers' state exists already.
+        # One whole optimizer step (Adam and Muon in lockstep) of rank 0, which owns the largest share, traced op by op
+        # for the time estimate: a step of the last stage (the embedding untied) on which Adam updates; the second such
+        # step, so that the optimizers' state exists already.
         with rig.process_group(0, world_size):
             optimizers = tg.build_optimizers(model, args, tg.Runtime(0, world_size, device))
             # the compiled orthogonalizer is not run again (dynamo will not run under a tracing dispatch mode): the
@@ -148,11 +148,25 @@ def drive_trainer(tg, rig, opts):
                     for p in model.parameters():
                         p.grad = torch.zeros_like(p)
                 with rig.tracing(f"optimizer_w{world_size}") if traced else contextlib.nullcontext():
-                    for opt in optimizers:
-                        if rig.recorder is not None:
-                            rig.recorder.events.append(dict(optimizer=type(opt).__name__))
-                        opt.step(plan)
+                    tg.step_optimizers([Marked(opt, rig) for opt in optimizers], plan)
             model.zero_grad(set_to_none=True)
+
+
+class Marked:
+    """An optimizer whose phases, as train_gpt.step_optimizers interleaves them, are marked in the traced events with
+    its name (what follows a marker is its work)."""
+
+    def __init__(self, opt, rig):
+        self.opt, self.rig = opt, rig
+
+    def phases(self, plan):
+        phases = self.opt.phases(plan)
+        while True:
+            if self.rig.recorder is not None:
+                self.rig.recorder.events.append(dict(optimizer=type(self.opt).__name__))
+            if next(phases, StopIteration) is StopIteration:
+                return
+            yield
 
 
 # =====================================================================================================================

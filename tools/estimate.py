@@ -202,34 +202,40 @@ def collective_ms(nbytes: float, gpu: GPU) -> float:
     return COLLECTIVE_LATENCY_US / 1e3 + 1e3 * nbytes / (gpu.link_gbps * 1e9 * EFFICIENCY["collective"])
 
 
-def optimizer_ms(events: list[dict], gpu: GPU, graphs: dict) -> dict:
+def optimizer_ms(events: list[dict], gpu: GPU, graphs: dict, only: str | None = None) -> dict:
     """A traced optimizer step (tools/cuda_check.OpRecorder) on two streams: compute (eager ops and compiled graphs,
     one after the other) and communication (collectives in launch order, each starting once launched and once the
-    previous one ends); a wait holds the compute stream until its collective ends. Per optimizer (the events
-    between {"optimizer": name} markers): compute ms, communication ms, the step's ms with the overlap, kernels."""
+    previous one ends); a wait holds the compute stream until its collective ends. The {"optimizer": name} markers say
+    whose events follow (the optimizers step in lockstep, so their phases interleave); `only` keeps one optimizer's
+    events (a step on which the others do nothing). Returns the step's ms with the overlap ("step") and, per
+    optimizer, its compute ms, communication ms and kernels."""
     out, name = {}, None
-    compute = comm = busy = sent = 0.0
-    launches, done = 0, {}
-    for e in events + [dict(optimizer=None)]:
+    compute = comm = 0.0
+    done = {}
+    for e in events:
         if "optimizer" in e:
-            if name is not None:
-                out[name] = dict(ms=max(compute, comm), compute_ms=busy, communication_ms=sent, kernels=launches)
-            name, compute, comm, busy, sent, launches, done = e["optimizer"], 0.0, 0.0, 0.0, 0.0, 0, {}
-        elif "op" in e and e["dtype"] in (None, "None"):
+            name = e["optimizer"]
+            out.setdefault(name, dict(compute_ms=0.0, communication_ms=0.0, kernels=0))
+            continue
+        if only is not None and name != only:
+            continue
+        mine = out[name]
+        if "op" in e and e["dtype"] in (None, "None"):
             continue  # it returns no tensor (a query like Tensor.device): no kernel
         elif "op" in e:
             t = roofline_ms(e["flops"], e["bytes"], gpu, e["dtype"] or "float32") + LAUNCH_US / 1e3
-            compute, busy, launches = compute + t, busy + t, launches + 1
+            compute, mine["compute_ms"], mine["kernels"] = compute + t, mine["compute_ms"] + t, mine["kernels"] + 1
         elif "compiled" in e:
             g = graphs[e["compiled"]]
-            compute, busy, launches = compute + g["ms"], busy + g["ms"], launches + len(g["kernels"])
+            compute, mine["compute_ms"] = compute + g["ms"], mine["compute_ms"] + g["ms"]
+            mine["kernels"] += len(g["kernels"])
         elif "collective" in e:
             t = collective_ms(e["bytes"], gpu)
             comm = max(comm, compute) + t
-            done[e["index"]], sent = comm, sent + t
+            done[e["index"]], mine["communication_ms"] = comm, mine["communication_ms"] + t
         elif "wait" in e:
             compute = max(compute, done[e["wait"]])
-    return out
+    return dict(step=max(compute, comm), **(out if only is None else {only: out[only]}))
 
 
 def accumulation_ms(params: list[torch.nn.Parameter], gpu: GPU) -> float:
@@ -258,7 +264,10 @@ def estimate(report: dict, gpu_name: str = "h100", world_size: int = 8, top: int
     if trace is None:
         raise ValueError(f"the report has no optimizer step traced at world size {world_size}: run the check with "
                          f"--world_sizes={world_size}")
-    optimizer = optimizer_ms(trace, gpu, graphs)
+    optimizer = optimizer_ms(trace, gpu, graphs)  # an Adam step: both optimizers, overlapped
+    muon_alone = optimizer_ms(trace, gpu, graphs, only="Muon")["step"]
+    optimizer["Muon"]["ms"] = muon_alone  # the table's rows: Muon alone, and what Adam adds to it
+    optimizer["DistAdam"]["ms"] = optimizer.pop("step") - muon_alone
     with torch.device("meta"):
         model = tg.GPT(args)
     named = list(model.named_parameters())
