@@ -944,21 +944,20 @@ fp8_mm.register_fake(lambda x, w, x_s, w_s, grad_s: (x.new_empty(x.size(0), w.si
 
 
 @torch.library.custom_op("nanogpt::fp8_mm_backward", mutates_args=())
-def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
+def fp8_mm_backward(g_f8: Tensor, g_f8_cols: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
                     grad_s: float) -> tuple[Tensor, Tensor]:
-    """The gradient goes to e5m2 (wider range, fewer digits); no fast accumulation in backward."""
-    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
-    scale = lambda s: g.new_tensor(s, dtype=torch.float32)
+    """From the gradient in e5m2 (wider range, fewer digits), row-major and column-major; no fast accumulation."""
+    scale = lambda s: x_f8.new_tensor(s, dtype=torch.float32)
     # _scaled_mm wants its first operand row-major and its second column-major
     grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=scale(grad_s),
                               scale_b=scale(w_s), use_fast_accum=False)
     # grad_w as (x^T g)^T: the orientation record #19 found faster for a (50304, 768) weight
-    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8_cols, out_dtype=torch.float32,
                               scale_a=scale(x_s), scale_b=scale(grad_s), use_fast_accum=False).T
     return grad_x, grad_w
 
 
-fp8_mm_backward.register_fake(lambda g, x_f8, w_f8, x_s, w_s, grad_s: (
+fp8_mm_backward.register_fake(lambda g_f8, g_f8_cols, x_f8, w_f8, x_s, w_s, grad_s: (
     torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=torch.float32).T))
 
 
@@ -967,8 +966,9 @@ def _fp8_mm_setup_context(ctx, inputs, output):
     ctx.scales = inputs[2:]
 
 
-def _fp8_mm_backward(ctx, grad_out, *_):
-    grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(grad_out, *ctx.saved_tensors, *ctx.scales)
+def _fp8_mm_backward(ctx, grad_out, *_):  # the quantization in traced code: compiled, both layouts in one pass
+    g_f8 = grad_out.float().div(ctx.scales[2]).to(torch.float8_e5m2)
+    grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_f8, g_f8.T.contiguous().T, *ctx.saved_tensors, *ctx.scales)
     return grad_x, grad_w, None, None, None
 
 
