@@ -944,21 +944,20 @@ fp8_mm.register_fake(lambda x, w, x_s, w_s, grad_s: (x.new_empty(x.size(0), w.si
 
 
 @torch.library.custom_op("nanogpt::fp8_mm_backward", mutates_args=())
-def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
+def fp8_mm_backward(g_f8: Tensor, g_f8_cols: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
                     grad_s: float) -> tuple[Tensor, Tensor]:
-    """The gradient goes to e5m2 (wider range, fewer digits); no fast accumulation in backward."""
-    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
-    scale = lambda s: g.new_tensor(s, dtype=torch.float32)
+    """From the gradient in e5m2 (wider range, fewer digits), row-major and column-major; no fast accumulation."""
+    scale = lambda s: x_f8.new_tensor(s, dtype=torch.float32)
     # _scaled_mm wants its first operand row-major and its second column-major
     grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=scale(grad_s),
                               scale_b=scale(w_s), use_fast_accum=False)
     # grad_w as (x^T g)^T: the orientation record #19 found faster for a (50304, 768) weight
-    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8_cols, out_dtype=torch.float32,
                               scale_a=scale(x_s), scale_b=scale(grad_s), use_fast_accum=False).T
     return grad_x, grad_w
 
 
-fp8_mm_backward.register_fake(lambda g, x_f8, w_f8, x_s, w_s, grad_s: (
+fp8_mm_backward.register_fake(lambda g_f8, g_f8_cols, x_f8, w_f8, x_s, w_s, grad_s: (
     torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=torch.float32).T))
 
 
@@ -967,8 +966,9 @@ def _fp8_mm_setup_context(ctx, inputs, output):
     ctx.scales = inputs[2:]
 
 
-def _fp8_mm_backward(ctx, grad_out, *_):
-    grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(grad_out, *ctx.saved_tensors, *ctx.scales)
+def _fp8_mm_backward(ctx, grad_out, *_):  # the quantization in traced code: compiled, both layouts in one pass
+    g_f8 = grad_out.float().div(ctx.scales[2]).to(torch.float8_e5m2)
+    grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_f8, g_f8.T.contiguous().T, *ctx.saved_tensors, *ctx.scales)
     return grad_x, grad_w, None, None, None
 
 
@@ -1243,6 +1243,15 @@ def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Cal
 MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")
 
 
+def step_optimizers(optimizers: list, plan: "StepPlan"):
+    """The optimizers' phases in lockstep (#61): every reduction is launched before any update and every gather before
+    any wait on one, so each optimizer's communication overlaps the others' updates. An optimizer without phases (one
+    of an --optimizer_file) simply steps."""
+    running = [opt.phases(plan) if hasattr(opt, "phases") else (o.step(plan) for o in [opt]) for opt in optimizers]
+    while running:
+        running = [phases for phases in running if next(phases, StopIteration) is not StopIteration]
+
+
 class Muon:
     """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), with NorMuon's per-neuron normalization,
     cautious weight decay tied to the LR (#43) and, for bf16 weights, 16 extra mantissa bits kept on the owning rank
@@ -1260,8 +1269,11 @@ class Muon:
         self.rank, self.world_size = rank, world_size
         self.state: dict[int, dict[str, Tensor]] = {}
 
-    @torch.no_grad()
     def step(self, plan: StepPlan):
+        step_optimizers([self], plan)
+
+    @torch.no_grad()
+    def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
         args, W = self.args, self.world_size
         lr, momentum = args.muon_lr * plan.lr, plan.muon_momentum
         reduced = []
@@ -1274,6 +1286,7 @@ class Muon:
             else:
                 mine = grads.new_empty(share, *grads.shape[1:])
                 reduced.append((mine, dist.reduce_scatter_single(mine, grads, async_op=True)))
+        yield
         gathers = []
         for index, ((_, lr_mul, _), entries) in enumerate(self.groups.items()):  # phase 2: update, launch gathers
             grads, handle = reduced[index]
@@ -1291,6 +1304,7 @@ class Muon:
             else:
                 full = updated.new_empty(share * W, *updated.shape[1:])
                 gathers.append((entries, full, dist.all_gather_single(full, updated, async_op=True)))
+        yield
         for entries, full, handle in gathers:  # phase 3: everyone receives every updated matrix
             if handle is not None:
                 handle.wait()
@@ -1346,8 +1360,11 @@ class DistAdam:
         self.state: dict[int, dict] = {}
         self.fp32_state = args.weights_bf16  # bf16 weights, fp32 moments (#56); else moments in the weight's dtype
 
-    @torch.no_grad()
     def step(self, plan: StepPlan):
+        step_optimizers([self], plan)
+
+    @torch.no_grad()
+    def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
         if not plan.adam_step:  # gradients keep accumulating until the next Adam step
             return
         args, W, r = self.args, self.world_size, self.rank
@@ -1367,6 +1384,7 @@ class DistAdam:
                 reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
             else:  # every rank applies the same update to the whole tensor
                 reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+        yield
         grad_scale = self.grad_scale
         if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
             norm_sq = reduced[0][0].new_zeros((), dtype=torch.float32)
@@ -1407,6 +1425,7 @@ class DistAdam:
                 p_shard.copy_(work_p)
             if sharded(p):
                 gathers.append(dist.all_gather_single(p.data, p_shard.clone(), async_op=True))
+        yield
         for handle in gathers:  # phase 3
             handle.wait()
         if tied:
@@ -2370,8 +2389,7 @@ def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters
             loss = model(chunk_inputs, chunk_targets)
             loss.backward()  # gradients accumulate as a sum; the optimizers scale and reduce them
             loss_sum += loss.detach()
-    for opt in optimizers:
-        opt.step(plan)
+    step_optimizers(optimizers, plan)
     return all_reduce_sum(torch.stack([loss_sum / plan.tokens, loss_sum.new_zeros(()) if stop is None else stop]))
 
 

@@ -359,6 +359,10 @@ def test_speedrun_time_estimate_lies_between_the_roofline_floor_and_the_kernels_
     agreement = e["inductor_agreement"]  # our price of inductor's kernels is its own estimate, its gaps aside
     assert agreement["other"] == 0 and agreement["same"] > agreement["kernels"] / 2
     assert e["eval"]["window_ms"] > 0 and e["optimizer"]["Muon"]["communication_ms"] > 0
+    trace = speedrun_report["optimizer_traces"]["optimizer_w8"]  # traced as the trainer steps: in lockstep
+    assert [ev["optimizer"] for ev in trace if "optimizer" in ev] == ["DistAdam", "Muon"] * 3
+    adam = e["optimizer"]["DistAdam"]  # Adam's reductions and gathers partly hidden behind Muon's work
+    assert 0 < adam["ms"] < max(adam["compute_ms"], adam["communication_ms"])
 
 
 def test_a_lone_matmul_takes_its_flops_over_the_peak_and_a_lone_copy_its_bytes_over_the_bandwidth():
@@ -396,6 +400,96 @@ def test_a_lone_matmul_takes_its_flops_over_the_peak_and_a_lone_copy_its_bytes_o
     assert estimate.price(copy, h100)["kernel_ms"] == pytest.approx(copy["inductor_ms"], rel=1e-9)
     a100 = estimate.GPUS["a100"]()
     assert estimate.price(copy, a100)["kernel_ms"] == pytest.approx(1e3 * copy["bytes"] / 2039e9, rel=1e-9)
+
+
+def test_the_optimizers_collectives_overlap_the_other_optimizers_updates_in_the_estimate():
+    """Adam and Muon step in lockstep (train_gpt.step_optimizers): both launch their reductions before either
+    updates, so Adam's update runs while Muon's reduction is on the wire. A hand-made trace: Adam reduces 360 MB
+    (1.02 ms on NVLink at 80%), Muon 180 MB (0.52 ms), then each updates over 3.35 GB (1.003 ms with the launch).
+    One timeline: 1.02 + 1.003 + 1.003 = 3.026 ms (one after the other it would be 2.023 + 1.523); Muon alone (a
+    step without Adam) 1.523 ms; Adam's row is what it adds."""
+    import estimate
+
+    op = dict(op="add", flops=0, bytes=3.35e9, dtype="float32")
+    trace = [dict(optimizer="DistAdam"), dict(collective="reduce_scatter", bytes=360e6, index=1),
+             dict(optimizer="Muon"), dict(collective="reduce_scatter", bytes=180e6, index=3),
+             dict(optimizer="DistAdam"), dict(wait=1), op, dict(optimizer="Muon"), dict(wait=3), op]
+    h100 = estimate.GPUS["h100"]()
+    both = estimate.optimizer_ms(trace, h100, {})
+    assert both["step"] == pytest.approx(1.02 + 2 * 1.003, abs=1e-9)
+    assert both["DistAdam"] == dict(compute_ms=pytest.approx(1.003), communication_ms=pytest.approx(1.02), kernels=1)
+    muon = estimate.optimizer_ms(trace, h100, {}, only="Muon")
+    assert set(muon) == {"step", "Muon"} and muon["step"] == pytest.approx(0.52 + 1.003, abs=1e-9)
+
+
+def test_a_custom_op_is_priced_as_the_kernels_its_body_launches():
+    """An opaque custom op (the FP8 head's backward: the gradient divided and cast to e5m2, transposed, two
+    matmuls) takes the time of its body's kernels one after the other, not one roofline over the op's arguments:
+    a 4.9 GB pass before the matmul adds its 1.5 ms to it."""
+    import estimate
+
+    h100 = estimate.GPUS["h100"]()
+    mm = dict(op="_scaled_mm", flops=2 * 49152 * 768 * 50304, bytes=2.6e9, dtype="bfloat16")
+    cast = dict(op="_to_copy", flops=0, bytes=4.9e9, dtype="float8_e5m2")
+    op = dict(kind="extern", name="nanogpt::fp8_mm_backward", flops=mm["flops"], bytes=1e9, dtype="bfloat16")
+    alone = estimate.price(dict(op, body=[mm]), h100)
+    mm_ms = 1e3 * mm["flops"] / (1979e12 * estimate.EFFICIENCY["fp8_matmul"])
+    assert alone["kernel_ms"] == pytest.approx(mm_ms, rel=1e-9) and alone["bound"] == "compute"
+    both = estimate.price(dict(op, body=[cast, mm]), h100)
+    assert both["ms"] == pytest.approx(alone["ms"] + 1e3 * 4.9e9 / 3350e9 + 3e-3, rel=1e-9)
+    assert both["bytes"] == 4.9e9 + 2.6e9 and both["kind"] == "fp8_matmul"
+    assert estimate.price(op, h100)["kernel_ms"] == pytest.approx(mm_ms, rel=1e-9)  # no body: one roofline
+
+
+def test_the_optimizers_step_in_lockstep_and_an_optimizer_file_simply_steps():
+    """Every optimizer launches its reductions (phase 1) before any updates (phase 2), and its gathers before any
+    waits on them (phase 3); an optimizer without phases (one an --optimizer_file builds) steps whole, in its place."""
+    calls = []
+
+    class Phased:
+        def __init__(self, name):
+            self.name = name
+
+        def phases(self, plan):
+            for phase in (1, 2, 3):
+                calls.append((self.name, phase))
+                if phase < 3:
+                    yield
+
+    class Plain:
+        def step(self, plan):
+            calls.append(("plain", plan))
+
+    tg.step_optimizers([Phased("adam"), Plain(), Phased("muon")], "plan")
+    assert calls == [("adam", 1), ("plain", "plan"), ("muon", 1), ("adam", 2), ("muon", 2), ("adam", 3), ("muon", 3)]
+
+
+def test_a_fused_kernel_over_more_than_1e9_elements_is_counted_in_full():
+    """The FP8 head's gradient quantization at the last stage's 49,152 x 50,304 (2.5e9 elements): one fused kernel
+    that reads the bf16 gradient and writes e5m2 row-major and column-major copies. Inductor's count for a fused
+    node stops at 1e9 elements per buffer (4.0 GB here); the check counts each buffer in full (9.9 GB)."""
+    require_the_toolchain()
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+            "import fake_h100, cuda_check\n"
+            "torch = fake_h100.install()\n"
+            "rig = cuda_check.Rig(torch)\n"
+            "def quantize(g):\n"
+            "    q = g.float().div(0.75 / 448).to(torch.float8_e5m2)\n"
+            "    return q, q.T.contiguous().T\n"
+            "with rig.phase('q', tokens=None), rig.fake:\n"
+            "    g = torch.empty(49152, 50304, dtype=torch.bfloat16, device='cuda')\n"
+            "with rig.phase('q', tokens=None):\n"
+            "    torch.compile(quantize, fullgraph=True, dynamic=False)(g)\n"
+            "print(json.dumps([k for g in rig.phases['q']['aot'] for k in g['kernels']]))")
+    [kernel] = run_on_fake_h100(code)
+    n = 49152 * 50304
+    assert kernel["inductor_bytes"] == 2 * 10**9 + 10**9 + 10**9  # its cap: 1e9 elements of each buffer
+    assert kernel["bytes"] == 2 * n + n + n
+    import estimate
+
+    priced = estimate.graph_ms([kernel], estimate.GPUS["h100"](), None)["kernels"]
+    assert priced[0]["kernel_ms"] == pytest.approx(1e3 * 4 * n / 3350e9, rel=1e-9)
+    assert estimate.agreement(priced) == dict(kernels=1, same=0, inductor_zero=0, fp32_halved=0, recounted=1, other=0)
 
 
 @pytest.mark.parametrize("softcap", [(23.0, "sigmoid", 5.0, 7.5), (15.0, "algebraic", 0.0, 15.0)],
@@ -473,6 +567,10 @@ def test_the_fp8_check_rejects_what_scaled_mm_rejects():
             "run = lambda D: cuda_check.run_custom_op(torch, 'nanogpt::fp8_mm', [((256, D), (D, 1), torch.bfloat16), "
             "((50304, D), (D, 1), torch.float32), 0.03, 2**-9, 1 / 448])\n"
             "print(json.dumps([run(128), run(120)]))")
-    (ok_error, ok_flops), (bad_error, _) = run_on_fake_h100(code)
+    (ok_error, ok_flops, ok_body), (bad_error, _, _) = run_on_fake_h100(code)
     assert ok_error is None and ok_flops == 2 * 256 * 128 * 50304
     assert bad_error is not None and "16" in bad_error, bad_error
+    # the body's kernels, as the estimate prices them: a quantization (divide, cast) per operand, the two scales
+    # (tiny copies to the device), the matmul
+    assert [k["op"] for k in ok_body] == ["div", "_to_copy", "div", "_to_copy", "full", "full", "_scaled_mm"]
+    assert ok_body[-1]["flops"] == ok_flops and ok_body[0]["bytes"] == 2 * 256 * 128 * 2  # bf16 x, read and written

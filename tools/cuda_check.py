@@ -126,9 +126,9 @@ def drive_trainer(tg, rig, opts):
                                 p.grad = torch.zeros_like(p)
                         muon.step(plans[0])
                     muon.state.clear()
-        # One whole optimizer step (Adam, then Muon) of rank 0, which owns the largest share, traced op by op for the
-        # time estimate: a step of the last stage (the embedding untied) on which Adam updates; the second such step,
-        # so that the optimizers' state exists already.
+        # One whole optimizer step (Adam and Muon in lockstep) of rank 0, which owns the largest share, traced op by op
+        # for the time estimate: a step of the last stage (the embedding untied) on which Adam updates; the second such
+        # step, so that the optimizers' state exists already.
         with rig.process_group(0, world_size):
             optimizers = tg.build_optimizers(model, args, tg.Runtime(0, world_size, device))
             # the compiled orthogonalizer is not run again (dynamo will not run under a tracing dispatch mode): the
@@ -148,11 +148,25 @@ def drive_trainer(tg, rig, opts):
                     for p in model.parameters():
                         p.grad = torch.zeros_like(p)
                 with rig.tracing(f"optimizer_w{world_size}") if traced else contextlib.nullcontext():
-                    for opt in optimizers:
-                        if rig.recorder is not None:
-                            rig.recorder.events.append(dict(optimizer=type(opt).__name__))
-                        opt.step(plan)
+                    tg.step_optimizers([Marked(opt, rig) for opt in optimizers], plan)
             model.zero_grad(set_to_none=True)
+
+
+class Marked:
+    """An optimizer whose phases, as train_gpt.step_optimizers interleaves them, are marked in the traced events with
+    its name (what follows a marker is its work)."""
+
+    def __init__(self, opt, rig):
+        self.opt, self.rig = opt, rig
+
+    def phases(self, plan):
+        phases = self.opt.phases(plan) if hasattr(self.opt, "phases") else (self.opt.step(plan) for _ in [0])
+        while True:
+            if self.rig.recorder is not None:
+                self.rig.recorder.events.append(dict(optimizer=type(self.opt).__name__))
+            if next(phases, StopIteration) is StopIteration:
+                return
+            yield
 
 
 # =====================================================================================================================
@@ -335,8 +349,11 @@ def kernel_records(scheduler) -> list[dict]:
         except Exception:  # noqa: BLE001  (no formula for it: inductor then prices its bytes alone)
             flops = None
         dtype = parts[0].get_outputs()[0].node.maybe_get_dtype() if parts[0].get_outputs() else None
-        record.update(flops=int(flops) if flops else 0, bytes=int(node.get_read_write_buffers_sizes() or 0),
+        counted = int(node.get_read_write_buffers_sizes() or 0)
+        record.update(flops=int(flops) if flops else 0, bytes=full_bytes(node, counted),
                       dtype=str(dtype).removeprefix("torch."), inductor_ms=float(node.get_estimated_runtime()))
+        if record["bytes"] != counted:
+            record["inductor_bytes"] = counted
         if isinstance(node.node, ir.UserDefinedTritonKernel):  # our own Triton kernel (train_gpt's fused loss):
             # inductor counts at most 1e9 elements of each buffer an extern kernel touches (2 GB of the 4.9 GB bf16
             # logits); price it as a streaming kernel that reads or writes each tensor argument once, in full
@@ -349,6 +366,19 @@ def kernel_records(scheduler) -> list[dict]:
                                 if all(isinstance(d, (int, torch.SymInt)) or d.is_number for d in i.get_size())]
         records.append(record)
     return records
+
+
+def full_bytes(node, counted: int) -> int:
+    """A kernel's bytes as inductor counts them (each buffer read or written once, at most as often as the kernel's
+    elements ask), except that for a fused kernel inductor stops at 1e9 elements per buffer (a fused node has no
+    single range: scheduler.get_read_write_buffer_accesses), 40% of a (49,152 x 50,304) gradient: there each buffer
+    counts as much as its part's count that touches it most."""
+    parts = node.get_nodes()
+    if len(parts) < 2:
+        return counted
+    accesses = [part.get_read_write_buffer_accesses(include_reads=True, include_writes=True) for part in parts]
+    return sum(max([b] + [a.get(name, 0) for a in accesses])
+               for name, b in node.get_read_write_buffer_accesses(include_reads=True, include_writes=True).items())
 
 
 class OpRecorder:
@@ -480,9 +510,10 @@ def custom_op_calls(gm) -> list:
     return calls
 
 
-def run_custom_op(torch, name: str, args: list) -> tuple[str | None, int]:
+def run_custom_op(torch, name: str, args: list) -> tuple[str | None, int, list]:
     """Runs a custom op's real body (not its fake implementation) on fake cuda tensors of the given layout, so that
-    the ATen ops inside (torch._scaled_mm's shape, stride and dtype checks) judge it; returns (error, FLOPs)."""
+    the ATen ops inside (torch._scaled_mm's shape, stride and dtype checks) judge it; returns (error, FLOPs, the
+    kernels the body launches: OpRecorder's op, bytes, FLOPs and dtype of each)."""
     from torch._library.custom_ops import _maybe_get_opdef
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -496,12 +527,13 @@ def run_custom_op(torch, name: str, args: list) -> tuple[str | None, int]:
         # while the body runs, make it a factory the fake mode handles.
         torch.Tensor.new_tensor = lambda self, data, dtype=None, **kw: torch.full(
             (), data, dtype=dtype or self.dtype, device=self.device)
+        recorder = OpRecorder()
         try:
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False) as counter, recorder.tracing():
                 body(*tensors)
-            return None, counter.get_total_flops()
+            return None, counter.get_total_flops(), [e for e in recorder.events if "op" in e]
         except Exception as e:  # noqa: BLE001  (any rejection is the finding)
-            return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", 0
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", 0, []
         finally:
             torch.Tensor.new_tensor = new_tensor
 
@@ -520,13 +552,14 @@ def summarize(torch, rig, opts, error) -> dict:
     report["seconds"] = {name: p.get("seconds") for name, p in phases.items()}
 
     # FP8 and any other custom op: run each distinct call's real body; its FLOPs join its graph's
-    fp8_calls, fp8_errors, op_flops = [], [], {}
+    fp8_calls, fp8_errors, op_flops, op_bodies = [], [], {}, {}
     for p in phases.values():
         for g in p["aot"]:
             for name, args in g["custom_ops"]:
                 key = (name, repr(args))
                 if key not in op_flops:
-                    error_message, op_flops[key] = run_custom_op(torch, name, args)
+                    error_message, flops, body = run_custom_op(torch, name, args)
+                    op_flops[key], op_bodies[key] = flops, body
                     shapes = [list(a[0]) for a in args if isinstance(a, tuple)]
                     fp8_calls.append(dict(op=name, shapes=shapes, accepted=error_message is None))
                     if error_message:
@@ -536,16 +569,17 @@ def summarize(torch, rig, opts, error) -> dict:
                                 all_accepted=not fp8_errors if fp8_calls else None)
 
     # every graph's kernels (inductor's schedule) for the time estimate (tools/estimate.py); a custom op's FLOPs are
-    # those its body ran above (inductor has no formula for it), matched to the graph's calls in order
+    # those its body ran above (inductor has no formula for it), and its body's own kernels ("body": what the GPU
+    # runs, one after the other), matched to the graph's calls in order
     report["kernel_records"] = {}
     for name, p in phases.items():
         for g in p["aot"]:
             calls = {}
             for op, args in g["custom_ops"]:
-                calls.setdefault(op, []).append(op_flops[(op, repr(args))])
+                calls.setdefault(op, []).append((op_flops[(op, repr(args))], op_bodies[(op, repr(args))]))
             for k in g["kernels"]:
                 if k["kind"] == "extern" and calls.get(k["name"]):
-                    k["flops"] = calls[k["name"]].pop(0)
+                    k["flops"], k["body"] = calls[k["name"]].pop(0)
             report["kernel_records"].setdefault(name, []).append(dict(kind=g["kind"], graph=g["graph"],
                                                                       kernels=g["kernels"]))
     report["optimizer_traces"] = rig.traces
