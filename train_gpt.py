@@ -2598,16 +2598,18 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
     hint = "HINT: pass a folder .../<run_id>/step_<n> written by --save_every or --save_final"
     if not folder.is_dir():
         raise ValueError(f"resume={str(folder)!r} {'is a file, not' if folder.exists() else 'is not'} a folder. {hint}")
+    fields = dict(step=int, world_size=int, loader=dict, val_losses=dict, train_time_ms=(int, float), source_sha256=str)
     try:
         progress = json.loads((folder / "progress.json").read_text())
         saved = json.loads((folder / SETTINGS_FILE).read_text())
-        assert isinstance(progress, dict) and isinstance(saved, dict), "a file that is not a JSON object"
-        assert progress.get("run_id") == saved.get("run_id"), (f"its progress.json is of run {progress.get('run_id')!r}"
-                                                               f", its settings.json of run {saved.get('run_id')!r}")
-        assert all(isinstance(progress.get(k), t) for k, t in (("step", int), ("world_size", int), ("loader", dict), (
-            "val_losses", dict), ("train_time_ms", (int, float)), ("source_sha256", str))), "a damaged progress.json"
-    except (OSError, ValueError, AssertionError) as e:
-        raise ValueError(f"{folder} is not a complete checkpoint ({e}). {hint}") from None
+        problem = ("a file that is not a JSON object" if not isinstance(progress, dict) or not isinstance(saved, dict)
+                   else f"its progress.json is of run {progress.get('run_id')!r}, its settings.json of run "
+                   f"{saved.get('run_id')!r}" if progress.get("run_id") != saved.get("run_id") else "a damaged "
+                   "progress.json" if not all(isinstance(progress.get(k), t) for k, t in fields.items()) else None)
+    except (OSError, ValueError) as e:
+        problem = e
+    if problem:
+        raise ValueError(f"{folder} is not a complete checkpoint ({problem}). {hint}") from None
     if progress["world_size"] != rt.world_size:
         raise ValueError(f"{folder} was written by {progress['world_size']} ranks; this run has {rt.world_size}. "
                          f"HINT: resume with torchrun --nproc_per_node={progress['world_size']} (optimizer state is "
