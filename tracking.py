@@ -13,9 +13,13 @@ WANDB_API_KEY, WANDB_ENTITY) work as usual. Offline runs are uploaded later with
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import socket
+import urllib.parse
 
 INIT_TIMEOUT_S = 30
+REACH_TIMEOUT_S = 5
 STEP_LINE = re.compile(r"step:(\d+)/(\d+)\s+(.*)")
 
 
@@ -36,6 +40,21 @@ def step_metrics(line: str) -> tuple[int, dict[str, float]] | None:
     return int(m.group(1)), metrics
 
 
+def unreachable(url: str, mode: str | None = None) -> str | None:
+    """Why W&B's server cannot be reached (no TCP connection to it within REACH_TIMEOUT_S), or None; None too where
+    nothing is sent (WANDB_MODE offline or disabled) or a proxy carries the traffic."""
+    if (mode or os.environ.get("WANDB_MODE", "")) in ("offline", "dryrun", "disabled") or any(
+            os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)),
+                                 timeout=REACH_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{parts.hostname}: {e.strerror or type(e).__name__}"
+    return None
+
+
 class WandbLog:
     """The trainer's RunLog, also sending each step line's metrics to a W&B run; close() finishes the run."""
 
@@ -47,7 +66,11 @@ class WandbLog:
                              "--wandb_project empty)") from None
         self.log, self.path = log, log.path
         name = args.run_id or (log.path.stem if log.path else None)
-        try:  # no key, or no network: one line within INIT_TIMEOUT_S, not W&B's retries for minutes
+        why = unreachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), init_kwargs.get("mode"))
+        if why:  # no network: one line at once, not W&B's own lines and retries for most of a minute
+            raise ValueError(f"W&B is out of reach ({why}). HINT: WANDB_MODE=offline keeps the metrics on disk "
+                             "(`wandb sync` uploads them later); or check the network")
+        try:  # no key: one line within INIT_TIMEOUT_S, not W&B's retries for minutes
             self.run = wandb.init(project=project, name=name, config=dataclasses.asdict(args),
                                   settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **init_kwargs)
         except Exception as e:

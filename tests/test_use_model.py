@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -675,10 +676,33 @@ def test_wandb_that_cannot_start_a_run_says_so_in_one_line(monkeypatch):
 
     fake = types.SimpleNamespace(init=init, Settings=lambda **kw: kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(tracking, "unreachable", lambda url, mode=None: None)  # as if the server answered
     with pytest.raises(ValueError, match=r"^W&B could not start a run \(RuntimeError: No API key configured\. Use "
                                          r"`wandb login` to log in\.\)\. HINT: WANDB_MODE=offline"):
         tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
     assert calls[0]["settings"] == dict(init_timeout=tracking.INIT_TIMEOUT_S) and calls[0]["project"] == "p"
+
+
+def test_wandb_without_a_network_says_so_at_once_and_offline_needs_none(monkeypatch):
+    """A server that cannot be reached (here a closed local port): one line within a second, before wandb.init (whose
+    retries took 43 s with a key and no network); WANDB_MODE=offline sends nothing and checks nothing."""
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw), Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    for v in ("WANDB_MODE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"^W&B is out of reach \(127\.0\.0\.1: Connection refused\)\. HINT: "
+                                         r"WANDB_MODE=offline"):
+        tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
+    assert time.monotonic() - start < 1 and not calls
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracking.WandbLog(tg.RunLog(None), tiny("smoke"), "p")
+    assert len(calls) == 1
 
 
 def test_train_extras_takes_its_options_and_passes_the_rest_to_the_trainer(capsys):
