@@ -199,6 +199,10 @@ def export(checkpoint: str | Path, out: str | Path, log: str | Path | None = Non
         raise ExportError(f"--out={out} is the checkpoint folder itself. HINT: choose a new folder")
     log_path = Path(log) if log else find_log(checkpoint, model.args)
     run_log = read_run_log(log_path, strict=bool(log)) if log_path is not None else None
+    ours = model.args.run_id
+    if log and run_log is not None and run_log.run_id and ours and run_log.run_id != ours:
+        raise ExportError(f"--log={log} is the log of run {run_log.run_id!r}; the checkpoint is of run {ours!r}. "
+                          f"HINT: pass that run's log, records/logs/{ours}.txt, or leave --log out to look there")
     train_gpt.save_model(model, out)
     shutil.copyfile(ROOT / "train_gpt.py", out / "train_gpt.py")
     written = [train_gpt.MODEL_FILE, train_gpt.SETTINGS_FILE, "train_gpt.py", CARD_NAME]

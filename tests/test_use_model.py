@@ -322,6 +322,22 @@ def test_model_card_states_the_facts(tmp_path, smoke_model):
     assert card.startswith("---\nlibrary_name: pytorch\n")  # Hub metadata block
 
 
+def test_export_refuses_the_log_of_another_run(tmp_path, smoke_model):
+    """The model card would state another run's losses and hardware: refused before anything is written."""
+    args = dataclasses.replace(smoke_model.args, run_id="mine")
+    model = tg.GPT(args)
+    model.load_state_dict(smoke_model.state_dict())
+    tg.save_model(model, tmp_path / "checkpoints" / "mine" / "step_14")
+    other = fake_log(tmp_path / "logs" / "theirs.txt", dataclasses.replace(args, run_id="theirs"), {14: 6.0})
+    with pytest.raises(export.ExportError, match=f"^--log={other} is the log of run 'theirs'; the checkpoint is of "
+                                                 "run 'mine'. HINT: pass that run's log, records/logs/mine.txt"):
+        export.export(tmp_path / "checkpoints" / "mine" / "step_14", tmp_path / "out", log=other)
+    assert not (tmp_path / "out").exists()
+    mine = fake_log(tmp_path / "logs" / "mine.txt", args, {14: 6.0})
+    out, _ = export.export(tmp_path / "checkpoints" / "mine" / "step_14", tmp_path / "out", log=mine)
+    assert "6.0000 at step 14" in (out / "README.md").read_text()
+
+
 def test_export_without_a_log_says_how_to_give_one(tmp_path, smoke_model, capsys):
     tg.save_model(smoke_model, tmp_path / "lonely")
     out, _ = export.export(tmp_path / "lonely", tmp_path / "out")
