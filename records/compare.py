@@ -256,8 +256,9 @@ class Group:
     merged: list[str] = field(default_factory=list)  # logs of a run counted once: what was merged, and why
 
 
-def find_logs(args: list[str]) -> list[Path]:
-    """The files named, and every *.txt under the folders named, in order and once each."""
+def find_logs(args: list[str], repeats: list[str] | None = None) -> list[Path]:
+    """The files named, and every *.txt under the folders named, in order and once each; a file named again (the
+    same path, or a folder holding it) is said in `repeats`."""
     found: list[Path] = []
     for arg in args:
         path = Path(arg)
@@ -269,6 +270,8 @@ def find_logs(args: list[str]) -> list[Path]:
             raise UsageError(f"{arg}: no such file or folder")
     unique: dict[Path, Path] = {}
     for path in found:
+        if path.resolve() in unique and repeats is not None:
+            repeats.append(f"{path} is given more than once: read once")
         unique.setdefault(path.resolve(), path)
     return list(unique.values())
 
@@ -884,8 +887,9 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.plot).parent.is_dir():
             parser.error(f"--plot: folder {Path(args.plot).parent} does not exist")
     try:
-        run_paths = find_logs(args.runs)
-        base_paths = find_logs(args.baseline) if args.baseline else None
+        run_repeats, base_repeats = [], []
+        run_paths = find_logs(args.runs, run_repeats)
+        base_paths = find_logs(args.baseline, base_repeats) if args.baseline else None
     except UsageError as e:
         parser.error(str(e))
 
@@ -902,6 +906,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = load_group("RUNS", run_paths)
     base = load_group("BASELINE", base_paths) if base_paths is not None else None
+    runs.merged[:0] = run_repeats
+    if base is not None:
+        base.merged[:0] = base_repeats
     if base is not None:
         drop_baseline_runs(runs, base)
         if not runs.complete + runs.left_out + runs.unreadable:

@@ -678,6 +678,9 @@ def test_the_same_run_given_twice_or_resumed_counts_once_and_says_so(tmp_path, c
         path.write_text(seed[0].replace("hyperparameters:", "log: y.txt  (world size 1, device cpu)\nhyperparameters:"))
     _, report = run_json(runs, capsys=capsys)
     assert any(f.startswith("runs differ in ranks (processes that trained): ") for f in report["runs"]["flags"])
+    _, report = run_json(runs / "seed1.txt", runs / "seed1.txt", runs, capsys=capsys)  # one file, named three times
+    assert report["runs"]["n"] == 3 and report["runs"]["merged"][:2] == [
+        f"{runs / 'seed1.txt'} is given more than once: read once"] * 2
 
 
 @pytest.mark.parametrize("how", ["copy", "run id", "resumed"])
