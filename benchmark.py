@@ -188,7 +188,7 @@ def estimate_main(argv: list[str]) -> dict:
         except ValueError:
             value = None
         if options[name] and not (value and value > 0 and math.isfinite(value)):
-            raise ValueError(f"--{name}={options[name]}: expected a number above 0 (see --help)")
+            raise ValueError(f"--{name}={options[name]}: expected a number above 0")
     world_size = int(options["world_size"] or (8 if options["gpu"] == "h100" else 1))
     if not gpu.has_fp8:  # what train_gpt.adapt_to_device does before sm_89: the bf16 head and MLP
         settings += ["--use_fp8=false", "--use_fp8_mlp=false"]
@@ -227,11 +227,11 @@ def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
             try:
                 options[name] = cast(value)
             except ValueError:
-                raise ValueError(f"--{name}={value}: expected {'a number' if cast is float else 'a whole number'} "
-                                 "(see --help)") from None
+                raise ValueError(f"--{name}={value}: expected {'a number' if cast is float else 'a whole number'}"
+                                 ) from None
             if not math.isfinite(options[name]) or options[name] < lowest.get(name, 1e-9):
                 raise ValueError(f"--{name}={value} must be {'above 0' if cast is float else 'at least'} "
-                                 f"{lowest.get(name, '')}".rstrip() + " (see --help)")
+                                 f"{lowest.get(name, '')}".rstrip())
         else:
             settings.append(arg)
     return options, settings
@@ -321,6 +321,8 @@ def cli(argv: list[str]) -> int:
     except (Exception, KeyboardInterrupt) as e:
         debug = "--debug=true" in argv
         message, status = tg.console_message(e, debug=True)
+        if isinstance(e, ValueError) and "HINT:" not in message:
+            message += ". HINT: `python benchmark.py --help` explains its options and train_gpt.py's settings"
         if debug:
             traceback.print_exc()
         elif not isinstance(e, (ValueError, OSError, KeyboardInterrupt)):

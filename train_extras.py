@@ -29,7 +29,8 @@ class Extras:
 
     def __init__(self, sample_tokens: int = 0, hellaswag_items: int = 0, wandb_project: str = ""):
         if sample_tokens < 0 or hellaswag_items < 0:
-            raise ValueError("--sample_tokens and --hellaswag_items count tokens and items: 0 or more")
+            raise ValueError("--sample_tokens and --hellaswag_items count tokens and items: 0 or more. HINT: 0 (the "
+                             "default) turns each off")
         self.sample_tokens, self.hellaswag_items, self.wandb_project = sample_tokens, hellaswag_items, wandb_project
 
     def start(self, args, log):
@@ -58,7 +59,8 @@ def split_options(argv: list[str]) -> tuple[dict, list[str]]:
             try:
                 mine[name] = OPTIONS[name](text)
             except ValueError:
-                raise ValueError(f"--{name}={text}: expected a whole number") from None
+                raise ValueError(f"--{name}={text}: expected a whole number. HINT: python train_extras.py --help"
+                                 ) from None
         else:
             rest.append(arg)
     return mine, rest

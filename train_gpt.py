@@ -353,7 +353,7 @@ class Hyperparameters:
                 ok = all(math.isfinite(float(w)) and float(w) >= 0 for w in weights)
             except ValueError:
                 ok = False
-            require(ok, f"{name}={getattr(self, name)!r}: weights must be finite numbers >= 0 (see --help)")
+            require(ok, f"{name}={getattr(self, name)!r}: weights must be finite numbers >= 0. HINT: see --help")
         for pair in self.per_stage("window_blocks", str):
             short, _, long = pair.partition("/")
             require(short.isdigit() and long.isdigit() and int(short) > 0 and int(long) > 0, f"window_blocks pair "
@@ -474,7 +474,7 @@ class Hyperparameters:
         try:
             return tuple(cast(v.strip()) for v in text.split(separator)) if text.strip() else ()
         except ValueError:
-            raise ValueError(f"{name}={text!r}: cannot read its values (see --help)") from None
+            raise ValueError(f"{name}={text!r}: cannot read its values. HINT: see --help") from None
 
     @functools.cached_property  # read at every step of the schedule
     def num_stages(self) -> int:
@@ -632,7 +632,7 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     for arg in argv:
         name, eq, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq:
-            raise ValueError(f"cannot read {arg!r}: settings are given as --name=value (see --help)")
+            raise ValueError(f"cannot read {arg!r}: settings are given as --name=value. HINT: see --help")
         if name == "preset":
             if text not in PRESETS:
                 raise ValueError(f"unknown preset {text!r}; choose one of {', '.join(PRESETS)}")

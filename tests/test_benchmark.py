@@ -78,21 +78,21 @@ def test_benchmark_prints_one_json_line_on_a_cpu():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--bogus"], "error: cannot read '--bogus': settings are given as --name=value (see --help)"),
+    (["--bogus"], "error: cannot read '--bogus': settings are given as --name=value. HINT: see --help"),
     (["--bogus=1"], "error: unknown setting --bogus. HINT: --help lists every setting"),
-    (["--steps=0"], "error: --steps=0 must be at least 1 (see --help)"),
-    (["--steps=x"], "error: --steps=x: expected a whole number (see --help)"),
-    (["--warmup=-1"], "error: --warmup=-1 must be at least 0 (see --help)"),
-    (["--peak_tflops=nan"], "error: --peak_tflops=nan must be above 0 (see --help)"),
-    (["--real=maybe"], "error: --real=maybe: write --real (or --real=true/false)"),
+    (["--steps=0"], "error: --steps=0 must be at least 1. HINT: `python benchmark.py --help`"),
+    (["--steps=x"], "error: --steps=x: expected a whole number. HINT: `python benchmark.py --help`"),
+    (["--warmup=-1"], "error: --warmup=-1 must be at least 0. HINT: `python benchmark.py --help`"),
+    (["--peak_tflops=nan"], "error: --peak_tflops=nan must be above 0. HINT: `python benchmark.py --help`"),
+    (["--real=maybe"], "error: --real=maybe: write --real (or --real=true/false). HINT: `python benchmark.py --help`"),
     (["--preset=nope"], "error: unknown preset 'nope'; choose one of speedrun, smoke, record_2025_08_23, "
      "smoke_2025_08_23, gpt2_baseline, smoke_gpt2_baseline, one_a100, smoke_one_a100, optimization_track, "
      "smoke_optimization_track"),
     (["--preset=smoke", "--step=14"], "error: --step=14 is past the schedule's last training step, 13"),
     (["--preset=smoke", "--muon_lr=nan"], "error: muon_lr=nan must be a finite number above 0"),
     (["--estimate", "--gpu=v100"], "error: --gpu=v100: choose one of h100, a100"),
-    (["--estimate", "--world_size=x"], "error: --world_size=x: expected a number above 0 (see --help)"),
-    (["--estimate", "--calibration=0"], "error: --calibration=0: expected a number above 0 (see --help)"),
+    (["--estimate", "--world_size=x"], "error: --world_size=x: expected a number above 0. HINT: `python benchmark.py"),
+    (["--estimate", "--calibration=0"], "error: --calibration=0: expected a number above 0. HINT: `python benchmark."),
     (["--estimate", "--bogus=1"], "error: unknown setting --bogus. HINT: --help lists every setting"),
 ])
 def test_bad_arguments_give_one_error_line_and_exit_1(argv, message, capsys):
