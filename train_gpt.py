@@ -2087,6 +2087,8 @@ def read_shard_header(path: str | os.PathLike) -> int:
     if num_tokens < 0 or size != expected:
         raise ShardError(f"shard {path} is {size} bytes but its header announces {num_tokens:,} tokens "
                          f"({expected:,} bytes): the file is truncated or corrupt. {SHARD_HINT}")
+    if num_tokens == 0:
+        raise ShardError(f"shard {path} holds no tokens. {SHARD_HINT}")
     return num_tokens
 
 

@@ -36,9 +36,7 @@ def shard_paths(inputs: list[str]) -> list[Path]:
 
 def inspect_shard(path: Path, head_tokens: int = 48) -> dict:
     """Validates one shard and measures it; raises ShardError (naming the file, with a HINT) if it is invalid."""
-    tokens = load_shard(path).numpy()  # checks magic, version and exact file size
-    if len(tokens) == 0:
-        raise ShardError(f"shard {path} holds no tokens. {SHARD_HINT}")
+    tokens = load_shard(path).numpy()  # checks magic, version, exact file size and at least one token
     check_token_ids(tokens, PADDED_VOCAB_SIZE, path)  # what the trainer refuses, with its words
     largest = int(tokens.max())
     is_bos = tokens == BOS_ID

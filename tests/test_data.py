@@ -433,6 +433,7 @@ def test_inspect_good_and_bad_shards(tmp_path, tokenizer_cache, enc, capsys):
     ("past the vocabulary", "holds token id 60000 (token 2 of the file), but vocab_size=50304"),
     ("no BOS", "holds no <|endoftext|> (50256), the token that starts every document"),
     ("header count", "is 1056 bytes but its header announces 9 tokens"),
+    ("empty", "holds no tokens"),
     ("valid", None)])
 def test_inspect_and_the_trainer_agree_on_what_a_valid_shard_is(tmp_path, case, reason):
     """The same shard is refused by both, for the same reason, or accepted by both."""
@@ -445,6 +446,8 @@ def test_inspect_and_the_trainer_agree_on_what_a_valid_shard_is(tmp_path, case, 
         tokens[2] = 60000
     elif case == "no BOS":
         tokens[tokens == BOS_ID] = 7
+    elif case == "empty":
+        tokens = tokens[:0]
     path = tmp_path / "s_train_000001.bin"
     write_shard(path, tokens)
     if case == "header count":
