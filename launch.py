@@ -34,7 +34,9 @@ def launch(argv: list[str]) -> int:
 
     # torchrun's agent logs each failure (and a hint about OMP_NUM_THREADS at every start) as warnings and errors;
     # the rank has said why it stopped, and the one line below says the rest
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    for name in logging.root.manager.loggerDict:  # torch's elastic loggers each set a level of their own
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(args)
     except ValueError as e:  # torchrun's own check of its options, e.g. --nproc_per_node=abc

@@ -116,10 +116,14 @@ def test_a_run_refused_under_launch_py_ends_on_our_line_with_a_failing_status(tm
     there, are said once, by rank 0, and the last line is launch.py's, not torchrun's traceback; the exit status is the
     rank's 1."""
     nproc, extra = (3, []) if fault == "world_size" else (2, ["--train_files=nowhere/none_*.bin"])
+    env = clean_env()
+    if fault == "no_shards":  # unset: torchrun sets it for the ranks, and must not print its banner about it
+        del env["OMP_NUM_THREADS"]
     result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--standalone", f"--nproc_per_node={nproc}",
                              str(ROOT / "train_gpt.py"), "--preset=smoke_2025_08_23", f"--log_dir={tmp_path}", *extra],
-                            capture_output=True, text=True, timeout=600, env=clean_env())
+                            capture_output=True, text=True, timeout=600, env=env)
     output = result.stdout + result.stderr
+    assert "OMP_NUM_THREADS" not in output and "*****" not in output, output
     said = ("world size 3 cannot keep the batch of windows_per_step=4 windows; use a world size among [1, 2, 4] (e.g. "
             "--nproc_per_node=2); nothing was run") if fault == "world_size" else "nowhere/none_*.bin"
     assert sum(said in line for line in output.splitlines()) == 1, output
