@@ -455,7 +455,7 @@ class Hyperparameters:
         require(0 <= self.muon_momentum < 1 and 0 <= self.muon_momentum_start < 1, "Muon momenta must lie in [0, 1)")
         require(self.tie_embed_stages < stages or self.tie_embed_stages == 0,
                 f"tie_embed_stages={self.tie_embed_stages} must be below the number of stages ({stages})")
-        assert self.adam_rows is not None  # parses the table
+        require(isinstance(self.adam_rows, dict), "adam_table")  # parses the table: a bad row raises there
 
     # Parsed views of the string settings.
     @property
@@ -2459,8 +2459,9 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     hint = "HINT: export it again, or load another checkpoint of the run"
     try:
         settings = json.loads((folder / SETTINGS_FILE).read_text())
-        assert isinstance(settings, dict), "not a JSON object"
-    except (ValueError, AssertionError, UnicodeDecodeError) as e:
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{folder / SETTINGS_FILE} is not a saved model's settings ({e}). {hint}") from None
     settings = {k: v for k, v in settings.items() if k not in EXTRAS}  # train_extras.py's options, saved until 2026-12
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Hyperparameters)})
