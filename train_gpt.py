@@ -301,8 +301,9 @@ class Hyperparameters:
                 ok, rule = math.isfinite(value) and value >= 0, "be a finite number >= 0" if real else "not be negative"
             require(ok, f"{f.name}={value} must {rule}. HINT: see --help; the default is {f.default}")
         require(self.num_iterations + self.extension_iterations <= MAX_STEPS, f"num_iterations={self.num_iterations}"
-                f" + extension_iterations={self.extension_iterations} is more than the {MAX_STEPS:,} steps a run plans "
-                "before it starts (in about a second). HINT: lower --num_iterations; the default is 1270")
+                f" + extension_iterations={self.extension_iterations} is more than the {MAX_STEPS:,} steps a run "
+                f"plans before it starts (in about a second). HINT: lower --num_iterations; the default is "
+                f"{type(self).num_iterations}")
         require(self.normuon_beta2 < 1, f"normuon_beta2={self.normuon_beta2} must lie in [0, 1)")
         require(self.bigram_vocab_size != 1, "bigram_vocab_size=1 leaves no row for bigrams (the last row is "
                 "reserved): use 0 (off) or at least 2")
