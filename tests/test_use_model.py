@@ -258,6 +258,17 @@ def test_a_damaged_model_is_one_line_with_a_hint_in_every_tool(tmp_path, smoke_m
     assert not (tmp_path / "out").exists()
 
 
+def test_the_checks_of_a_saved_model_hold_under_python_O(tmp_path, smoke_model):
+    """python -O drops assert statements: the settings check is a plain one, so a settings.json that is a list is
+    still one error line there (it was an AttributeError traceback)."""
+    tg.save_model(smoke_model, tmp_path / "damaged")
+    (tmp_path / "damaged" / tg.SETTINGS_FILE).write_text("[1, 2]\n")
+    result = subprocess.run([sys.executable, "-O", str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'damaged'}",
+                             "--device=cpu"], capture_output=True, text=True, timeout=120, env=clean_env())
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "is not a saved model's settings (not a JSON object). HINT" in result.stderr.strip().splitlines()[-1]
+
+
 # -----------------------------------------------------------------------------
 # export.py
 
