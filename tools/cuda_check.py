@@ -552,19 +552,19 @@ def summarize(torch, rig, opts, error) -> dict:
     report["seconds"] = {name: p.get("seconds") for name, p in phases.items()}
 
     # FP8 and any other custom op: run each distinct call's real body; its FLOPs join its graph's
-    fp8_calls, fp8_errors, op_flops, op_bodies = [], [], {}, {}
+    fp8_calls, fp8_errors, op_runs = [], [], {}  # (op, its args) -> (FLOPs, the kernels its body launched)
     for p in phases.values():
         for g in p["aot"]:
             for name, args in g["custom_ops"]:
                 key = (name, repr(args))
-                if key not in op_flops:
+                if key not in op_runs:
                     error_message, flops, body = run_custom_op(torch, name, args)
-                    op_flops[key], op_bodies[key] = flops, body
+                    op_runs[key] = flops, body
                     shapes = [list(a[0]) for a in args if isinstance(a, tuple)]
                     fp8_calls.append(dict(op=name, shapes=shapes, accepted=error_message is None))
                     if error_message:
                         fp8_errors.append(f"{name} {shapes}: {error_message}")
-                g["flops"][name] = g["flops"].get(name, 0) + op_flops[key]
+                g["flops"][name] = g["flops"].get(name, 0) + op_runs[key][0]
     report["custom_ops"] = dict(calls=fp8_calls, errors=fp8_errors,
                                 all_accepted=not fp8_errors if fp8_calls else None)
 
@@ -576,7 +576,7 @@ def summarize(torch, rig, opts, error) -> dict:
         for g in p["aot"]:
             calls = {}
             for op, args in g["custom_ops"]:
-                calls.setdefault(op, []).append((op_flops[(op, repr(args))], op_bodies[(op, repr(args))]))
+                calls.setdefault(op, []).append(op_runs[(op, repr(args))])
             for k in g["kernels"]:
                 if k["kind"] == "extern" and calls.get(k["name"]):
                     k["flops"], k["body"] = calls[k["name"]].pop(0)
