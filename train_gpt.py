@@ -391,8 +391,12 @@ class Hyperparameters:
         for src, dst in self.skips:
             require(0 <= src < dst < self.num_layers, f"skip {src}>{dst} must go forward between existing layers")
         require(self.attn_input_layer < self.num_layers, f"attn_input_layer={self.attn_input_layer} is not a layer")
-        require(self.residual in ("sublayer", "block", "plain"),
-                f"residual={self.residual!r}: choose sublayer, block or plain")
+        for name, choices in (("residual", "sublayer block plain"), ("mlp_activation", "relu2 gelu"),
+                              ("orthogonalizer", "newton_schulz polar_express"), ("dtype", "bfloat16 float32"),
+                              ("device", "auto cuda cpu"), ("cooldown_shape", "linear cosine"),
+                              ("logit_softcap_fn", "sigmoid tanh algebraic")):
+            value, (*others, last) = getattr(self, name), choices.split()
+            require(value in choices.split(), f"{name}={value!r}: choose {', '.join(others)} or {last}")
         require(not self.use_mudd or (self.residual == "sublayer" and self.attn_input_layer >= 0 and self.skips
                                       and self.value_embed_count and self.num_layers - 1 in attention),
                 "use_mudd mixes the layer attn_input_layer stream, the first skip's source, value embedding 0 and "
@@ -407,8 +411,6 @@ class Hyperparameters:
                 "value_embed_pattern of only -, or --residual=block")
         require(not self.layer_norm or self.attn_input_layer < 0, "layer_norm: the attention input that "
                 "attn_input_layer saves for later layers has no LayerNorm of its own. HINT: --attn_input_layer=-1")
-        require(self.mlp_activation in ("relu2", "gelu"), f"mlp_activation={self.mlp_activation!r}: choose relu2 "
-                "or gelu")
         require(not self.use_fp8_mlp or (self.mlp_activation == "relu2" and not self.linear_bias), "use_fp8_mlp "
                 "computes the ReLU^2 MLP without biases. HINT: --use_fp8_mlp=false for GELU or linear_bias")
         require(self.use_rotary or not self.use_yarn, "use_yarn adjusts the rotary frequencies: it needs "
@@ -424,23 +426,15 @@ class Hyperparameters:
                     and self.context_len % self.block_size == 0, f"context_len={self.context_len} must divide every "
                     f"train_seq_len ({self.train_seq_len}) and val_seq_len ({self.val_seq_len}), and be a multiple "
                     f"of block_size={self.block_size}")
-        require(self.orthogonalizer in ("newton_schulz", "polar_express"),
-                f"orthogonalizer={self.orthogonalizer!r}: choose newton_schulz or polar_express")
         require(self.orthogonalizer != "polar_express" or self.orthogonalizer_steps <= 5,
                 "polar_express has 5 tuned steps; set orthogonalizer_steps <= 5")
         require(self.qk_heads_per_matrix == 0 or self.num_heads % self.qk_heads_per_matrix == 0,
                 f"qk_heads_per_matrix={self.qk_heads_per_matrix} must divide num_heads={self.num_heads}")
-        require(self.dtype in ("bfloat16", "float32"), f"dtype={self.dtype!r}: choose bfloat16 or float32")
-        require(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: choose auto, cuda or cpu")
         require(0 <= self.cooldown_frac <= 1, f"cooldown_frac={self.cooldown_frac} must lie in [0, 1]")
         require(0 < self.activation_memory_budget <= 1,
                 f"activation_memory_budget={self.activation_memory_budget} must lie in (0, 1]")
-        require(self.cooldown_shape in ("linear", "cosine"), f"cooldown_shape={self.cooldown_shape!r}: choose "
-                "linear or cosine")
         require(self.lr_warmup_steps < self.num_iterations, f"lr_warmup_steps={self.lr_warmup_steps} must be below "
                 f"num_iterations={self.num_iterations}")
-        require(self.logit_softcap_fn in ("sigmoid", "tanh", "algebraic"), f"logit_softcap_fn="
-                f"{self.logit_softcap_fn!r}: choose sigmoid, tanh or algebraic")
         require(len(self.ns_coeffs) == 3 and all(map(math.isfinite, self.ns_coeffs)), "newton_schulz_coeffs="
                 f"{self.newton_schulz_coeffs!r}: give three numbers a,b,c (e.g. 2,-1.5,0.5)")
         require(not (self.norm_gain and self.layer_norm), "norm_gain (RMSNorm with a gain) and layer_norm exclude "
@@ -908,8 +902,7 @@ class LogWriteError(OSError):
 def describe_machine(device: torch.device) -> list[str]:
     lines = [f"Running Python {sys.version}",
              f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
-    with contextlib.suppress(ImportError):
-        import triton
+    if triton is not None:  # imported at the top, when installed
         lines.append(f"Running Triton version {triton.__version__}")
     if device.type == "cuda":
         try:
