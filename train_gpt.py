@@ -188,8 +188,7 @@ class Hyperparameters:
                                  "empty: the long window grows linearly to max_window_tokens, short = long/2 (#28)")
     max_window_tokens: int = setting(1728, "long window at the end of training when window_blocks is empty")
     final_window_blocks: int = setting(20, "long window of the final validation (#33, #35); 0: unchanged")
-    logit_softcap: float = setting(23.0, "logits z become cap * f((z + offset) / temperature) (#9, #54); 0: plain "
-                                   "logits")
+    logit_softcap: float = setting(23.0, "logits z become cap * f((z + offset) / temperature) (#9, #54); 0: off")
     logit_softcap_fn: str = setting("sigmoid", "f of the soft-cap: sigmoid (#54), tanh (#9: 30*tanh(z/30)) or "
                                     "algebraic, z/sqrt(1+z^2) (the optimization track: 15z/sqrt(z^2+15^2))")
     logit_offset: float = setting(5.0, "soft-cap offset")
@@ -199,8 +198,7 @@ class Hyperparameters:
     fp8_w_scale: float = setting(1.6 / 448, "FP8 head: weight scale")
     fp8_grad_scale: float = setting(0.75 / 448, "FP8 head: gradient scale")
     use_fp8_mlp: bool = setting(True, "MLP forward in FP8 during training (#84, #89)")
-    fused_loss: bool = setting(True, "soft-cap and loss fused in Triton kernels (#60, #67, #79); off, CPU, the "
-                               "algebraic cap: plain")
+    fused_loss: bool = setting(True, "soft-cap and loss fused in Triton (#60, #67, #79); plain when off or on a CPU")
     weights_bf16: bool = setting(True, "with dtype=bfloat16, keep weights in bf16; the hidden matrices keep 16 more "
                                  "mantissa bits in the optimizer (#57)")
     mtp_weights: str = setting("1,0.5,0.25>0;1,0.5>0;1", "per stage (;-separated): loss weights of the next, 2nd, "
@@ -238,8 +236,7 @@ class Hyperparameters:
     adamw: bool = setting(False, "AdamW's decay: by weight_decay * wd_mul * lr, not lr^2 (Loshchilov & Hutter); "
                           "Muon's by muon_weight_decay * lr")
     use_muon: bool = setting(True, "Muon for the hidden matrices (#3); off: Adam, adam_table row matrices")
-    grad_clip: float = setting(0.0, "clip the norm of the gradients Adam updates (all of them without Muon, as "
-                               "GPT-2) to this; 0: off")
+    grad_clip: float = setting(0.0, "clip the norm of Adam's gradients (all without Muon, as GPT-2) to this; 0: off")
     adam_every: int = setting(2, "Adam steps every n-th step on the gradients summed since its last step (#39)")
     adam_table: str = setting(
         "scalars:5:0.9:0.99:0 smear_gate:0.01:0.9:0.99:0 ve_gates:1:0.9:0.99:1 lm_head:1:0.5:0.95:150 "
@@ -750,8 +747,7 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
         use_prefix=prefix.strip() not in ("0", "0.0"), validate=step == total or step % (args.val_every or total) == 0
         or bool(args.final_val_every and step >= 0.9 * total and step % args.final_val_every == 0),
         adam_step=step % args.adam_every == args.adam_every - 1, tied=untie is not None and step <= untie,
-        untie=step == untie,
-    )
+        untie=step == untie)
 
 
 def lr_multiplier(step: int, args: Hyperparameters) -> float:
