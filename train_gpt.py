@@ -511,34 +511,29 @@ class Hyperparameters:
 
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"
+BEFORE_2026 = dict(  # the techniques newer than record #28, off: neither it nor GPT-2 has them
+    max_doc_len="", ve_gate_dim=0, gated_attn_layers="", skip_gated=False, attn_input_layer=-1, use_smear=False,
+    bigram_vocab_size=0, bigram_sign_rows=0, use_mudd=False, use_mudd_gate=False, xsa_layers="", paired_head_layers="",
+    key_offset_layers="", dc_layers="", use_yarn=False, final_window_blocks=0, use_fp8_mlp=False, weights_bf16=False,
+    mtp_weights="1", prefix_loss_weight="0", extension_iterations=0, stage_lr_mul="1.0", cautious_weight_decay=False,
+    adam_every=1, tie_embed_stages=0)
 RECORD_2025_08_23 = dict(  # record #28 (2025-08-23 SparseAttnGate): 1695 steps of 393,216 tokens on 8xH100
-    train_seq_len="49152", max_doc_len="", num_layers=12, attn_pattern="LSSSLSS-SSSL",
-    value_embed_pattern="012------012", value_embed_init_std=1.0, ve_gate_dim=0, attn_gate_dim=12,
-    gated_attn_layers="", residual="block", skip_connections="5>6,4>7,3>8,2>9,1>10,0>11", skip_gated=False,
-    attn_input_layer=-1, use_smear=False, bigram_vocab_size=0, bigram_sign_rows=0, use_mudd=False,
-    use_mudd_gate=False, xsa_layers="", paired_head_layers="", key_offset_layers="", dc_layers="",
-    zero_init_attn_out=True, head_init_std=0.0, rope_interleaved=False, attn_scale=0.12, use_yarn=False,
-    token_windows=False, window_blocks="", final_window_blocks=0, logit_softcap=30.0, logit_offset=0.0,
-    fp8_x_scale=768**0.5 / 448, fp8_w_scale=2.0**-9, fp8_grad_scale=1 / 448, use_fp8_mlp=False, weights_bf16=False,
-    mtp_weights="1", prefix_loss_weight="0", num_iterations=1695, extension_iterations=0, stage_lr_mul="1.0",
-    cooldown_frac=0.45, final_lr_frac=0.1, muon_lr=0.05, muon_momentum_cooldown_steps=0, muon_weight_decay=0.0,
-    cautious_weight_decay=False, orthogonalizer="newton_schulz", use_normuon=False, qk_heads_per_matrix=0,
-    mlp_lr_mul=1.0, c_proj_lr_mul=1.0, adam_weight_decay=0.0, adam_every=1,
-    adam_table="embed:75:0.8:0.95:0 value_embeds:75:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0",
-    tie_embed_stages=0, val_every=125, warmup_steps=10)
+    BEFORE_2026, train_seq_len="49152", num_layers=12, attn_pattern="LSSSLSS-SSSL", value_embed_pattern="012------012",
+    value_embed_init_std=1.0, attn_gate_dim=12, residual="block", skip_connections="5>6,4>7,3>8,2>9,1>10,0>11",
+    zero_init_attn_out=True, head_init_std=0.0, rope_interleaved=False, attn_scale=0.12, token_windows=False,
+    window_blocks="", logit_softcap=30.0, logit_offset=0.0, fp8_x_scale=768**0.5 / 448, fp8_w_scale=2.0**-9,
+    fp8_grad_scale=1 / 448, num_iterations=1695, cooldown_frac=0.45, final_lr_frac=0.1, muon_lr=0.05,
+    muon_momentum_cooldown_steps=0, muon_weight_decay=0.0, orthogonalizer="newton_schulz", use_normuon=False,
+    qk_heads_per_matrix=0, mlp_lr_mul=1.0, c_proj_lr_mul=1.0, adam_weight_decay=0.0, val_every=125, warmup_steps=10,
+    adam_table="embed:75:0.8:0.95:0 value_embeds:75:0.8:0.95:0 lm_head:1:0.8:0.95:0 scalars:5:0.8:0.95:0")
 GPT2_BASELINE = dict(  # GPT-2 (124M) as llm.c replicated it, the reference of every record: AdamW, 19,073 steps
     # of 524,288 tokens (64 sequences of 1024 per GPU) on the stream read in order (docs/recipes.md#gpt-2-baseline)
-    train_seq_len="65536", max_doc_len="", bos_aligned=False, context_len=1024, num_layers=12, num_heads=12,
-    head_dim=64, attn_pattern="L" * 12, value_embed_pattern="-" * 12, window_blocks="8/8", final_window_blocks=0,
-    residual="plain", layer_norm=True, use_embed_norm=False, use_qk_norm=False, use_rotary=False, use_yarn=False,
-    pos_embed_len=1024, mlp_activation="gelu", linear_bias=True, tie_embed=True, init_std=0.02, attn_scale=64**-0.5,
-    logit_softcap=0.0, ve_gate_dim=0, gated_attn_layers="", skip_connections="", skip_gated=False,
-    attn_input_layer=-1, use_smear=False, bigram_vocab_size=0, bigram_sign_rows=0, use_mudd=False,
-    use_mudd_gate=False, xsa_layers="", paired_head_layers="", key_offset_layers="", dc_layers="", use_fp8=False,
-    use_fp8_mlp=False, weights_bf16=False, mtp_weights="1", prefix_loss_weight="0", num_iterations=19073,
-    extension_iterations=0, stage_lr_mul="1.0", lr_warmup_steps=715, cooldown_frac=1.0, cooldown_shape="cosine",
-    final_lr_frac=0.1, use_muon=False, adam_lr=6e-4, adam_eps=1e-8, adam_weight_decay=0.1, adamw=True,
-    cautious_weight_decay=False, adam_every=1, grad_clip=1.0, tie_embed_stages=0,
+    BEFORE_2026, train_seq_len="65536", bos_aligned=False, context_len=1024, num_layers=12, num_heads=12, head_dim=64,
+    attn_pattern="L" * 12, value_embed_pattern="-" * 12, window_blocks="8/8", residual="plain", layer_norm=True,
+    use_embed_norm=False, use_qk_norm=False, use_rotary=False, pos_embed_len=1024, mlp_activation="gelu",
+    linear_bias=True, tie_embed=True, init_std=0.02, attn_scale=64**-0.5, logit_softcap=0.0, skip_connections="",
+    use_fp8=False, num_iterations=19073, lr_warmup_steps=715, cooldown_frac=1.0, cooldown_shape="cosine",
+    final_lr_frac=0.1, use_muon=False, adam_lr=6e-4, adam_eps=1e-8, adam_weight_decay=0.1, adamw=True, grad_clip=1.0,
     adam_table="lm_head:1:0.9:0.95:1 pos_embed:1:0.9:0.95:1 matrices:1:0.9:0.95:1 biases:1:0.9:0.95:0 "
                "norms:1:0.9:0.95:0")
 SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipped in data/sample/
