@@ -365,9 +365,8 @@ class Hyperparameters:
         require(self.val_tokens % self.val_seq_len == 0 and windows % self.windows_per_step == 0 and windows > 0,
                 f"val_tokens={self.val_tokens} must be a positive multiple of val_seq_len*windows_per_step = "
                 f"{self.val_seq_len * self.windows_per_step}, so that every world size sees the same windows")
-        require(self.vocab_size % self.windows_per_step == 0,
-                f"vocab_size={self.vocab_size} must be a multiple of windows_per_step={self.windows_per_step} "
-                "(Adam shards embedding rows across ranks)")
+        require(self.vocab_size % self.windows_per_step == 0, f"vocab_size={self.vocab_size} must be a multiple of "
+                f"windows_per_step={self.windows_per_step} (Adam shards embedding rows across ranks)")
         for name in ("attn_pattern", "value_embed_pattern"):
             pattern = getattr(self, name)
             require(len(pattern) == self.num_layers,
