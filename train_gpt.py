@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch._functorch.config
 import torch.distributed as dist
@@ -2179,8 +2180,7 @@ class TrainLoader:
                  bos_aligned: bool = True):
         assert windows_per_step % world_size == 0, "every rank reads the same number of windows"
         self.files, self.seq_len, self.windows, self.vocab_size = files, seq_len, windows_per_step, vocab_size
-        self.bos_aligned = bos_aligned
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.device, self.bos_aligned = rank, world_size, device, bos_aligned
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         state = state or dict(shard=0, pos=0)
         self.next_index, self.pending = state["shard"], None
@@ -2425,17 +2425,15 @@ MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
 
 def save_model(model: "GPT", folder: Path):
     """A trained model as two files: its weights and persistent state (safetensors, no pickle) and its settings."""
-    from safetensors.torch import save
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / MODEL_FILE, "wb") as f:  # Python's write: a full disk is an OSError that names itself
-        f.write(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+        f.write(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     (folder / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(model.args), indent=1) + "\n")
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> "GPT":
     """The model saved in a checkpoint or export folder, ready for inference: evaluation mode, with the windows and
     rotary frequencies of the final validation."""
-    from safetensors.torch import load_file
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
         raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
@@ -2454,7 +2452,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
                          "load it with the train_gpt.py that saved it (its source is in the run's log)")
     try:
         model = GPT(Hyperparameters(**settings))
-        model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+        model.load_state_dict(safetensors.torch.load_file(str(folder / MODEL_FILE)))
     except Exception as e:  # a truncated or damaged file, or weights of another shape: safetensors and torch
         raise ValueError(f"{folder} holds a damaged model ({type(e).__name__}: {shorten(str(e), 200)}). {hint}") \
             from None
@@ -2581,7 +2579,6 @@ def claim_checkpoints(folder: Path, run_id: str, log_path: Path | None) -> str |
 def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperparameters, rt: Runtime) -> dict:
     """Restores what save_checkpoint wrote, after checking that it is complete and that this run may continue it:
     the same world size (optimizer shards), and the same code and settings unless resume_anyway."""
-    from safetensors.torch import load_file
     hint = "HINT: pass a folder .../<run_id>/step_<n> written by --save_every or --save_final"
     if not folder.is_dir():
         raise ValueError(f"resume={str(folder)!r} {'is a file, not' if folder.exists() else 'is not'} a folder. {hint}")
@@ -2612,7 +2609,7 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
         raise ValueError(f"{folder} is at step {progress['step']}, past this run's last step. HINT: resume with its "
                          "--num_iterations and --extension_iterations")
     try:
-        model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(rt.device)))
+        model.load_state_dict(safetensors.torch.load_file(str(folder / MODEL_FILE), device=str(rt.device)))
         shard = torch.load(folder / f"rank{rt.rank}.pt", map_location=rt.device, weights_only=True)
     except Exception as e:  # a damaged file: safetensors, pickle-free torch.load and shape checks all land here
         raise ValueError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {shorten(str(e), 200)}. "
