@@ -1922,10 +1922,8 @@ class GPT(nn.Module):
     def head(self, x: Tensor, capped: bool = True) -> Tensor:
         """Soft-capped fp32 logits of final hidden states, or the raw ones: FP8 in training when use_fp8, else plain."""
         args = self.args
-        if self.training and args.use_fp8:
-            logits = fp8_mm(x, self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale)[0]
-        else:
-            logits = F.linear(x, self.lm_head_w.type_as(x))
+        logits = (fp8_mm(x, self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale)[0]
+                  if self.training and args.use_fp8 else F.linear(x, self.lm_head_w.type_as(x)))
         if self.lm_head_b is not None:  # the optimization track's head bias, on the raw logits
             logits = logits.float() + self.lm_head_b.float()
         return softcap(logits, *self.softcap_args) if capped else logits
@@ -2162,8 +2160,7 @@ def to_device(window: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]
 class TrainLoader:
     """Training windows of seq_len+1 tokens that start at a document's BOS, in one of two plans chosen per step:
       - max_doc_len=None, BOS-aligned windows (#26, as in record #28, 2025-08-23): each window starts at the first BOS
-        at least seq_len tokens after the previous start, so it holds whole documents back to back and ends
-        mid-document.
+        at least seq_len tokens after the previous start: whole documents back to back, the last cut mid-document.
       - max_doc_len=int, packed documents (record #29, 2025-09-03, FA3 / max document length): each document gives a
         piece from its BOS to its end, cut at max_doc_len tokens; pieces fill the window and the last one is cut to
         fit. What a cut leaves of a document is never used, and the next window starts at the next unused BOS.
@@ -2638,9 +2635,8 @@ class StopSignal:
 
 
 def warmup_steps(args: Hyperparameters) -> list[int]:
-    """The untimed warm-up runs the first warmup_steps steps and the 4 steps around every stage change (#65), so
-    that every compiled variant (batch sizes, windows, tied and untied, Adam and no-Adam steps) exists before the
-    clock starts."""
+    """The untimed warm-up runs the first warmup_steps steps and the 4 steps around every stage change (#65): every
+    compiled variant (batch sizes, windows, tied and untied, Adam and no-Adam steps) exists before the clock starts."""
     if not args.warmup_steps:
         return []
     total = args.num_iterations + args.extension_iterations
