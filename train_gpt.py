@@ -161,9 +161,8 @@ class Hyperparameters:
     use_embed_norm: bool = setting(True, "RMSNorm after the embedding (#8)")
     use_qk_norm: bool = setting(True, "QK-norm: RMSNorm of queries and keys (#5)")
     use_rotary: bool = setting(True, "rotary position embeddings (#2, #17)")
-    pos_embed_len: int = setting(0, "rows of a learned absolute position embedding added to the token embedding "
-                                 "(GPT-2: 1024); row = distance from the document's (context's) start, the last row "
-                                 "beyond; 0: none")
+    pos_embed_len: int = setting(0, "rows of a learned position embedding added to the token embedding (GPT-2: 1024); "
+                                 "row = distance from the document's (context's) start, the last row beyond; 0: off")
     context_len: int = setting(0, "attention and positions restart every n tokens of a window, documents ignored "
                                "(GPT-2's 1024-token sequences); 0: at every document's BOS (#13)")
     mlp_activation: str = setting("relu2", "relu2: ReLU^2 (#5); gelu: GELU, tanh approximation (GPT-2)")
@@ -246,8 +245,7 @@ class Hyperparameters:
         "gate_bias:0.1:0.9:0.99:0", "Adam rows name:lr_mul:beta1:beta2:wd_mul, one per parameter group (#52, #57)")
     tie_embed_stages: int = setting(2, "stages in which the embedding is the head, then a copy (#51, #53); 0: untied")
     optimizer_file: str = setting("", "a Python file whose build_optimizers(groups, args, rank, world_size) replaces "
-                                  "Muon and Adam (docs/recipes.md#bring-your-own-optimizer); its source goes into "
-                                  "the log")
+                                  "Muon and Adam (docs/recipes.md#bring-your-own-optimizer); its source is logged")
     # evaluation and run
     val_every: int = setting(250, "steps between validations (0: only at the start and the end)")
     final_val_every: int = setting(0, "steps between validations in the last 10% of the run; 0: val_every")
