@@ -1456,11 +1456,10 @@ def make_norm(args: Hyperparameters) -> nn.Module | Callable:
 
 class Rotary(nn.Module):
     """Half-truncated RoPE (#17): head_dim/4 frequencies from 1 to 1/base rad/token rotate one pair of dims each; the
-    other head_dim/4 pairs get frequency 0 and stay put, free for position-independent use. A pair is dims (j,
-    j + head_dim/2) (#17) or, interleaved, (2j, 2j+1) (#58). With YaRN (#31) every stage has its own frequencies and
-    attention scale: when the long window grows from `old` to `new` tokens, dims that turn fewer than once over
-    `old` are slowed by old/new, dims that turn 32 times or more keep their speed, and the scale grows by
-    1 + 0.2 ln(new/old)."""
+    other head_dim/4 pairs get frequency 0, free for position-independent use. A pair is dims (j, j + head_dim/2) (#17)
+    or, interleaved, (2j, 2j+1) (#58). With YaRN (#31) every stage has its own frequencies and attention scale: when the
+    long window grows from `old` to `new` tokens, dims that turn fewer than once over `old` are slowed by old/new, dims
+    that turn 32 times or more keep their speed, and the scale grows by 1 + 0.2 ln(new/old)."""
 
     def __init__(self, args: Hyperparameters, long_windows: list[int]):
         super().__init__()
@@ -1568,10 +1567,9 @@ def dense_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: Tensor, s
 
 def dc_correction(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, w1: Tensor, w2: Tensor, scale: Tensor,
                   window: int, block: int) -> Tensor:
-    """Lightweight dynamically composable attention (#85), post-only: every head h adds
-    w2_h * sum_s A[t, s] v_h[s] with A = sum_g w1_g P_g, where P_g is head g's softmax over the last `window` keys of
-    the same document. Plain PyTorch, one query block at a time against its own and the previous key block.
-    q, k, v: (1, T, H, D); w1, w2: (1, T, H)."""
+    """Lightweight dynamically composable attention (#85), post-only: every head h adds w2_h * sum_s A[t, s] v_h[s] with
+    A = sum_g w1_g P_g, where P_g is head g's softmax over the last `window` keys of the same document. Plain PyTorch,
+    one query block at a time against its own and the previous key block. q, k, v: (1, T, H, D); w1, w2: (1, T, H)."""
     T, H, D = q.shape[1:]
     n = T // block
     pad = lambda t, value: torch.cat([t.new_full((block, *t.shape[1:]), value), t])  # a block before the start
@@ -2800,11 +2798,10 @@ def print_schedule(args: Hyperparameters):
 
 
 def main(argv: list[str] | None = None, hooks=()) -> dict:
-    """Trains with the given settings (command-line style); returns the final metrics. Whatever stops a run early
-    (bad settings or data, a NaN loss, SIGTERM, Ctrl-C, a full disk, any error) is written as the last line of its
-    log, `stopped: <reason>`, and raised again. hooks: what a caller adds to a run on rank 0, without this file
-    importing it (train_extras.py): each hook's start(args, log) returns the log to write to, end(model, log) runs
-    after training."""
+    """Trains with the given settings (command-line style); returns the final metrics. Whatever stops a run early (bad
+    settings or data, a NaN loss, SIGTERM, Ctrl-C, a full disk, any error) is written as the last line of its log,
+    `stopped: <reason>`, and raised again. hooks: what a caller adds to a run on rank 0, without this file importing it
+    (train_extras.py): each hook's start(args, log) returns the log to write to, end(model, log) runs after training."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rt = setup_runtime(args)
     run_id = [args.run_id or str(uuid.uuid4())]
