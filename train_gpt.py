@@ -199,6 +199,8 @@ class Hyperparameters:
     fp8_grad_scale: float = setting(0.75 / 448, "FP8 head: gradient scale")
     use_fp8_mlp: bool = setting(True, "MLP forward in FP8 during training (#84, #89)")
     fused_loss: bool = setting(True, "soft-cap and loss fused in Triton (#60, #67, #79); plain when off or on a CPU")
+    fused_mlp: bool = setting(True, "FP8 MLP: relu^2, its e4m3 cast and max in the up matmul's Triton kernel, "
+                              "2 sqrt(post) in the backward's (#59, #87, #89); off or CPU: separate kernels")
     weights_bf16: bool = setting(True, "with dtype=bfloat16, keep weights in bf16; the hidden matrices keep 16 more "
                                  "mantissa bits in the optimizer (#57)")
     mtp_weights: str = setting("1,0.5,0.25>0;1,0.5>0;1", "per stage (;-separated): loss weights of the next, 2nd, "
@@ -999,30 +1001,90 @@ mlp_fp8_up.register_autograd(_mlp_fp8_up_backward,  # saves x and c_fc
 
 @torch.library.custom_op("nanogpt::mlp_fp8_down", mutates_args=())
 def mlp_fp8_down(pre: Tensor, post: Tensor, c_proj: Tensor, post_f8: Tensor, w2_f8: Tensor, act_scale: Tensor,
-                 w2_scale: Tensor) -> Tensor:
+                 w2_scale: Tensor, fused: bool) -> Tensor:
     """out = post @ c_proj^T computed from the e4m3 copies post_f8 (T, H) and w2_f8 (D, H), both row-major. Autograd
-    sends the gradient to pre (post = relu(pre)^2; pre itself is not read) and c_proj."""
+    sends the gradient to pre (post = relu(pre)^2; pre itself is not read) and c_proj; fused: by mlp_matmul_kernel."""
     return torch._scaled_mm(post_f8, w2_f8.T, scale_a=act_scale, scale_b=w2_scale, out_dtype=post.dtype,
                             use_fast_accum=True)
 
 
-mlp_fp8_down.register_fake(lambda pre, post, c_proj, post_f8, w2_f8, act_scale, w2_scale:
+mlp_fp8_down.register_fake(lambda pre, post, c_proj, post_f8, w2_f8, act_scale, w2_scale, fused:
                            post.new_empty(post.size(0), c_proj.size(0)))
 
 
 def _mlp_fp8_down_backward(ctx, grad_out):
-    post, c_proj = ctx.saved_tensors
-    grad_out = grad_out.type_as(post)
-    grad_pre = 2 * (grad_out @ c_proj.type_as(post)) * post.sqrt()  # d relu(pre)^2 = 2 relu(pre) = 2 sqrt(post)
-    return grad_pre, None, (grad_out.T @ post).type_as(c_proj), None, None, None, None
+    (post, c_proj), fused = ctx.saved_tensors, ctx.fused
+    grad_out, w2 = grad_out.type_as(post), c_proj.type_as(post)
+    if fused:  # d relu(pre)^2 = 2 relu(pre) = 2 sqrt(post), in the matmul's epilogue
+        mlp_matmul_launch(grad_out.contiguous(), w2, grad_pre := torch.empty_like(post), post)
+    else:
+        grad_pre = 2 * (grad_out @ w2) * post.sqrt()
+    return grad_pre, None, (grad_out.T @ post).type_as(c_proj), None, None, None, None, None
 
 
-mlp_fp8_down.register_autograd(_mlp_fp8_down_backward,  # saves post and c_proj
-                               setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[1:3]))
+mlp_fp8_down.register_autograd(_mlp_fp8_down_backward, setup_context=lambda ctx, inputs, output: (  # post, c_proj
+    ctx.save_for_backward(*inputs[1:3]), setattr(ctx, "fused", inputs[-1])))
+
+
+# The fused FP8 MLP (records #59, #87: a linear+ReLU^2 kernel that stores post and never pre; #89: it also writes the
+# e4m3 copy and the max; ours is written from the math, the plain twin being the path above). One matmul kernel with
+# two epilogues: the up projection's relu^2, e4m3 cast and amax, and the down projection's backward 2 (g W2) sqrt(post).
+# Each rounds as the unfused ops do (the product to bf16 first), so the two paths differ only in summation order.
+triton_jit = triton.jit if triton is not None else lambda fn: fn
+
+
+@triton_jit
+def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, post_ptr, f8_ptr, amax_ptr, scales_ptr, M, N, K, stride_bk, stride_bn,
+                      UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """out = f(A @ B), A (M, K) row-major, B (K, N) at strides (stride_bk, stride_bn), fp32 accumulation. UP (A, B in
+    e4m3): pre = scales[0] A B, out = post = relu(pre)^2, f8 = post / scales[1] in e4m3, amax = max(amax, max post).
+    Else: out = 2 (A B) sqrt(post)."""
+    pid, tiles_n = tl.program_id(0), tl.cdiv(N, BN)
+    first = pid // (GROUP * tiles_n) * GROUP  # GROUP row tiles sweep the columns together: their rows of A stay in L2
+    group = tl.minimum(tl.cdiv(M, BM) - first, GROUP)
+    rows = (first + pid % group) * BM + tl.arange(0, BM)
+    cols, ks = pid % (GROUP * tiles_n) // group * BN + tl.arange(0, BN), tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * K + k + ks[None, :],
+                    mask=(rows[:, None] < M) & (k + ks[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + (k + ks[:, None]) * stride_bk + cols[None, :] * stride_bn,
+                    mask=(k + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+    at, inside = rows[:, None].to(tl.int64) * N + cols[None, :], (rows[:, None] < M) & (cols[None, :] < N)
+    if UP:
+        pre = tl.maximum((acc * tl.load(scales_ptr)).to(out_ptr.dtype.element_ty).to(tl.float32), 0)
+        out = (pre * pre).to(out_ptr.dtype.element_ty).to(tl.float32)
+        f8 = tl.minimum(out / tl.load(scales_ptr + 1), 448.0)  # E4M3_MAX
+        tl.store(f8_ptr + at, f8.to(f8_ptr.dtype.element_ty), mask=inside)
+        tl.atomic_max(amax_ptr, tl.max(tl.max(out, 1), 0))  # out >= 0, and 0 outside the matrix
+    else:
+        post = tl.load(post_ptr + at, mask=inside, other=0).to(tl.float32)
+        out = 2 * acc.to(out_ptr.dtype.element_ty).to(tl.float32) * tl.sqrt(post)
+    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def mlp_matmul_launch(a: Tensor, b: Tensor, out: Tensor, post: Tensor, f8: Tensor | None = None,
+                      amax: Tensor | None = None, scales: Tensor | None = None):  # f8 given: the up projection's
+    up, (M, K), N = f8 is not None, a.shape, b.size(1)
+    BM, BN, BK = 128, 256, 128 if up else 64  # Triton's H100 matmul tiles for FP8 and bf16: 144 KiB of shared memory
+    torch.library.wrap_triton(mlp_matmul_kernel)[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+        a, b, out, post, out if f8 is None else f8, out if amax is None else amax, out if scales is None else scales,
+        M, N, K, b.stride(0), b.stride(1), UP=up, BM=BM, BN=BN, BK=BK, GROUP=8, num_warps=8, num_stages=3)
+
+
+def mlp_fp8_up_relu2(x: Tensor, c_fc: Tensor, x_f8: Tensor, w1_f8: Tensor, x_scale: Tensor, w1_scale: Tensor,
+                     act_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """mlp_fp8_up, relu^2, to_e4m3(post, act_scale) and the max of post in one kernel: post, its e4m3 copy, max."""
+    post = x.new_empty(x.size(0), c_fc.size(1))
+    post_f8, post_amax = torch.empty_like(post, dtype=torch.float8_e4m3fn), x.new_zeros((), dtype=torch.float32)
+    scales = torch.stack([x_scale * w1_scale, act_scale]).float()
+    mlp_matmul_launch(x_f8, w1_f8.T, post, post, post_f8, post_amax, scales)
+    return post, post_f8, post_amax
 
 
 def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale: Tensor,
-            bootstrap: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            bootstrap: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ReLU^2 MLP relu(x @ c_fc)^2 @ c_proj^T with both matmuls in FP8; c_fc and c_proj are (D, H).
 
     x: (T, D) bfloat16 (training) or float32, with T, D and H multiples of 16 (torch._scaled_mm's rule). act_scale and
@@ -1037,13 +1099,19 @@ def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale
                          "to (tokens, model_dim) and use sizes that are multiples of 16, or the plain MLP")
     x_scale, w1_scale = amax(x) / E4M3_MAX, amax(c_fc) / E4M3_MAX
     w1_f8 = to_e4m3(c_fc.detach().T.contiguous(), w1_scale)  # _scaled_mm wants its second operand column-major
-    pre = mlp_fp8_up(x, c_fc, to_e4m3(x.detach(), x_scale), w1_f8, x_scale, w1_scale)
-    post = F.relu(pre.detach()).square()
+    if fused:  # the kernel's post stands for pre: mlp_fp8_down's backward gives it pre's gradient
+        pre, post_f8, post_amax = mlp_fp8_up_relu2(x, c_fc, to_e4m3(x.detach(), x_scale), w1_f8, x_scale, w1_scale,
+                                                   act_scale)
+        post, post_amax = pre.detach(), post_amax.detach()  # the amax feeds the scale buffers: no autograd history
+    else:
+        pre = mlp_fp8_up(x, c_fc, to_e4m3(x.detach(), x_scale), w1_f8, x_scale, w1_scale)
+        post = F.relu(pre.detach()).square()
+        post_f8, post_amax = to_e4m3(post, act_scale), post.amax(dim=-1).max().float()  # fused with relu^2 by inductor
     w2_amax = amax(c_proj)
     w2_scale_now = torch.where(bootstrap, w2_amax / E4M3_MAX, w2_scale)
-    out = mlp_fp8_down(pre, post, c_proj, to_e4m3(post, act_scale), to_e4m3(c_proj.detach(), w2_scale_now), act_scale,
-                       w2_scale_now)
-    return out, post, post.amax(dim=-1).max().float(), w2_amax  # row maxima: fused with relu^2 and the cast
+    out = mlp_fp8_down(pre, post, c_proj, post_f8, to_e4m3(c_proj.detach(), w2_scale_now), act_scale, w2_scale_now,
+                       fused)
+    return out, post, post_amax, w2_amax
 
 
 def mlp_fp8_next_scales(post_amax: Tensor, w2_amax: Tensor, act_margin: float = 1.80,
@@ -1065,9 +1133,6 @@ def mlp_plain(x: Tensor, c_fc: Tensor, c_proj: Tensor, b_fc: Tensor | None = Non
 # of the raw head output z: c = cap * f((z + offset) / temperature), loss = sum_j w_j (lse(c) - c[t_j]) over its targets
 # t_j (next token, later ones, prefix; -1: absent). Forward: a running max and sum of exp over vocab tiles. Backward: c
 # again per tile, dloss/dz = g (softmax(c) sum_j w_j - sum_j w_j onehot(t_j)) dc/dz. c is never stored.
-triton_jit = triton.jit if triton is not None else lambda fn: fn
-
-
 @triton_jit
 def softcap_kernel(z, CAP, OFFSET, INV_TEMP, FN: tl.constexpr):  # (c, dc/dz); FN 1: sigmoid, 2: tanh, 3: algebraic
     if FN == 0:  # no cap: c = z
@@ -1083,8 +1148,9 @@ def softcap_kernel(z, CAP, OFFSET, INV_TEMP, FN: tl.constexpr):  # (c, dc/dz); F
 @triton_jit
 def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, lse_ptr, g_ptr, V, CAP: tl.constexpr,
                         OFFSET: tl.constexpr, INV_TEMP: tl.constexpr, FN: tl.constexpr, K: tl.constexpr,
-                        BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
-    """One row per program. Forward: out[row] = its loss, lse[row]. Backward: out[row, :] = g[row] dloss/dz."""
+                        BLOCK: tl.constexpr, BACKWARD: tl.constexpr, GRAD_S: tl.constexpr):
+    """One row per program. Forward: out[row] = its loss, lse[row]. Backward: out[row, :] = g[row] dloss/dz / GRAD_S,
+    rounded once to out's dtype (e5m2 for the FP8 head, fp8_head_loss)."""
     row, m, total, picked, w_sum = tl.program_id(0).to(tl.int64), -float("inf"), 0.0, 0.0, 0.0
     for j in tl.static_range(K):  # the weights of the terms present at this row
         w_sum += tl.where(tl.load(targets_ptr + row * K + j) >= 0, tl.load(weights_ptr + j), 0.0)
@@ -1096,7 +1162,7 @@ def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, lse_ptr, g_ptr
                                INV_TEMP, FN)
         if BACKWARD:
             grad = tl.load(g_ptr + row) * (tl.exp(c - tl.load(lse_ptr + row)) * w_sum - hot) * dc
-            tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(out_ptr + row * V + cols, (grad / GRAD_S).to(out_ptr.dtype.element_ty), mask=cols < V)
         else:
             picked += tl.sum(hot * c, 0)  # sum_j w_j c[t_j]
             c = tl.where(cols < V, c, -float("inf"))
@@ -1107,11 +1173,12 @@ def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, lse_ptr, g_ptr
         tl.store(lse_ptr + row, m + tl.log(total))
 
 
-def softcap_loss_launch(z, targets, weights, out, lse, g: Tensor | None, cap, fn, offset, temperature):  # cap 0: z
+def softcap_loss_launch(z, targets, weights, out, lse, g: Tensor | None, cap, fn, offset, temperature,
+                        grad_s: float = 1.0):  # cap 0: z
     torch.library.wrap_triton(softcap_loss_kernel)[(z.size(0),)](
         z, targets, weights, out, lse, lse if g is None else g, z.size(1), CAP=cap, OFFSET=offset,
         INV_TEMP=1 / temperature, FN=("sigmoid", "tanh", "algebraic").index(fn) + 1 if cap else 0, K=targets.size(1),
-        BLOCK=min(2048, triton.next_power_of_2(z.size(1))), BACKWARD=g is not None, num_warps=8)
+        BLOCK=min(2048, triton.next_power_of_2(z.size(1))), BACKWARD=g is not None, GRAD_S=grad_s, num_warps=8)
 
 
 def softcap_loss(z: Tensor, targets: Tensor, weights: Tensor, cap: float, fn: str, offset: float,
@@ -1128,11 +1195,35 @@ def _softcap_loss_backward(ctx, g, _):
     return grad, None, None, None, None, None, None
 
 
+def fp8_head_loss(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, x_s: float, w_s: float, grad_s: float,
+                  cap: float, fn: str, offset: float, temperature: float) -> tuple[(Tensor,) * 5]:
+    """softcap_loss of the FP8 head's z = fp8_mm(x, w) in one op, so that the loss kernel's backward writes the
+    head's gradient in e5m2 (record #67), half the bytes of bf16 and no pass to quantize it. Returns the loss
+    per row and its lse, then z and the FP8 copies of x and w for the backward."""
+    z, x_f8, w_f8 = fp8_mm(x, w, x_s, w_s, grad_s)
+    return *softcap_loss(z, targets, weights, cap, fn, offset, temperature), z, x_f8, w_f8
+
+
+def _fp8_head_loss_backward(ctx, g, *_):
+    z, targets, weights, lse, x_f8, w_f8 = ctx.saved_tensors
+    g_f8 = torch.empty_like(z, dtype=torch.float8_e5m2)  # dloss/dz / grad_s, rounded once (the record's kernel too)
+    softcap_loss_launch(z, targets, weights, g_f8, lse, g.contiguous(), *ctx.softcap, grad_s=ctx.scales[2])
+    grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_f8, g_f8.T.contiguous().T, x_f8, w_f8, *ctx.scales)
+    return grad_x, grad_w, *[None] * 9
+
+
 if triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):  # only where
     # it runs: registering reads the kernels with inductor's parser, and importing inductor costs ~1.5 s a process
     softcap_loss = torch.library.triton_op("nanogpt::softcap_loss", softcap_loss, mutates_args=())
     softcap_loss.register_autograd(_softcap_loss_backward, setup_context=lambda ctx, inputs, output: (
         ctx.save_for_backward(*inputs[:3], output[1]), setattr(ctx, "softcap", inputs[3:])))
+    fp8_head_loss = torch.library.triton_op("nanogpt::fp8_head_loss", fp8_head_loss, mutates_args=())
+    fp8_head_loss.register_autograd(_fp8_head_loss_backward, setup_context=lambda ctx, inputs, output: (
+        ctx.save_for_backward(output[2], *inputs[2:4], output[1], *output[3:]),
+        setattr(ctx, "scales", inputs[4:7]), setattr(ctx, "softcap", inputs[7:])))
+    mlp_fp8_up_relu2 = torch.library.triton_op("nanogpt::mlp_fp8_up_relu2", mlp_fp8_up_relu2, mutates_args=())
+    mlp_fp8_up_relu2.register_autograd(lambda ctx, grad_pre, *_: _mlp_fp8_up_backward(ctx, grad_pre) + (None,),
+                                       setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:2]))
 
 
 def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:
@@ -1143,11 +1234,16 @@ def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -
     return cap * f(z / temperature) if cap else z
 
 
-def fused_prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions: int, prefixes, softcap):
-    """prediction_loss(cap * f((z + offset) / temperature), ...) of the raw head output z, by softcap_loss."""
+def fused_prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions: int, prefixes, softcap,
+                          fp8_head: tuple | None = None):
+    """prediction_loss(cap * f((z + offset) / temperature), ...) of the raw head output z, by softcap_loss; with
+    fp8_head = (w, x_s, w_s, grad_s), z is the head's input x and the head is fp8_mm(x, w): fp8_head_loss."""
     ahead = [torch.cat([target_seq[k:], target_seq.new_full((k,), -1)]) for k in range(predictions)]
     targets = torch.stack(ahead + ([] if prefixes is None else [prefixes]), dim=1).int()
-    return softcap_loss(z, targets, weights[:targets.size(1)].float(), *softcap)[0].sum()
+    weights = weights[:targets.size(1)].float()
+    loss = softcap_loss(z, targets, weights, *softcap) if fp8_head is None else \
+        fp8_head_loss(z, fp8_head[0], targets, weights, *fp8_head[1:], *softcap)
+    return loss[0].sum()
 
 
 # -----------------------------------------------------------------------------
@@ -1669,7 +1765,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Parameter(torch.zeros(args.model_dim, args.mlp_hidden, dtype=wdtype))  # zero-init
         bias = lambda n: nn.Parameter(torch.zeros(n, dtype=wdtype)) if args.linear_bias else None
         self.c_fc_b, self.c_proj_b = bias(args.mlp_hidden), bias(args.model_dim)
-        self.gelu = args.mlp_activation == "gelu"
+        self.gelu, self.fused = args.mlp_activation == "gelu", args.fused_mlp
         if args.out_init_std:
             self.c_proj.data.normal_(0, args.out_init_std)
         if args.init_fan_in_var:
@@ -1684,7 +1780,7 @@ class MLP(nn.Module):
         act_scales, w2_scales, slot, bootstrap = fp8
         scale = lambda scales: scales.index_select(0, slot)[0]
         out, _, post_amax, w2_amax = mlp_fp8(x.flatten(end_dim=1), self.c_fc, self.c_proj, scale(act_scales),
-                                             scale(w2_scales), bootstrap)
+                                             scale(w2_scales), bootstrap, self.fused and x.is_cuda)
         for scales, new in zip((act_scales, w2_scales), mlp_fp8_next_scales(post_amax, w2_amax)):
             scales.index_copy_(0, slot, new.view(1))
         return out.view_as(x)
@@ -1902,9 +1998,13 @@ class GPT(nn.Module):
         x = self.hidden(input_seq)
         if self.training:
             prefixes = self.prefix_table[target_seq] if self.use_prefix else None
-            if self.args.fused_loss and x.is_cuda:  # the soft-cap in the kernel
-                return fused_prediction_loss(self.head(x, capped=False), target_seq, self.loss_weights,
-                                             self.num_predictions, prefixes, self.softcap_args)
+            args = self.args
+            if args.fused_loss and x.is_cuda:  # the soft-cap in the kernel, and the FP8 head in the same op
+                fp8_head = (self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale) \
+                    if args.use_fp8 and self.lm_head_b is None else None
+                return fused_prediction_loss(x if fp8_head else self.head(x, capped=False), target_seq,
+                                             self.loss_weights, self.num_predictions, prefixes, self.softcap_args,
+                                             fp8_head)
             return prediction_loss(self.head(x), target_seq, self.loss_weights, self.num_predictions, prefixes)
         # Evaluation: head, soft-cap and cross-entropy chunk by chunk, so that memory does not depend on the compiler
         # fusing them (262,144 tokens of fp32 logits alone are 49 GiB).

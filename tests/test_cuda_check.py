@@ -534,6 +534,87 @@ def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_
                                           and k["shared"] <= 232448 for k in out["built"])
 
 
+def test_with_the_fp8_head_in_the_loss_op_the_gradient_is_written_once_in_e5m2():
+    """fp8_head_loss at the speedrun's last stage (49,152 tokens x 768 x 50,304) compiles in one graph, and its
+    backward passes over the (tokens, vocab) gradient twice, not three times: the loss kernel reads z (bf16) and
+    writes the e5m2 gradient, one copy makes its column-major layout; no kernel reads a bf16 gradient to quantize it."""
+    require_the_toolchain()
+    T, D, V = 49152, 768, 50304
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+            "import fake_h100, cuda_check\n"
+            "torch = fake_h100.install()\n"
+            "import train_gpt as tg\n"
+            "rig = cuda_check.Rig(torch)\n"
+            "with rig.phase('loss', tokens=None), rig.fake:\n"
+            f"    x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
+            f"    w = torch.empty({V}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
+            f"    targets, prefixes = (torch.zeros({T}, dtype=torch.int64, device='cuda') for _ in range(2))\n"
+            "    weights = torch.ones(4, device='cuda')\n"
+            "with rig.phase('loss', tokens=None):\n"
+            "    loss = torch.compile(tg.fused_prediction_loss, fullgraph=True, dynamic=False)(\n"
+            "        x, targets, weights, 3, prefixes, (23.0, 'sigmoid', 5.0, 7.5),\n"
+            "        (w, 100 / 448, 1.6 / 448, 0.75 / 448))\n"
+            "    with rig.fake:\n"
+            "        loss.backward()\n"
+            "kernels = [k for g in rig.phases['loss']['aot'] for k in g['kernels']]\n"
+            "print(json.dumps(dict(kernels=kernels, graphs=len(rig.phases['loss']['graphs']))))")
+    out = run_on_fake_h100(code)
+    assert out["graphs"] == 1
+    forward, backward = [k for k in out["kernels"] if k["name"] == "softcap_loss_kernel"]
+    small = T * (4 * 4 + 4 + 4) + 4 * 4  # targets (T, 4) int32, loss and lse (or g) fp32, the weights
+    assert forward["bytes"] == T * V * 2 + small
+    assert backward["bytes"] == T * V * (2 + 1) + small  # reads z, writes the e5m2 gradient
+    generated = [(k["dtype"], k["bytes"]) for k in out["kernels"] if k["kind"] == "triton" and k["bytes"] >= T * V]
+    assert generated == [("float8_e5m2", 2 * T * V)]  # the column-major copy (the rest: the FP8 head's ops, the loss)
+    assert [k["name"] for k in out["kernels"] if k["kind"] == "extern"] == [
+        "nanogpt::fp8_mm", "softcap_loss_kernel", "softcap_loss_kernel", "nanogpt::fp8_mm_backward"]
+
+
+def test_the_fused_mlp_compiles_for_an_h100_and_is_priced_as_two_matmuls_without_elementwise_passes():
+    """train_gpt's fused FP8 MLP (fused_mlp: mlp_matmul_kernel, a user-defined Triton kernel) at the speedrun's last
+    stage, 49,152 tokens x 768 x 3072: under fullgraph compile, the up projection's kernel (e4m3 inputs) and the down
+    projection backward's (bf16) are built for sm_90 without spills, each priced as a matmul of 2 T D H FLOPs at its
+    dtype's peak, and no kernel passes over the (tokens, hidden) activations besides the matmuls."""
+    require_the_toolchain()
+    T, D, H = 49152, 768, 3072
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+            "import fake_h100, cuda_check\n"
+            "torch = fake_h100.install()\n"
+            "import train_gpt as tg\n"
+            "rig = cuda_check.Rig(torch)\n"
+            "with rig.phase('mlp', tokens=None), rig.fake:\n"
+            f"    x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
+            f"    c_fc, c_proj = (torch.empty({D}, {H}, device='cuda', requires_grad=True) for _ in range(2))\n"
+            "    scale, bootstrap = torch.ones((), device='cuda'), torch.ones((), dtype=torch.bool, device='cuda')\n"
+            "with rig.phase('mlp', tokens=None):\n"
+            "    out = torch.compile(tg.mlp_fp8, fullgraph=True, dynamic=False)(x, c_fc, c_proj, scale, scale,\n"
+            "                                                                   bootstrap, True)[0]\n"
+            "    with rig.fake:\n"
+            "        out.float().sum().backward()\n"
+            "kernels = [k for g in rig.phases['mlp']['aot'] for k in g['kernels']]\n"
+            "built = [fake_h100.kernel_resources(k) for k in fake_h100.COMPILED_KERNELS\n"
+            "         if k.name == 'mlp_matmul_kernel']\n"
+            "print(json.dumps(dict(kernels=kernels, built=built, graphs=len(rig.phases['mlp']['graphs']))))")
+    out = run_on_fake_h100(code)
+    assert out["graphs"] == 1
+    up, down = [k for k in out["kernels"] if k["name"] == "mlp_matmul_kernel"]
+    assert (up["dtype"], down["dtype"]) == ("float8_e4m3fn", "bfloat16")
+    assert up["flops"] == down["flops"] == 2 * T * D * H
+    assert up["bytes"] == T * D + D * H + T * H * (2 + 1) + 4 + 2 * 4  # x, W1 in e4m3; post, its e4m3; amax, scales
+    assert down["bytes"] == (T * D + D * H + 2 * T * H) * 2  # g, W2, post read, pre's gradient written
+    assert not [k for k in out["kernels"] if k["kind"] == "triton" and k["bytes"] >= T * H]  # relu^2, sqrt: fused
+    sys.path.insert(0, str(ROOT / "tools"))
+    import estimate
+
+    gpu = estimate.GPUS["h100"]()
+    for kernel, kind, tflops in ((up, "fp8_matmul", 1979.0 * 0.55), (down, "matmul", 989.5 * 0.70)):
+        priced = estimate.price(kernel, gpu)
+        assert priced["kind"] == kind and priced["bound"] == "compute"
+        assert priced["kernel_ms"] == pytest.approx(1e3 * 2 * T * D * H / (tflops * 1e12), rel=1e-3)
+    assert len(out["built"]) == 2 and all(k["target"] == "cuda:90" and k["local"] == 0 and k["registers"] <= 255
+                                          and k["shared"] <= 232448 for k in out["built"])
+
+
 def test_a_block_size_the_h100_backward_cannot_take_fails_the_check():
     """Why Hyperparameters refuses compiled bf16 FlexAttention with blocks under 128 tokens: the check, run with
     that refusal side-stepped (use_compile=false: the check compiles anyway), finds no backward kernel for one

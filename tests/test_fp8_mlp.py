@@ -199,7 +199,7 @@ def test_fp8_mlp_ops_pass_torch_opcheck(dtype):
     post = torch.relu(pre).square()
     act_scale, w2_scale = post.float().max() * 1.8 / 448, tg.amax(c_proj) / 448
     args = (leaf(pre), post, leaf(c_proj), tg.to_e4m3(post, act_scale), tg.to_e4m3(c_proj, w2_scale), act_scale,
-            w2_scale)
+            w2_scale, False)  # (fused=True, the Triton kernel in the backward: tests/test_fused_mlp.py)
     torch.library.opcheck(tg.mlp_fp8_down, args, test_utils=utils)
 
 
@@ -240,3 +240,5 @@ def test_gpu_fp8_mlp_matches_the_plain_mlp_eager_and_compiled():
     compiled = torch.compile(tg.mlp_fp8, fullgraph=True, dynamic=False)(x, c_fc, c_proj, *scales)[0]
     assert rel_err(out, ref) < 0.08
     assert rel_err(compiled, out) < 0.01  # the same e4m3 values but for rare rounding ties in the fused kernels
+    fused = torch.compile(tg.mlp_fp8, fullgraph=True, dynamic=False)(x, c_fc, c_proj, *scales, True)[0]
+    assert rel_err(fused, out) < 0.01  # the Triton kernel of the up projection (fused_mlp)

@@ -6,7 +6,10 @@ pytest process that sets it before anything imports triton; the parent's one tes
 failures. The loss and the gradient with respect to the raw head output are compared in fp32 and bf16 at a vocab that
 is one partial tile (1,000), several tiles with a tail (5,000; 50,304, the speedrun's), odd sequence lengths, 1 to 3
 predicted tokens (the last positions of the window lack the later ones), prefixes with -1 (none) among them, the
-sigmoid (2026), tanh (one-A100) and algebraic (the optimization track) soft-caps and none (GPT-2)."""
+sigmoid (2026), tanh (one-A100) and algebraic (the optimization track) soft-caps and none (GPT-2). With the FP8 head
+in the same op (fp8_head_loss), the kernel writes the head's gradient in e5m2: checked against the fp32 gradient
+divided by the gradient scale and rounded once, with the interpreter corrected to round as the GPU does
+(tests/triton_interpreter.py)."""
 
 import importlib.util
 import os
@@ -20,10 +23,15 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import train_gpt as tg  # noqa: E402
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (requirements.txt)")
+if INTERPRETED:  # before train_gpt registers its kernels
+    import triton_interpreter
+
+    triton_interpreter.correct()
+
+import train_gpt as tg  # noqa: E402
+
 SOFTCAPS = {"sigmoid": (23.0, "sigmoid", 5.0, 7.5), "tanh": (30.0, "tanh", 0.0, 30.0), "none": (0.0, "sigmoid", 0, 1),
             "algebraic": (15.0, "algebraic", 0.5, 15.0)}
 
@@ -35,7 +43,7 @@ def test_the_kernels_match_the_plain_loss_under_the_triton_interpreter():
                              __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]  # every check ran; only this test skipped itself there
-    assert summary.startswith(f"{len(CASES) + 2} passed, 1 skipped in "), result.stdout[-2000:]
+    assert summary.startswith(f"{len(CASES) + 4} passed, 1 skipped in "), result.stdout[-2000:]
 
 
 def test_the_model_on_a_cpu_runs_the_plain_twin():
@@ -104,3 +112,57 @@ def test_a_term_absent_at_a_row_is_in_neither_its_loss_nor_its_gradient():
     last = z[-1:].clone().requires_grad_()
     (0.75 * F.cross_entropy(tg.softcap(last, *SOFTCAPS["sigmoid"]), targets[-1:], reduction="sum")).backward()
     torch.testing.assert_close(grad[-1:], last.grad, rtol=1e-5, atol=1e-7)
+
+
+def head_inputs(T: int = 37, D: int = 128, V: int = 1000, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(T, D, generator=gen).bfloat16(), (torch.randn(V, D, generator=gen) * 0.05).bfloat16()
+    return x, w, torch.randint(0, V, (T,), generator=gen)
+
+
+FP8_SCALES = (100 / 448, 1.6 / 448, 0.75 / 448)  # the speedrun's x_s, w_s, grad_s
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the child process (TRITON_INTERPRET=1)")
+def test_the_loss_kernel_writes_the_gradient_in_e5m2_rounded_once():
+    """dloss/dz / grad_s computed in fp32 and rounded once to e5m2, not rounded to bf16 first."""
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(29, 5000, generator=gen) * 8).bfloat16()
+    targets = torch.randint(-1, 5000, (29, 3), generator=gen).int()
+    weights, g = torch.tensor([1.0, 0.5, 0.25]), torch.rand(29, generator=gen)
+    _, lse = tg.softcap_loss(z, targets, weights, *SOFTCAPS["sigmoid"])
+    grads = [torch.empty_like(z, dtype=dtype) for dtype in (torch.float32, torch.float8_e5m2)]
+    for out, grad_s in zip(grads, (1.0, FP8_SCALES[2])):
+        tg.softcap_loss_launch(z, targets, weights, out, lse, g, *SOFTCAPS["sigmoid"], grad_s=grad_s)
+    expected = (grads[0] / FP8_SCALES[2]).to(torch.float8_e5m2)
+    assert torch.equal(grads[1].view(torch.uint8), expected.view(torch.uint8))
+    assert (expected.float() != (grads[0].bfloat16().float() / FP8_SCALES[2]).to(torch.float8_e5m2).float()).any()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the child process (TRITON_INTERPRET=1)")
+def test_the_fp8_head_and_the_loss_in_one_op_equal_the_two_ops():
+    """fp8_head_loss: the loss of fp8_mm's z, bit for bit; the gradients of x and w are fp8_mm_backward's from the
+    e5m2 gradient rounded once, and within FP8's error of the two ops' (which round it to bf16 first)."""
+    x0, w0, target_seq = head_inputs()
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.3])
+    results = []
+    for fp8_head in (False, True):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        z = x if fp8_head else tg.fp8_mm(x, w, *FP8_SCALES)[0]
+        loss = tg.fused_prediction_loss(z, target_seq, weights, 3, None, SOFTCAPS["sigmoid"],
+                                        (w, *FP8_SCALES) if fp8_head else None)
+        (0.75 * loss).backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    (loss, grad_x, grad_w), (loss_1, grad_x_1, grad_w_1) = results
+    assert torch.equal(loss_1, loss)
+    z, x_f8, w_f8 = tg.fp8_mm(x0, w0, *FP8_SCALES)
+    ahead = [torch.cat([target_seq[k:], target_seq.new_full((k,), -1)]) for k in range(3)]
+    targets = torch.stack(ahead, dim=1).int()
+    _, lse = tg.softcap_loss(z, targets, weights[:3], *SOFTCAPS["sigmoid"])
+    grad_z = torch.empty_like(z, dtype=torch.float32)
+    tg.softcap_loss_launch(z, targets, weights[:3], grad_z, lse, torch.full((len(z),), 0.75), *SOFTCAPS["sigmoid"])
+    g_f8 = (grad_z / FP8_SCALES[2]).to(torch.float8_e5m2)
+    expected = tg.fp8_mm_backward(g_f8, g_f8.T.contiguous().T, x_f8, w_f8, *FP8_SCALES)
+    assert torch.equal(grad_x_1, expected[0]) and torch.equal(grad_w_1, expected[1].to(grad_w_1.dtype))
+    for ours, twin in ((grad_x_1, grad_x), (grad_w_1, grad_w)):
+        torch.testing.assert_close(ours.float(), twin.float(), rtol=0.1, atol=0.02 * twin.float().abs().max().item())

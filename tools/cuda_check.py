@@ -354,12 +354,16 @@ def kernel_records(scheduler) -> list[dict]:
                       dtype=str(dtype).removeprefix("torch."), inductor_ms=float(node.get_estimated_runtime()))
         if record["bytes"] != counted:
             record["inductor_bytes"] = counted
-        if isinstance(node.node, ir.UserDefinedTritonKernel):  # our own Triton kernel (train_gpt's fused loss):
-            # inductor counts at most 1e9 elements of each buffer an extern kernel touches (2 GB of the 4.9 GB bf16
-            # logits); price it as a streaming kernel that reads or writes each tensor argument once, in full
+        if isinstance(node.node, ir.UserDefinedTritonKernel):  # our own Triton kernel (train_gpt's fused loss and
+            # MLP): inductor counts at most 1e9 elements of each buffer an extern kernel touches (2 GB of the 4.9 GB
+            # bf16 logits); price it as a kernel that reads or writes each tensor argument once, in full
             buffers = {b.get_name(): b for b in node.node.inputs}.values()
             record.update(name=node.node.get_kernel_and_metadata()[0].fn.__name__, bytes=sum(
                 int(b.get_numel()) * b.get_dtype().itemsize for b in buffers))
+            args = node.node.kwargs
+            if all(isinstance(args.get(d), int) for d in "MNK"):  # a matmul (M, K) x (K, N) and its epilogue
+                record.update(flops=2 * args["M"] * args["N"] * args["K"],
+                              dtype=str(args["a_ptr"].get_dtype()).removeprefix("torch."))
         if kind == "template":  # FlexAttention: the query's and the key's shapes, to count what its mask computes
             inputs = getattr(parts[0].node, "inputs", [])
             record["shapes"] = [[int(d) for d in i.get_size()] for i in inputs[:2]
@@ -458,14 +462,21 @@ class OpRecorder:
 
 def graph_flops(gm) -> dict:
     """FLOPs of an FX graph by op, with torch.utils.flop_counter's formulas applied to each node's fake values.
-    flex_attention counts as dense attention (every query against every key); custom ops are counted separately."""
+    flex_attention counts as dense attention (every query against every key); custom ops are counted separately; a
+    Triton kernel of ours with integer arguments M, N and K is a matmul, 2·M·N·K under the kernel's name."""
     import torch
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch.utils.flop_counter import flop_registry
 
     value = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a
     counts = {}
     for n in gm.graph.nodes:
         if n.op != "call_function":
+            continue
+        if "kernel_idx" in n.kwargs:  # triton_kernel_wrapper_functional / _mutation: a user-defined Triton kernel
+            args, name = n.kwargs["kwargs"], kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+            if all(isinstance(args.get(d), int) for d in "MNK"):
+                counts[name] = counts.get(name, 0) + 2 * args["M"] * args["N"] * args["K"]
             continue
         packet = getattr(n.target, "overloadpacket", n.target)
         formula = flop_registry.get(packet)

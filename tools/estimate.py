@@ -59,8 +59,9 @@ GPUS = {  # NVLink per direction: H100 SXM 900 GB/s in all (NVLink 4), A100 SXM 
 # that inductor does not generate reaches at these shapes (memory-bound kernels are priced at the full bandwidth, as
 # inductor prices its own), the cost of each launch, and NCCL's share of the link bandwidth.
 EFFICIENCY = {
-    "matmul": 0.70,  # cuBLAS bf16 GEMM with K = 768 or 3072: ~700 of 989 TFLOP/s
-    "fp8_matmul": 0.55,  # torch._scaled_mm inside the FP8 custom ops, with the casts and scales around it
+    "matmul": 0.70,  # cuBLAS bf16 GEMM with K = 768 or 3072: ~700 of 989 TFLOP/s (train_gpt's Triton matmul: alike)
+    "fp8_matmul": 0.55,  # torch._scaled_mm inside the FP8 custom ops, with the casts and scales around it (and the
+    # Triton FP8 matmul of the fused MLP: assumed alike, not measured)
     "flex_forward": 0.45,  # FlexAttention's Triton forward with 128 x 128 mask blocks (FlashAttention-2-like)
     "flex_backward": 0.35,  # its backward (5 products per block, atomics-free but recomputing P)
     "collective": 0.80,  # NCCL ring bus bandwidth over NVLink
@@ -93,7 +94,7 @@ def kernel_class(k: dict) -> str:
     if k["kind"] == "template":
         return "flex_backward" if any("backward" in op for op in k["ops"]) else "flex_forward"
     if k["kind"] == "extern":
-        if "fp8" in k["name"]:
+        if "fp8" in k["name"] or k["dtype"].startswith("float8"):
             return "fp8_matmul"
         return "matmul" if k["flops"] else "extern_memory"
     return "inductor"
