@@ -979,26 +979,6 @@ def amax(t: Tensor) -> Tensor:
     return t.detach().abs().amax(dim=-1).max().float().clamp_min(1e-12)
 
 
-@torch.library.custom_op("nanogpt::mlp_fp8_up", mutates_args=())
-def mlp_fp8_up(x: Tensor, c_fc: Tensor, x_f8: Tensor, w1_f8: Tensor, x_scale: Tensor, w1_scale: Tensor) -> Tensor:
-    """pre = x @ c_fc computed from the e4m3 copies x_f8 (T, D) and w1_f8 = c_fc^T (H, D), both row-major. x and c_fc
-    serve the backward only: their gradients are the plain matmul's (straight through the quantization)."""
-    return torch._scaled_mm(x_f8, w1_f8.T, scale_a=x_scale, scale_b=w1_scale, out_dtype=x.dtype, use_fast_accum=True)
-
-
-mlp_fp8_up.register_fake(lambda x, c_fc, x_f8, w1_f8, x_scale, w1_scale: x.new_empty(x.size(0), c_fc.size(1)))
-
-
-def _mlp_fp8_up_backward(ctx, grad_pre):
-    x, c_fc = ctx.saved_tensors
-    grad_pre, w1 = grad_pre.type_as(x), c_fc.type_as(x)
-    return grad_pre @ w1.T, (x.T @ grad_pre).type_as(c_fc), None, None, None, None
-
-
-mlp_fp8_up.register_autograd(_mlp_fp8_up_backward,  # saves x and c_fc
-                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:2]))
-
-
 @torch.library.custom_op("nanogpt::mlp_fp8_down", mutates_args=())
 def mlp_fp8_down(pre: Tensor, post: Tensor, c_proj: Tensor, post_f8: Tensor, w2_f8: Tensor, act_scale: Tensor,
                  w2_scale: Tensor, fused: bool) -> Tensor:
@@ -1073,14 +1053,38 @@ def mlp_matmul_launch(a: Tensor, b: Tensor, out: Tensor, post: Tensor, f8: Tenso
         M, N, K, b.stride(0), b.stride(1), UP=up, BM=BM, BN=BN, BK=BK, GROUP=8, num_warps=8, num_stages=3)
 
 
-def mlp_fp8_up_relu2(x: Tensor, c_fc: Tensor, x_f8: Tensor, w1_f8: Tensor, x_scale: Tensor, w1_scale: Tensor,
-                     act_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """mlp_fp8_up, relu^2, to_e4m3(post, act_scale) and the max of post in one kernel: post, its e4m3 copy, max."""
+def mlp_fp8_up(x: Tensor, c_fc: Tensor, x_f8: Tensor, w1_f8: Tensor, x_scale: Tensor, w1_scale: Tensor,
+               act_scale: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """post = relu(pre)^2 for pre = x @ c_fc computed from the e4m3 copies x_f8 (T, D) and w1_f8 = c_fc^T (H, D), both
+    row-major; with post's e4m3 copy (act_scale) and its max. fused: mlp_matmul_kernel; else _scaled_mm and ops that
+    the compiler fuses into one pass. x and c_fc serve the backward only: the gradient that reaches post is pre's
+    (mlp_fp8_down's backward sends it), theirs are the plain matmul's (straight through the quantization)."""
+    if not fused:
+        post = F.relu(torch._scaled_mm(x_f8, w1_f8.T, scale_a=x_scale, scale_b=w1_scale, out_dtype=x.dtype,
+                                       use_fast_accum=True)).square()
+        return post, to_e4m3(post, act_scale), post.amax(dim=-1).max().float()  # row maxima first: the same pass
     post = x.new_empty(x.size(0), c_fc.size(1))
     post_f8, post_amax = torch.empty_like(post, dtype=torch.float8_e4m3fn), x.new_zeros((), dtype=torch.float32)
-    scales = torch.stack([x_scale * w1_scale, act_scale]).float()
-    mlp_matmul_launch(x_f8, w1_f8.T, post, post, post_f8, post_amax, scales)
+    mlp_matmul_launch(x_f8, w1_f8.T, post, post, post_f8, post_amax, torch.stack([x_scale * w1_scale, act_scale]))
     return post, post_f8, post_amax
+
+
+def _mlp_fp8_up_backward(ctx, grad_pre, *_):
+    x, c_fc = ctx.saved_tensors
+    grad_pre, w1 = grad_pre.type_as(x), c_fc.type_as(x)
+    return grad_pre @ w1.T, (x.T @ grad_pre).type_as(c_fc), None, None, None, None, None, None
+
+
+# A Triton op where its kernel can run: the compiler sees into it (the kernel, or the ops it fuses); elsewhere opaque.
+TRITON_OPS = triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+if TRITON_OPS:
+    mlp_fp8_up = torch.library.triton_op("nanogpt::mlp_fp8_up", mlp_fp8_up, mutates_args=())
+else:
+    mlp_fp8_up = torch.library.custom_op("nanogpt::mlp_fp8_up", mlp_fp8_up, mutates_args=())
+    mlp_fp8_up.register_fake(lambda x, c_fc, *_: (x.new_empty(x.size(0), c_fc.size(1)), x.new_empty(
+        x.size(0), c_fc.size(1), dtype=torch.float8_e4m3fn), x.new_empty((), dtype=torch.float32)))
+mlp_fp8_up.register_autograd(_mlp_fp8_up_backward,  # saves x and c_fc
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:2]))
 
 
 def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale: Tensor,
@@ -1099,14 +1103,9 @@ def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale
                          "to (tokens, model_dim) and use sizes that are multiples of 16, or the plain MLP")
     x_scale, w1_scale = amax(x) / E4M3_MAX, amax(c_fc) / E4M3_MAX
     w1_f8 = to_e4m3(c_fc.detach().T.contiguous(), w1_scale)  # _scaled_mm wants its second operand column-major
-    if fused:  # the kernel's post stands for pre: mlp_fp8_down's backward gives it pre's gradient
-        pre, post_f8, post_amax = mlp_fp8_up_relu2(x, c_fc, to_e4m3(x.detach(), x_scale), w1_f8, x_scale, w1_scale,
-                                                   act_scale)
-        post, post_amax = pre.detach(), post_amax.detach()  # the amax feeds the scale buffers: no autograd history
-    else:
-        pre = mlp_fp8_up(x, c_fc, to_e4m3(x.detach(), x_scale), w1_f8, x_scale, w1_scale)
-        post = F.relu(pre.detach()).square()
-        post_f8, post_amax = to_e4m3(post, act_scale), post.amax(dim=-1).max().float()  # fused with relu^2 by inductor
+    pre, post_f8, post_amax = mlp_fp8_up(x, c_fc, to_e4m3(x.detach(), x_scale), w1_f8, x_scale, w1_scale, act_scale,
+                                         fused)  # pre: post, the handle through which pre's gradient flows
+    post, post_amax = pre.detach(), post_amax.detach()  # the amax feeds the scale buffers: no autograd history
     w2_amax = amax(c_proj)
     w2_scale_now = torch.where(bootstrap, w2_amax / E4M3_MAX, w2_scale)
     out = mlp_fp8_down(pre, post, c_proj, post_f8, to_e4m3(c_proj.detach(), w2_scale_now), act_scale, w2_scale_now,
@@ -1212,8 +1211,7 @@ def _fp8_head_loss_backward(ctx, g, *_):
     return grad_x, grad_w, *[None] * 9
 
 
-if triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):  # only where
-    # it runs: registering reads the kernels with inductor's parser, and importing inductor costs ~1.5 s a process
+if TRITON_OPS:  # only where it runs: registering reads the kernels with inductor's parser (~1.5 s a process)
     softcap_loss = torch.library.triton_op("nanogpt::softcap_loss", softcap_loss, mutates_args=())
     softcap_loss.register_autograd(_softcap_loss_backward, setup_context=lambda ctx, inputs, output: (
         ctx.save_for_backward(*inputs[:3], output[1]), setattr(ctx, "softcap", inputs[3:])))
@@ -1221,9 +1219,6 @@ if triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_I
     fp8_head_loss.register_autograd(_fp8_head_loss_backward, setup_context=lambda ctx, inputs, output: (
         ctx.save_for_backward(output[2], *inputs[2:4], output[1], *output[3:]),
         setattr(ctx, "scales", inputs[4:7]), setattr(ctx, "softcap", inputs[7:])))
-    mlp_fp8_up_relu2 = torch.library.triton_op("nanogpt::mlp_fp8_up_relu2", mlp_fp8_up_relu2, mutates_args=())
-    mlp_fp8_up_relu2.register_autograd(lambda ctx, grad_pre, *_: _mlp_fp8_up_backward(ctx, grad_pre) + (None,),
-                                       setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:2]))
 
 
 def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:

@@ -43,7 +43,7 @@ def test_the_kernels_match_the_plain_loss_under_the_triton_interpreter():
                              __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]  # every check ran; only this test skipped itself there
-    assert summary.startswith(f"{len(CASES) + 4} passed, 1 skipped in "), result.stdout[-2000:]
+    assert summary.startswith(f"{len(CASES) + 4} passed, 2 skipped in "), result.stdout[-2000:]  # and the GPU test
 
 
 def test_the_model_on_a_cpu_runs_the_plain_twin():
@@ -166,3 +166,26 @@ def test_the_fp8_head_and_the_loss_in_one_op_equal_the_two_ops():
     assert torch.equal(grad_x_1, expected[0]) and torch.equal(grad_w_1, expected[1].to(grad_w_1.dtype))
     for ours, twin in ((grad_x_1, grad_x), (grad_w_1, grad_w)):
         torch.testing.assert_close(ours.float(), twin.float(), rtol=0.1, atol=0.02 * twin.float().abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
+def test_gpu_the_fp8_head_and_loss_op_matches_the_plain_loss_of_the_fp8_head():
+    """On a GPU, eager and compiled: fp8_head_loss against fp8_mm followed by the plain soft-capped loss."""
+    x0, w0, target_seq = (t.cuda() for t in head_inputs(T=1024, D=768, V=50304))
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.3], device="cuda")
+    results = []
+    for fused in (False, True, "compiled"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if fused:
+            loss_fn = tg.fused_prediction_loss if fused is True else torch.compile(tg.fused_prediction_loss)
+            loss = loss_fn(x, target_seq, weights, 3, None, SOFTCAPS["sigmoid"], (w, *FP8_SCALES))
+        else:
+            z = tg.softcap(tg.fp8_mm(x, w, *FP8_SCALES)[0], *SOFTCAPS["sigmoid"])
+            loss = tg.prediction_loss(z, target_seq, weights, 3, None)
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    for loss, grad_x, grad_w in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-4, atol=0)
+        for ours, plain in ((grad_x, results[0][1]), (grad_w, results[0][2])):
+            torch.testing.assert_close(ours.float(), plain.float(), rtol=0.1, atol=0.02 * plain.float().abs().max())

@@ -85,7 +85,7 @@ def test_the_up_projection_kernel_writes_what_the_unfused_ops_write(T, D, H):
     pre = torch._scaled_mm(x_f8, w1_f8.T, scale_a=x_scale, scale_b=w1_scale, out_dtype=torch.bfloat16)
     post_twin = torch.relu(pre).square()
     act_scale = post_twin.float().max() * 0.6 / tg.E4M3_MAX  # some values saturate
-    post, post_f8, post_amax = tg.mlp_fp8_up_relu2(x, c_fc, x_f8, w1_f8, x_scale, w1_scale, act_scale)
+    post, post_f8, post_amax = tg.mlp_fp8_up(x, c_fc, x_f8, w1_f8, x_scale, w1_scale, act_scale, True)
     assert_nearly_equal(post, post_twin)
     assert torch.equal(post_f8.float(), tg.to_e4m3(post, act_scale).float())  # the cast: exactly torch's
     assert (post_f8.float() == tg.E4M3_MAX).any()

@@ -94,7 +94,7 @@ def kernel_class(k: dict) -> str:
     if k["kind"] == "template":
         return "flex_backward" if any("backward" in op for op in k["ops"]) else "flex_forward"
     if k["kind"] == "extern":
-        if "fp8" in k["name"] or k["dtype"].startswith("float8"):
+        if "fp8" in k["name"] or "scaled_mm" in k["name"] or k["dtype"].startswith("float8"):
             return "fp8_matmul"
         return "matmul" if k["flops"] else "extern_memory"
     return "inductor"
