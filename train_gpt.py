@@ -201,6 +201,8 @@ class Hyperparameters:
     fused_loss: bool = setting(True, "soft-cap and loss fused in Triton (#60, #67, #79); plain when off or on a CPU")
     fused_mlp: bool = setting(True, "FP8 MLP: relu^2, its e4m3 cast and max in the up matmul's Triton kernel, "
                               "2 sqrt(post) in the backward's (#59, #87, #89); off or CPU: separate kernels")
+    fused_fp8_head: bool = setting(True, "with fused_loss and use_fp8, the loss kernel writes the head's gradient in "
+                                   "e5m2 (#67); off: in bf16, then quantized by a further pass")
     weights_bf16: bool = setting(True, "with dtype=bfloat16, keep weights in bf16; the hidden matrices keep 16 more "
                                  "mantissa bits in the optimizer (#57)")
     mtp_weights: str = setting("1,0.5,0.25>0;1,0.5>0;1", "per stage (;-separated): loss weights of the next, 2nd, "
@@ -1996,7 +1998,7 @@ class GPT(nn.Module):
             args = self.args
             if args.fused_loss and x.is_cuda:  # the soft-cap in the kernel, and the FP8 head in the same op
                 fp8_head = (self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale) \
-                    if args.use_fp8 and self.lm_head_b is None else None
+                    if args.use_fp8 and args.fused_fp8_head and self.lm_head_b is None else None
                 return fused_prediction_loss(x if fp8_head else self.head(x, capped=False), target_seq,
                                              self.loss_weights, self.num_predictions, prefixes, self.softcap_args,
                                              fp8_head)
