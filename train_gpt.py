@@ -964,8 +964,8 @@ fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 # per-tensor scales (record #84, 2026-05-21 FP8 MLP up-projection); down projection in e4m3 with delayed scales, the
 # ones measured one step earlier (record #89, 2026-07-17 FP8DownProjection): the activations are then quantized in the
 # same pass that measures them. The backward is the plain MLP's, in x's dtype, from the saved post: relu(pre) =
-# sqrt(post), so pre is never kept. Only the two _scaled_mm calls are opaque ops; the quantization stays in traced code
-# so that the compiler fuses relu^2, amax and the e4m3 cast into one pass over the (tokens, hidden) activations.
+# sqrt(post), so pre is never kept. The up projection is one op that the compiler sees into: our Triton kernel
+# (fused_mlp), or _scaled_mm with relu^2, amax and the e4m3 cast fused by the compiler into one pass after it.
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -1097,7 +1097,8 @@ def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale
     w2_scale: 0-d fp32 tensors, the delayed scales of this step; bootstrap: 0-d bool tensor, true in the first steps,
     when the weight scale is amax(|c_proj|) / 448 of the current weight instead of w2_scale. Returns out (T, D) and
     post (T, H, no gradient) in x's dtype, and the 0-d fp32 amax of post and of c_proj, from which
-    mlp_fp8_next_scales computes the next step's scales."""
+    mlp_fp8_next_scales computes the next step's scales. fused: the Triton kernel (mlp_matmul_kernel) for the up
+    projection and the down projection's backward."""
     T, D, H = x.size(0), c_fc.size(0), c_fc.size(1)
     if x.ndim != 2 or T % 16 or D % 16 or H % 16 or c_proj.shape != c_fc.shape:
         raise ValueError(f"mlp_fp8 takes x (T, D) and c_fc, c_proj (D, H) with T, D, H multiples of 16; got x "
