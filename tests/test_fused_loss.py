@@ -12,8 +12,6 @@ divided by the gradient scale and rounded once, with the interpreter corrected t
 (tests/triton_interpreter.py)."""
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,12 +21,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (requirements.txt)")
-if INTERPRETED:  # before train_gpt registers its kernels
-    import triton_interpreter
-
-    triton_interpreter.correct()
+import triton_interpreter  # noqa: E402  (in the child process: corrects the interpreter before train_gpt loads)
+from triton_interpreter import INTERPRETED  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
@@ -38,12 +33,7 @@ SOFTCAPS = {"sigmoid": (23.0, "sigmoid", 5.0, 7.5), "tanh": (30.0, "tanh", 0.0, 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
 def test_the_kernels_match_the_plain_loss_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                             __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-3000:]
-    summary = result.stdout.strip().splitlines()[-1]  # every check ran; only this test skipped itself there
-    assert summary.startswith(f"{len(CASES) + 4} passed, 2 skipped in "), result.stdout[-2000:]  # and the GPU test
+    triton_interpreter.run_child(__file__, passed=len(CASES) + 4, skipped=2)  # this test and the GPU one skip there
 
 
 def test_the_model_on_a_cpu_runs_the_plain_twin():
