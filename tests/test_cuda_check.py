@@ -53,6 +53,13 @@ def run_check(*argv: str, expect_pass: bool = True) -> tuple[dict, subprocess.Co
     return report, result
 
 
+FAKE_H100_RIG = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+                 "import fake_h100, cuda_check\n"
+                 "torch = fake_h100.install()\n"
+                 "import train_gpt as tg\n"
+                 "rig = cuda_check.Rig(torch)\n")  # a snippet's start: a fake H100, train_gpt, the check's recorder
+
+
 def run_on_fake_h100(code: str):
     """Runs a snippet in a fresh process (the fake H100 must be set up before torch loads; sys.argv[1] is the
     repository) and returns the JSON its last line prints."""
@@ -503,11 +510,7 @@ def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_
     1e9 elements of each buffer)."""
     require_the_toolchain()
     T, V = 49152, 50304
-    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
-            "import fake_h100, cuda_check\n"
-            "torch = fake_h100.install()\n"
-            "import train_gpt as tg\n"
-            "rig = cuda_check.Rig(torch)\n"
+    code = (FAKE_H100_RIG +
             "with rig.phase('loss', tokens=None), rig.fake:\n"
             f"    z = torch.empty({T}, {V}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
             f"    targets, prefixes = (torch.zeros({T}, dtype=torch.int64, device='cuda') for _ in range(2))\n"
@@ -542,11 +545,7 @@ def test_with_the_fp8_head_in_the_loss_op_the_gradient_is_written_once_in_e5m2()
     writes the e5m2 gradient, one copy makes its column-major layout; no kernel reads a bf16 gradient to quantize it."""
     require_the_toolchain()
     T, D, V = 49152, 768, 50304
-    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
-            "import fake_h100, cuda_check\n"
-            "torch = fake_h100.install()\n"
-            "import train_gpt as tg\n"
-            "rig = cuda_check.Rig(torch)\n"
+    code = (FAKE_H100_RIG +
             "with rig.phase('loss', tokens=None), rig.fake:\n"
             f"    x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
             f"    w = torch.empty({V}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
@@ -579,11 +578,7 @@ def test_the_fused_mlp_compiles_for_an_h100_and_is_priced_as_two_matmuls_without
     dtype's peak, and no kernel passes over the (tokens, hidden) activations besides the matmuls."""
     require_the_toolchain()
     T, D, H = 49152, 768, 3072
-    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
-            "import fake_h100, cuda_check\n"
-            "torch = fake_h100.install()\n"
-            "import train_gpt as tg\n"
-            "rig = cuda_check.Rig(torch)\n"
+    code = (FAKE_H100_RIG +
             "with rig.phase('mlp', tokens=None), rig.fake:\n"
             f"    x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
             f"    c_fc, c_proj = (torch.empty({D}, {H}, device='cuda', requires_grad=True) for _ in range(2))\n"
