@@ -68,6 +68,23 @@ def run_on_fake_h100(code: str):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def compile_on_fake_h100(inputs: list[str], call: str, built: str = "") -> dict:
+    """Compiles tg.<call> (fullgraph, static shapes) on the fake H100 with `inputs` (snippet lines) made as fake
+    tensors, then runs the backward of its (first) result: that phase's kernel records, its graph count, and the
+    resources of the Triton kernels named `built` that ptxas built."""
+    fn, args = call.split("(", 1)
+    return run_on_fake_h100(
+        FAKE_H100_RIG + "with rig.phase('p', tokens=None), rig.fake:\n" + "".join(f"    {line}\n" for line in inputs) +
+        "with rig.phase('p', tokens=None):\n"
+        f"    out = torch.compile(tg.{fn}, fullgraph=True, dynamic=False)({args}\n"
+        "    out = out[0] if isinstance(out, tuple) else out\n"
+        "    with rig.fake:\n"
+        "        out.float().sum().backward()\n"
+        "kernels = [k for g in rig.phases['p']['aot'] for k in g['kernels']]\n"
+        f"built = [fake_h100.kernel_resources(k) for k in fake_h100.COMPILED_KERNELS if k.name == {built!r}]\n"
+        "print(json.dumps(dict(kernels=kernels, built=built, graphs=len(rig.phases['p']['graphs']))))")
+
+
 def muon_shard_shapes(args: tg.Hyperparameters, world_size: int) -> set[tuple]:
     """What rank r passes the orthogonalizer: its contiguous share of ceil(n / W) matrices of each Muon group of n
     (tg.Muon's contract), for every rank that owns any."""
@@ -501,6 +518,11 @@ def test_a_fused_kernel_over_more_than_1e9_elements_is_counted_in_full():
     assert estimate.agreement(priced) == dict(kernels=1, same=0, inductor_zero=0, fp32_halved=0, recounted=1, other=0)
 
 
+def loss_inputs(T: int) -> list[str]:  # the loss's targets, prefixes and weights, as snippet lines
+    return [f"targets, prefixes = (torch.zeros({T}, dtype=torch.int64, device='cuda') for _ in range(2))",
+            "weights = torch.ones(4, device='cuda')"]
+
+
 @pytest.mark.parametrize("softcap", [(23.0, "sigmoid", 5.0, 7.5), (15.0, "algebraic", 0.0, 15.0)],
                          ids=["speedrun", "optimization_track"])
 def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_tensors(softcap):
@@ -510,23 +532,11 @@ def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_
     1e9 elements of each buffer)."""
     require_the_toolchain()
     T, V = 49152, 50304
-    code = (FAKE_H100_RIG +
-            "with rig.phase('loss', tokens=None), rig.fake:\n"
-            f"    z = torch.empty({T}, {V}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
-            f"    targets, prefixes = (torch.zeros({T}, dtype=torch.int64, device='cuda') for _ in range(2))\n"
-            "    weights = torch.ones(4, device='cuda')\n"
-            "with rig.phase('loss', tokens=None):\n"
-            "    loss = torch.compile(tg.fused_prediction_loss, fullgraph=True, dynamic=False)(\n"
-            f"        z, targets, weights, 3, prefixes, {softcap!r})\n"
-            "    with rig.fake:\n"
-            "        loss.backward()\n"
-            "name = 'softcap_loss_kernel'\n"
-            "kernels = [k for g in rig.phases['loss']['aot'] for k in g['kernels'] if k['name'] == name]\n"
-            "built = [fake_h100.kernel_resources(k) for k in fake_h100.COMPILED_KERNELS if k.name == name]\n"
-            "print(json.dumps(dict(kernels=kernels, built=built, graphs=len(rig.phases['loss']['graphs']))))")
-    out = run_on_fake_h100(code)
+    out = compile_on_fake_h100(loss_inputs(T) + [
+        f"z = torch.empty({T}, {V}, dtype=torch.bfloat16, device='cuda', requires_grad=True)"],
+        f"fused_prediction_loss(z, targets, weights, 3, prefixes, {softcap!r})", built="softcap_loss_kernel")
     assert out["graphs"] == 1
-    forward, backward = out["kernels"]
+    forward, backward = [k for k in out["kernels"] if k["name"] == "softcap_loss_kernel"]
     small = T * (4 * 4 + 4 + 4) + 4 * 4  # targets (T, 4) int32, loss and lse (or g) fp32, the weights
     assert forward["kind"] == "extern" and forward["bytes"] == T * V * 2 + small  # reads z
     assert backward["bytes"] == 2 * T * V * 2 + small  # reads z, writes its gradient (g and lse: 8 bytes a row)
@@ -545,21 +555,11 @@ def test_with_the_fp8_head_in_the_loss_op_the_gradient_is_written_once_in_e5m2()
     writes the e5m2 gradient, one copy makes its column-major layout; no kernel reads a bf16 gradient to quantize it."""
     require_the_toolchain()
     T, D, V = 49152, 768, 50304
-    code = (FAKE_H100_RIG +
-            "with rig.phase('loss', tokens=None), rig.fake:\n"
-            f"    x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
-            f"    w = torch.empty({V}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
-            f"    targets, prefixes = (torch.zeros({T}, dtype=torch.int64, device='cuda') for _ in range(2))\n"
-            "    weights = torch.ones(4, device='cuda')\n"
-            "with rig.phase('loss', tokens=None):\n"
-            "    loss = torch.compile(tg.fused_prediction_loss, fullgraph=True, dynamic=False)(\n"
-            "        x, targets, weights, 3, prefixes, (23.0, 'sigmoid', 5.0, 7.5),\n"
-            "        (w, 100 / 448, 1.6 / 448, 0.75 / 448))\n"
-            "    with rig.fake:\n"
-            "        loss.backward()\n"
-            "kernels = [k for g in rig.phases['loss']['aot'] for k in g['kernels']]\n"
-            "print(json.dumps(dict(kernels=kernels, graphs=len(rig.phases['loss']['graphs']))))")
-    out = run_on_fake_h100(code)
+    out = compile_on_fake_h100(loss_inputs(T) + [
+        f"x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)",
+        f"w = torch.empty({V}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)"],
+        "fused_prediction_loss(x, targets, weights, 3, prefixes, (23.0, 'sigmoid', 5.0, 7.5), "
+        "(w, 100 / 448, 1.6 / 448, 0.75 / 448))")
     assert out["graphs"] == 1
     forward, backward = [k for k in out["kernels"] if k["name"] == "softcap_loss_kernel"]
     small = T * (4 * 4 + 4 + 4) + 4 * 4  # targets (T, 4) int32, loss and lse (or g) fp32, the weights
@@ -578,21 +578,11 @@ def test_the_fused_mlp_compiles_for_an_h100_and_is_priced_as_two_matmuls_without
     dtype's peak, and no kernel passes over the (tokens, hidden) activations besides the matmuls."""
     require_the_toolchain()
     T, D, H = 49152, 768, 3072
-    code = (FAKE_H100_RIG +
-            "with rig.phase('mlp', tokens=None), rig.fake:\n"
-            f"    x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)\n"
-            f"    c_fc, c_proj = (torch.empty({D}, {H}, device='cuda', requires_grad=True) for _ in range(2))\n"
-            "    scale, bootstrap = torch.ones((), device='cuda'), torch.ones((), dtype=torch.bool, device='cuda')\n"
-            "with rig.phase('mlp', tokens=None):\n"
-            "    out = torch.compile(tg.mlp_fp8, fullgraph=True, dynamic=False)(x, c_fc, c_proj, scale, scale,\n"
-            "                                                                   bootstrap, True)[0]\n"
-            "    with rig.fake:\n"
-            "        out.float().sum().backward()\n"
-            "kernels = [k for g in rig.phases['mlp']['aot'] for k in g['kernels']]\n"
-            "built = [fake_h100.kernel_resources(k) for k in fake_h100.COMPILED_KERNELS\n"
-            "         if k.name == 'mlp_matmul_kernel']\n"
-            "print(json.dumps(dict(kernels=kernels, built=built, graphs=len(rig.phases['mlp']['graphs']))))")
-    out = run_on_fake_h100(code)
+    out = compile_on_fake_h100([
+        f"x = torch.empty({T}, {D}, dtype=torch.bfloat16, device='cuda', requires_grad=True)",
+        f"c_fc, c_proj = (torch.empty({D}, {H}, device='cuda', requires_grad=True) for _ in range(2))",
+        "scale, bootstrap = torch.ones((), device='cuda'), torch.ones((), dtype=torch.bool, device='cuda')"],
+        "mlp_fp8(x, c_fc, c_proj, scale, scale, bootstrap, True)", built="mlp_matmul_kernel")
     assert out["graphs"] == 1
     up, down = [k for k in out["kernels"] if k["name"] == "mlp_matmul_kernel"]
     assert (up["dtype"], down["dtype"]) == ("float8_e4m3fn", "bfloat16")
