@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-try:  # the Triton kernels (the fused loss); a CPU-only install runs their plain twins and never calls them
+try:  # the Triton kernels (the fused loss and MLP); a CPU-only install runs their plain twins, never them
     import triton
     import triton.language as tl
 except ImportError:  # the kernels' annotations still read tl.constexpr
