@@ -930,25 +930,25 @@ fp8_mm.register_fake(lambda x, w, x_s, w_s, grad_s: (x.new_empty(x.size(0), w.si
 
 @torch.library.custom_op("nanogpt::fp8_mm_backward", mutates_args=())
 def fp8_mm_backward(g_f8: Tensor, g_f8_cols: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
-                    grad_s: float) -> tuple[Tensor, Tensor]:
+                    grad_s: float, w_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """From the gradient in e5m2 (wider range, fewer digits), row-major and column-major; no fast accumulation."""
     scale = lambda s: x_f8.new_tensor(s, dtype=torch.float32)
     # _scaled_mm wants its first operand row-major and its second column-major
     grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=scale(grad_s),
                               scale_b=scale(w_s), use_fast_accum=False)
     # grad_w as (x^T g)^T: the orientation record #19 found faster for a (50304, 768) weight
-    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8_cols, out_dtype=torch.float32,
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8_cols, out_dtype=w_dtype,  # the weight's: no cast pass
                               scale_a=scale(x_s), scale_b=scale(grad_s), use_fast_accum=False).T
     return grad_x, grad_w
 
 
-fp8_mm_backward.register_fake(lambda g_f8, g_f8_cols, x_f8, w_f8, x_s, w_s, grad_s: (
-    torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=torch.float32).T))
+fp8_mm_backward.register_fake(lambda g_f8, g_f8_cols, x_f8, w_f8, x_s, w_s, grad_s, w_dtype: (
+    torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=w_dtype).T))
 
 
 def _fp8_mm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
-    ctx.scales = inputs[2:]
+    ctx.scales = (*inputs[2:], inputs[1].dtype)
 
 
 def _fp8_mm_backward(ctx, grad_out, *_):  # the quantization in traced code: compiled, both layouts in one pass
@@ -1221,7 +1221,7 @@ if TRITON_OPS:  # only where it runs: registering reads the kernels with inducto
     fp8_head_loss = torch.library.triton_op("nanogpt::fp8_head_loss", fp8_head_loss, mutates_args=())
     fp8_head_loss.register_autograd(_fp8_head_loss_backward, setup_context=lambda ctx, inputs, output: (
         ctx.save_for_backward(output[2], *inputs[2:4], output[1], *output[3:]),
-        setattr(ctx, "scales", inputs[4:7]), setattr(ctx, "softcap", inputs[7:])))
+        setattr(ctx, "scales", (*inputs[4:7], inputs[1].dtype)), setattr(ctx, "softcap", inputs[7:])))
 
 
 def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:

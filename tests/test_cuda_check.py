@@ -552,7 +552,8 @@ def test_the_fused_loss_compiles_for_an_h100_and_is_priced_as_one_pass_over_its_
 def test_with_the_fp8_head_in_the_loss_op_the_gradient_is_written_once_in_e5m2():
     """fp8_head_loss at the speedrun's last stage (49,152 tokens x 768 x 50,304) compiles in one graph, and its
     backward passes over the (tokens, vocab) gradient twice, not three times: the loss kernel reads z (bf16) and
-    writes the e5m2 gradient, one copy makes its column-major layout; no kernel reads a bf16 gradient to quantize it."""
+    writes the e5m2 gradient, one copy makes its column-major layout; no kernel reads a bf16 gradient to quantize it,
+    nor casts the weight's gradient."""
     require_the_toolchain()
     T, D, V = 49152, 768, 50304
     out = compile_on_fake_h100(loss_inputs(T) + [
@@ -567,6 +568,8 @@ def test_with_the_fp8_head_in_the_loss_op_the_gradient_is_written_once_in_e5m2()
     assert backward["bytes"] == T * V * (2 + 1) + small  # reads z, writes the e5m2 gradient
     generated = [(k["dtype"], k["bytes"]) for k in out["kernels"] if k["kind"] == "triton" and k["bytes"] >= T * V]
     assert generated == [("float8_e5m2", 2 * T * V)]  # the column-major copy (the rest: the FP8 head's ops, the loss)
+    # the bf16 weight's gradient comes out of fp8_mm_backward in bf16: no kernel casts a (vocab, dim) fp32 one
+    assert not [k for k in out["kernels"] if k["kind"] == "triton" and V * D <= k["bytes"] < T * V]
     assert [k["name"] for k in out["kernels"] if k["kind"] == "extern"] == [
         "nanogpt::fp8_mm", "softcap_loss_kernel", "softcap_loss_kernel", "nanogpt::fp8_mm_backward"]
 

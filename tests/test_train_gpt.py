@@ -327,15 +327,19 @@ def test_fp8_op_registration_passes_torch_opcheck_and_traces_in_one_graph():
 
 def test_fp8_weight_gradient_is_computed_as_x_transposed_times_g():
     """grad_w = (x_f8^T g_f8)^T, the orientation of record #19 (faster for a wide vocabulary): the op returns the
-    transposed view of a (model_dim, vocab) product, and its values are the dequantized product."""
+    transposed view of a (model_dim, vocab) product, and its values are the dequantized product. For a bf16 weight
+    it comes in bf16, the fp32 product rounded once (no separate cast)."""
     x, w, x_s, w_s, grad_s = fp8_inputs(seed=4)
     _, x_f8, w_f8 = tg.fp8_mm(x, w, x_s, w_s, grad_s)
     g = torch.randn(256, 512, generator=torch.Generator().manual_seed(5)).bfloat16() * 0.01
     g_q = (g.float() / grad_s).to(torch.float8_e5m2)
-    _, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_q, g_q.T.contiguous().T, x_f8, w_f8, x_s, w_s, grad_s)
-    assert grad_w.shape == w.shape and grad_w.stride() == (1, w.size(0))
+    grads = {dtype: torch.ops.nanogpt.fp8_mm_backward(g_q, g_q.T.contiguous().T, x_f8, w_f8, x_s, w_s, grad_s,
+                                                      dtype)[1] for dtype in (torch.float32, torch.bfloat16)}
+    for dtype, grad_w in grads.items():
+        assert grad_w.shape == w.shape and grad_w.stride() == (1, w.size(0)) and grad_w.dtype == dtype
+    assert torch.equal(grads[torch.bfloat16], grads[torch.float32].bfloat16())
     g_q = g_q.float() * grad_s
-    torch.testing.assert_close(grad_w, g_q.T @ (x_f8.float() * x_s), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[torch.float32], g_q.T @ (x_f8.float() * x_s), rtol=1e-5, atol=1e-6)
 
 
 def test_model_trains_through_the_fp8_head():
