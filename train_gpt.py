@@ -1811,6 +1811,27 @@ class Block(nn.Module):
         return mix[1] * x + mix[3] * self.mlp(self.ln_2(x), fp8)
 
 
+class SummedRowsEmbedding(torch.autograd.Function):
+    """F.embedding(rows, weight), whose backward sums each row's gradient in fp32 over the tokens, in token order (as
+    F.embedding's compiled backward does), and writes the sums, rounded once, into a zero gradient of the weight's
+    dtype: for a table far larger than the tokens (the bigram one, 377,280 rows) one pass over it, not three (fp32
+    zeros, scatter-add, cast)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, rows)
+        return F.embedding(rows, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, rows = ctx.saved_tensors
+        rows, order = rows.sort(stable=True)  # equal rows side by side, each group in token order
+        group = torch.cat([rows.new_zeros(1), (rows[1:] != rows[:-1]).cumsum(0)])
+        grad = grad.reshape(len(rows), -1)[order].float()
+        sums = torch.zeros_like(grad).index_add_(0, group, grad)
+        return torch.zeros_like(weight).index_put_((rows,), sums[group].to(weight.dtype)), None
+
+
 class GateMLP(nn.Module):
     """Two small MLPs, coef_j(x) = (GELU(x W1_j^T) W2_j^T + b_j) * scale, W2 zero-init, so every output starts at
     its bias (MUDD #81 with scale 0.1; the gate of #85 with a learned scale). Off (`static`), the outputs are
@@ -2121,7 +2142,7 @@ class GPT(nn.Module):
         prev = torch.cat([x.new_full((2,), M), x[1:-1]])
         rows = (wrap(36313 * x) ^ wrap(27191 * prev)) % M
         rows[0] = M
-        out = self.bigram_embed(rows)[None]
+        out = SummedRowsEmbedding.apply(self.bigram_embed.weight, rows)[None]  # its backward: one pass over (V, D)
         if self.args.bigram_sign_rows:
             sign_rows = torch.cat([x.new_zeros(1), (x[:-1] ^ x[1:]) % self.args.bigram_sign_rows])
             out = out * self.bigram_signs[sign_rows]

@@ -7,6 +7,7 @@ that CI cannot skip them silently; on other platforms, or with a CUDA build of t
 CUDA_CHECK_REQUIRED=1 (set by .ci/run), which makes that a failure too."""
 
 import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -323,6 +324,23 @@ def test_speedrun_memory_estimate_covers_what_must_be_live_and_fits_an_h100(spee
     # for scale: the 2026-08 record measured 30,220-32,160 MiB peak allocated per GPU on 8xH100; ours 24.5 GiB with
     # the fused loss (33.7 with the plain one)
     assert 20 * 2**30 < parameters + peak[f"{last}_backward"] < 60 * 2**30
+
+
+@pytest.mark.xdist_group("speedrun_compile")  # one compile per test run, shared
+@pytest.mark.slow
+def test_speedrun_bigram_table_gradient_is_one_bf16_pass_not_an_fp32_table(speedrun_report):
+    """The bigram table's gradient (377,280 x 768) at the last stage comes from SummedRowsEmbedding's backward: one
+    bf16 zero-fill of the table, then writes of the rows the tokens read. No kernel of it or of GPT.bigram passes over
+    an fp32 copy of the table (F.embedding's compiled backward: fp32 zeros, scatter-add over them, a cast)."""
+    args = tg.parse_args([])
+    table = args.bigram_vocab_size * args.model_dim
+    spans = [range(start, start + len(lines)) for lines, start in map(inspect.getsourcelines, (
+        tg.SummedRowsEmbedding.backward, tg.GPT.bigram))]
+    kernels = [k for graph in speedrun_report["kernel_records"][f"train_stage{args.num_stages - 1}"]
+               if graph["kind"] == "backward" for k in graph["kernels"]
+               if any(int(line.split()[0]) in span for line in k["lines"] for span in spans)]
+    whole = [(k["dtype"], k["bytes"]) for k in kernels if k["bytes"] >= 2 * table]  # a pass over a bf16 table
+    assert whole == [("bfloat16", 2 * table)] and len(kernels) > 1  # the zero-fill; the sums are tokens x dim
 
 
 @pytest.fixture(scope="module")

@@ -277,6 +277,30 @@ def test_bigram_hash_and_sign_rows_on_a_hand_made_sequence():
     assert out.tolist() == [r * (1 if s % 2 == 0 else -1) for r, s in zip(rows, sign_rows)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_bigram_embedding_gradient_sums_each_row_in_fp32_and_rounds_once(dtype):
+    """SummedRowsEmbedding (the bigram table's lookup): F.embedding's output; its gradient is each row's fp32 sum over
+    the tokens that read it (repeated rows, in token order), rounded once to the weight's dtype: bit for bit the fp32
+    scatter-add then cast that F.embedding's backward computes compiled, and in fp32 its eager gradient too."""
+    gen = torch.Generator().manual_seed(0)
+    V, D, T = 1000, 64, 4096
+    weight = torch.randn(V, D, generator=gen).to(dtype)
+    rows = torch.randint(0, V, (T,), generator=gen)
+    rows[::97] = 7  # one row read 43 times
+    grad = torch.randn(T, D, generator=gen).to(dtype)
+    w = weight.clone().requires_grad_()
+    out = tg.SummedRowsEmbedding.apply(w, rows)
+    out.backward(grad)
+    assert torch.equal(out, F.embedding(rows, weight))
+    expected = torch.zeros(V, D)
+    for t in range(T):  # fp32 sums in token order (a CPU scatter-add may sum in another order)
+        expected[rows[t]] += grad[t].float()
+    assert w.grad.dtype == dtype and torch.equal(w.grad, expected.to(dtype))
+    plain = weight.clone().requires_grad_()
+    F.embedding(rows, plain).backward(grad)  # on a CPU in bf16 it sums in bf16, rounding at every add
+    assert torch.equal(w.grad, plain.grad) if dtype == torch.float32 else not torch.equal(w.grad, plain.grad)
+
+
 def test_yarn_scales_the_attention_and_slows_the_slow_frequencies():
     rotary = tg.GPT(tg.parse_args(["--preset=smoke"])).rotary  # tiny shapes, windows in 64-token blocks
     full = tg.Rotary(tg.parse_args([]), [384, 896, 1408, 1664, 1664])
