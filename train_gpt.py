@@ -807,8 +807,12 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    else:
-        keep_freed_memory()
+    else:  # every logits tensor is hundreds of MB, which glibc hands back to the OS when freed, so each step
+        # page-faults them in again; keeping them halves the smoke step time (0.88 -> 0.6 s, measured)
+        with contextlib.suppress(OSError):  # not glibc: nothing to tune
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mmaps
+            libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
     if world_size > 1 and not dist.is_initialized():
         if use_cuda and os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == "0":  # its watchdog would never abort
             raise ValueError("TORCH_NCCL_ASYNC_ERROR_HANDLING=0 lets a collective wait forever for a dead rank. HINT: "
@@ -816,15 +820,6 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
                                 timeout=datetime.timedelta(seconds=args.collective_timeout_s))
     return Runtime(rank, world_size, device)
-
-
-def keep_freed_memory():
-    """On a CPU, every new logits tensor is hundreds of MB; glibc hands such blocks back to the OS when freed, so each
-    step page-faults them in again. Keeping them halves the smoke step time (0.88 -> 0.6 s, measured)."""
-    with contextlib.suppress(OSError):  # not glibc: nothing to tune
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mmaps
-        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
 
 
 def adapt_to_device(args: Hyperparameters, device: torch.device) -> tuple[Hyperparameters, list[str]]:
@@ -1585,7 +1580,7 @@ class Rotary(nn.Module):
         x1, x2 = x_BTHD.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x_BTHD)
 
-    def stationary(self, head_dim: int) -> Tensor:
+    def stationary(self) -> Tensor:
         """Mask of the head dims that never rotate (frequency 0)."""
         still = self.freqs[0] == 0
         return still.repeat_interleave(2) if self.interleaved else still.repeat(2)
@@ -2040,7 +2035,7 @@ class GPT(nn.Module):
             head_offset = torch.arange(args.num_heads, device=input_seq.device) % 2  # rotary: 2t + (h mod 2)
             ctx["rope_paired"] = self.rotary(2 * positions[:, None] + head_offset, self.stage)
         if args.key_offset_layers:
-            ctx["stationary"] = self.rotary.stationary(args.head_dim)
+            ctx["stationary"] = self.rotary.stationary()
         return ctx
 
     def hidden(self, input_seq: Tensor) -> Tensor:
@@ -2252,16 +2247,17 @@ def to_device(window: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]
 
 
 class TrainLoader:
-    """Training windows of seq_len+1 tokens that start at a document's BOS, in one of two plans chosen per step:
+    """Training windows of seq_len+1 tokens, in one of three plans (max_doc_len picks one of the first two per step):
       - max_doc_len=None, BOS-aligned windows (#26, as in record #28, 2025-08-23): each window starts at the first BOS
         at least seq_len tokens after the previous start: whole documents back to back, the last cut mid-document.
       - max_doc_len=int, packed documents (record #29, 2025-09-03, FA3 / max document length): each document gives a
         piece from its BOS to its end, cut at max_doc_len tokens; pieces fill the window and the last one is cut to
         fit. What a cut leaves of a document is never used, and the next window starts at the next unused BOS.
+      - bos_aligned=False, contiguous windows (GPT-2): back to back from the position, cut anywhere, no token skipped.
     For every step all ranks compute the same plan of windows_per_step windows; rank r's micro-step a reads window
     a*world_size + r, so every world size trains on the same windows. When a shard cannot hold a whole step, the step
     is planned again from the first BOS of the next shard, read in the background while this one is used.
-    The position (shard, pos) is all the state: the next window starts at the first BOS at or after pos.
+    The position (shard, pos) is all the state: the next window starts at pos (BOS-aligned: the first BOS at or after).
     With vocab_size, a shard holding a token id >= vocab_size is refused when it is read (a ShardError)."""
 
     def __init__(self, files: list[Path], seq_len: int, windows_per_step: int, rank: int, world_size: int,
@@ -2599,15 +2595,11 @@ def source_sha256(args: Hyperparameters) -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict, rt: Runtime):
     """folder (.../step_<n>) appears whole or not at all: every rank writes its optimizer shard and pending gradients,
     rank 0 the model, settings and progress, into a temporary folder that is renamed into place once complete."""
     partial = folder.with_name(f".{folder.name}.partial")
+    barrier = dist.barrier if dist.is_initialized() else lambda: None
     try:  # a failure or Ctrl-C on the way leaves no partial folder behind
         if rt.is_master:
             shutil.rmtree(partial, ignore_errors=True)
