@@ -360,10 +360,10 @@ class Hyperparameters:
             require(short.isdigit() and long.isdigit() and int(short) > 0 and int(long) > 0, f"window_blocks pair "
                     f"{pair!r} must be short/long, two whole numbers of blocks >= 1 (e.g. 1/3)")
         if self.use_fp8 or self.use_fp8_mlp:  # torch._scaled_mm takes only matrices whose sides are multiples of 16
-            for name, value in (("train_seq_len", self.train_seq_len), ("model_dim", self.model_dim),
-                                ("vocab_size", self.vocab_size), ("mlp_hidden", self.mlp_hidden)):
-                require(all(int(v) % 16 == 0 for v in str(value).split(",")), f"{name}={value} must be a multiple of "
-                        "16 for FP8 (torch._scaled_mm's rule); change it or set --use_fp8=false --use_fp8_mlp=false")
+            for name in ("train_seq_len", "model_dim", "vocab_size", "mlp_hidden"):
+                value = str(getattr(self, name))
+                require(all(int(v) % 16 == 0 for v in value.split(",")), f"{name}={value} must be a multiple of 16 "
+                        "for FP8 (torch._scaled_mm's rule); change it or set --use_fp8=false --use_fp8_mlp=false")
         windows = self.val_tokens // self.val_seq_len
         require(self.val_tokens % self.val_seq_len == 0 and windows % self.windows_per_step == 0 and windows > 0,
                 f"val_tokens={self.val_tokens} must be a positive multiple of val_seq_len*windows_per_step = "
@@ -602,14 +602,12 @@ EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.p
 
 
 def parse_value(f: dataclasses.Field, text: str):
-    if f.type is bool:
-        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise ValueError(f"--{f.name}={text}: expected true or false")
-        return text.lower() in ("1", "true", "yes", "on")
+    truth = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
     try:
-        return f.type(text)
-    except ValueError:
-        raise ValueError(f"--{f.name}={text}: expected {f.type.__name__}") from None
+        return truth[text.lower()] if f.type is bool else f.type(text)
+    except (KeyError, ValueError):
+        expected = "true or false" if f.type is bool else f.type.__name__
+        raise ValueError(f"--{f.name}={text}: expected {expected}") from None
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
@@ -866,8 +864,7 @@ class RunLog:
             print(text, flush=True)
         data = (text + "\n").encode()
         try:
-            written = os.write(self.fd, data)
-            if written != len(data):
+            if os.write(self.fd, data) != len(data):
                 raise OSError(28, "No space left on device")  # a short write: the disk filled up
         except OSError as e:
             os.ftruncate(self.fd, self.size)  # keep only complete lines
@@ -1362,10 +1359,8 @@ class Muon:
             grads, handle = reduced[index]
             if handle is not None:
                 handle.wait()
-            weights = torch.cat([view(p.data) for p, view in entries])
-            share, total = grads.size(0), weights.size(0)
-            start = min(self.rank * share, total)
-            owned = weights[start:start + share]
+            weights, share = torch.cat([view(p.data) for p, view in entries]), grads.size(0)
+            owned = weights[self.rank * share:(self.rank + 1) * share]  # empty for a rank past the last matrix
             updated = torch.cat([owned, owned.new_zeros(share - len(owned), *owned.shape[1:])])
             if len(owned):
                 updated[:len(owned)] = self.update(index, grads[:len(owned)], owned, lr, lr_mul, momentum)
@@ -1623,9 +1618,7 @@ def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_
         indices = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
         return mask.sum(dim=-1, dtype=torch.int32)[None, None].contiguous(), indices.to(torch.int32)[None, None]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return may_attend(q_idx, kv_idx, docs, window_blocks, block_size, token_windows)
-
+    mask_mod = lambda b, h, q_idx, kv_idx: may_attend(q_idx, kv_idx, docs, window_blocks, block_size, token_windows)
     return BlockMask.from_kv_blocks(*as_lists(partial), *as_lists(full), BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
@@ -2431,8 +2424,7 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
                              "state (docs/recipes.md#bring-your-own-optimizer)")
         return optimizers
     table = args.adam_rows
-    missing = sorted(set(adam) - set(table))
-    if missing:
+    if missing := sorted(set(adam) - set(table)):
         raise ValueError(f"adam_table has no row for {', '.join(missing)}: add name:lr_mul:beta1:beta2:wd_mul rows")
     rows = [(name, adam[name], *table[name]) for name in table if name in adam]
     covered = [p for _, params, *_ in rows for p in params] + list(dict.fromkeys(p for p, _, _ in muon))
@@ -2531,8 +2523,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{folder / SETTINGS_FILE} is not a saved model's settings ({e}). {hint}") from None
     settings = {k: v for k, v in settings.items() if k not in EXTRAS}  # train_extras.py's options, saved until 2026-12
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Hyperparameters)})
-    if unknown:
+    if unknown := sorted(set(settings) - {f.name for f in dataclasses.fields(Hyperparameters)}):
         raise ValueError(f"{folder / SETTINGS_FILE} has settings this train_gpt.py does not know: {unknown}. HINT: "
                          "load it with the train_gpt.py that saved it (its source is in the run's log)")
     try:
