@@ -1512,26 +1512,18 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm, used for every norm in the model but GPT-2's
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):
     """GPT-2's norm: LayerNorm with weight and bias, computed in fp32 (as under autocast), returned in x's dtype."""
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm with a learned gain (fp32), 1 at init (the optimization track's norm), applied in x's dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.float(), (x.size(-1),), self.weight.float(), self.bias.float()).type_as(x)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learned gain, 1 at init (the optimization track's norm)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight.type_as(x))
+        return F.rms_norm(x, self.normalized_shape, self.weight.type_as(x), self.eps)
 
 
 def make_norm(args: Hyperparameters) -> nn.Module | Callable:
