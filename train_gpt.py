@@ -360,10 +360,10 @@ class Hyperparameters:
             require(short.isdigit() and long.isdigit() and int(short) > 0 and int(long) > 0, f"window_blocks pair "
                     f"{pair!r} must be short/long, two whole numbers of blocks >= 1 (e.g. 1/3)")
         if self.use_fp8 or self.use_fp8_mlp:  # torch._scaled_mm takes only matrices whose sides are multiples of 16
-            for name, value in (("train_seq_len", self.train_seq_len), ("model_dim", self.model_dim),
-                                ("vocab_size", self.vocab_size), ("mlp_hidden", self.mlp_hidden)):
-                require(all(int(v) % 16 == 0 for v in str(value).split(",")), f"{name}={value} must be a multiple of "
-                        "16 for FP8 (torch._scaled_mm's rule); change it or set --use_fp8=false --use_fp8_mlp=false")
+            for name in ("train_seq_len", "model_dim", "vocab_size", "mlp_hidden"):
+                value = str(getattr(self, name))
+                require(all(int(v) % 16 == 0 for v in value.split(",")), f"{name}={value} must be a multiple of 16 "
+                        "for FP8 (torch._scaled_mm's rule); change it or set --use_fp8=false --use_fp8_mlp=false")
         windows = self.val_tokens // self.val_seq_len
         require(self.val_tokens % self.val_seq_len == 0 and windows % self.windows_per_step == 0 and windows > 0,
                 f"val_tokens={self.val_tokens} must be a positive multiple of val_seq_len*windows_per_step = "
@@ -602,14 +602,12 @@ EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.p
 
 
 def parse_value(f: dataclasses.Field, text: str):
-    if f.type is bool:
-        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise ValueError(f"--{f.name}={text}: expected true or false")
-        return text.lower() in ("1", "true", "yes", "on")
+    truth = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
     try:
-        return f.type(text)
-    except ValueError:
-        raise ValueError(f"--{f.name}={text}: expected {f.type.__name__}") from None
+        return truth[text.lower()] if f.type is bool else f.type(text)
+    except (KeyError, ValueError):
+        expected = "true or false" if f.type is bool else f.type.__name__
+        raise ValueError(f"--{f.name}={text}: expected {expected}") from None
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
@@ -807,8 +805,12 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    else:
-        keep_freed_memory()
+    else:  # every logits tensor is hundreds of MB, which glibc hands back to the OS when freed, so each step
+        # page-faults them in again; keeping them halves the smoke step time (0.88 -> 0.6 s, measured)
+        with contextlib.suppress(OSError):  # not glibc: nothing to tune
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mmaps
+            libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
     if world_size > 1 and not dist.is_initialized():
         if use_cuda and os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == "0":  # its watchdog would never abort
             raise ValueError("TORCH_NCCL_ASYNC_ERROR_HANDLING=0 lets a collective wait forever for a dead rank. HINT: "
@@ -816,15 +818,6 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
                                 timeout=datetime.timedelta(seconds=args.collective_timeout_s))
     return Runtime(rank, world_size, device)
-
-
-def keep_freed_memory():
-    """On a CPU, every new logits tensor is hundreds of MB; glibc hands such blocks back to the OS when freed, so each
-    step page-faults them in again. Keeping them halves the smoke step time (0.88 -> 0.6 s, measured)."""
-    with contextlib.suppress(OSError):  # not glibc: nothing to tune
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mmaps
-        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
 
 
 def adapt_to_device(args: Hyperparameters, device: torch.device) -> tuple[Hyperparameters, list[str]]:
@@ -871,8 +864,7 @@ class RunLog:
             print(text, flush=True)
         data = (text + "\n").encode()
         try:
-            written = os.write(self.fd, data)
-            if written != len(data):
+            if os.write(self.fd, data) != len(data):
                 raise OSError(28, "No space left on device")  # a short write: the disk filled up
         except OSError as e:
             os.ftruncate(self.fd, self.size)  # keep only complete lines
@@ -1367,10 +1359,8 @@ class Muon:
             grads, handle = reduced[index]
             if handle is not None:
                 handle.wait()
-            weights = torch.cat([view(p.data) for p, view in entries])
-            share, total = grads.size(0), weights.size(0)
-            start = min(self.rank * share, total)
-            owned = weights[start:start + share]
+            weights, share = torch.cat([view(p.data) for p, view in entries]), grads.size(0)
+            owned = weights[self.rank * share:(self.rank + 1) * share]  # empty for a rank past the last matrix
             updated = torch.cat([owned, owned.new_zeros(share - len(owned), *owned.shape[1:])])
             if len(owned):
                 updated[:len(owned)] = self.update(index, grads[:len(owned)], owned, lr, lr_mul, momentum)
@@ -1522,26 +1512,18 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm, used for every norm in the model but GPT-2's
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):
     """GPT-2's norm: LayerNorm with weight and bias, computed in fp32 (as under autocast), returned in x's dtype."""
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm with a learned gain (fp32), 1 at init (the optimization track's norm), applied in x's dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.float(), (x.size(-1),), self.weight.float(), self.bias.float()).type_as(x)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learned gain, 1 at init (the optimization track's norm)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight.type_as(x))
+        return F.rms_norm(x, self.normalized_shape, self.weight.type_as(x), self.eps)
 
 
 def make_norm(args: Hyperparameters) -> nn.Module | Callable:
@@ -1585,7 +1567,7 @@ class Rotary(nn.Module):
         x1, x2 = x_BTHD.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x_BTHD)
 
-    def stationary(self, head_dim: int) -> Tensor:
+    def stationary(self) -> Tensor:
         """Mask of the head dims that never rotate (frequency 0)."""
         still = self.freqs[0] == 0
         return still.repeat_interleave(2) if self.interleaved else still.repeat(2)
@@ -1628,9 +1610,7 @@ def flex_block_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_
         indices = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
         return mask.sum(dim=-1, dtype=torch.int32)[None, None].contiguous(), indices.to(torch.int32)[None, None]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return may_attend(q_idx, kv_idx, docs, window_blocks, block_size, token_windows)
-
+    mask_mod = lambda b, h, q_idx, kv_idx: may_attend(q_idx, kv_idx, docs, window_blocks, block_size, token_windows)
     return BlockMask.from_kv_blocks(*as_lists(partial), *as_lists(full), BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
@@ -2061,7 +2041,7 @@ class GPT(nn.Module):
             head_offset = torch.arange(args.num_heads, device=input_seq.device) % 2  # rotary: 2t + (h mod 2)
             ctx["rope_paired"] = self.rotary(2 * positions[:, None] + head_offset, self.stage)
         if args.key_offset_layers:
-            ctx["stationary"] = self.rotary.stationary(args.head_dim)
+            ctx["stationary"] = self.rotary.stationary()
         return ctx
 
     def hidden(self, input_seq: Tensor) -> Tensor:
@@ -2273,16 +2253,17 @@ def to_device(window: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]
 
 
 class TrainLoader:
-    """Training windows of seq_len+1 tokens that start at a document's BOS, in one of two plans chosen per step:
+    """Training windows of seq_len+1 tokens, in one of three plans (max_doc_len picks one of the first two per step):
       - max_doc_len=None, BOS-aligned windows (#26, as in record #28, 2025-08-23): each window starts at the first BOS
         at least seq_len tokens after the previous start: whole documents back to back, the last cut mid-document.
       - max_doc_len=int, packed documents (record #29, 2025-09-03, FA3 / max document length): each document gives a
         piece from its BOS to its end, cut at max_doc_len tokens; pieces fill the window and the last one is cut to
         fit. What a cut leaves of a document is never used, and the next window starts at the next unused BOS.
+      - bos_aligned=False, contiguous windows (GPT-2): back to back from the position, cut anywhere, no token skipped.
     For every step all ranks compute the same plan of windows_per_step windows; rank r's micro-step a reads window
     a*world_size + r, so every world size trains on the same windows. When a shard cannot hold a whole step, the step
     is planned again from the first BOS of the next shard, read in the background while this one is used.
-    The position (shard, pos) is all the state: the next window starts at the first BOS at or after pos.
+    The position (shard, pos) is all the state: the next window starts at pos (BOS-aligned: the first BOS at or after).
     With vocab_size, a shard holding a token id >= vocab_size is refused when it is read (a ShardError)."""
 
     def __init__(self, files: list[Path], seq_len: int, windows_per_step: int, rank: int, world_size: int,
@@ -2456,8 +2437,7 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
                              "state (docs/recipes.md#bring-your-own-optimizer)")
         return optimizers
     table = args.adam_rows
-    missing = sorted(set(adam) - set(table))
-    if missing:
+    if missing := sorted(set(adam) - set(table)):
         raise ValueError(f"adam_table has no row for {', '.join(missing)}: add name:lr_mul:beta1:beta2:wd_mul rows")
     rows = [(name, adam[name], *table[name]) for name in table if name in adam]
     covered = [p for _, params, *_ in rows for p in params] + list(dict.fromkeys(p for p, _, _ in muon))
@@ -2556,8 +2536,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{folder / SETTINGS_FILE} is not a saved model's settings ({e}). {hint}") from None
     settings = {k: v for k, v in settings.items() if k not in EXTRAS}  # train_extras.py's options, saved until 2026-12
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Hyperparameters)})
-    if unknown:
+    if unknown := sorted(set(settings) - {f.name for f in dataclasses.fields(Hyperparameters)}):
         raise ValueError(f"{folder / SETTINGS_FILE} has settings this train_gpt.py does not know: {unknown}. HINT: "
                          "load it with the train_gpt.py that saved it (its source is in the run's log)")
     try:
@@ -2620,15 +2599,11 @@ def source_sha256(args: Hyperparameters) -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict, rt: Runtime):
     """folder (.../step_<n>) appears whole or not at all: every rank writes its optimizer shard and pending gradients,
     rank 0 the model, settings and progress, into a temporary folder that is renamed into place once complete."""
     partial = folder.with_name(f".{folder.name}.partial")
+    barrier = dist.barrier if dist.is_initialized() else lambda: None
     try:  # a failure or Ctrl-C on the way leaves no partial folder behind
         if rt.is_master:
             shutil.rmtree(partial, ignore_errors=True)
