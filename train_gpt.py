@@ -1812,6 +1812,12 @@ class SummedRowsEmbedding(torch.autograd.Function):
         return torch.zeros_like(weight).index_put_((rows,), sums[group].to(weight.dtype)), None
 
 
+def embedding(weight: Tensor, rows: Tensor) -> Tensor:
+    """F.embedding(rows, weight), with SummedRowsEmbedding's backward where the table has at least twice as many rows
+    as there are tokens (the estimate: the bigram table at every stage, the 50,304-row ones at stage 0 alone)."""
+    return SummedRowsEmbedding.apply(weight, rows) if len(weight) >= 2 * rows.numel() else F.embedding(rows, weight)
+
+
 class GateMLP(nn.Module):
     """Two small MLPs, coef_j(x) = (GELU(x W1_j^T) W2_j^T + b_j) * scale, W2 zero-init, so every output starts at
     its bias (MUDD #81 with scale 0.1; the gate of #85 with a learned scale). Off (`static`), the outputs are
@@ -2051,8 +2057,8 @@ class GPT(nn.Module):
         s = self.scalars
         skip_weights, sa_lambdas = (s[self.scalar_slices[k]] if k in self.scalar_slices else None
                                     for k in ("skip", "attn"))
-        ves = [ve(input_seq)[None] for ve in self.value_embeds]
-        e = self.embed(input_seq) if self.embed is not None else F.embedding(input_seq, self.lm_head_w)
+        ves = [embedding(ve.weight, input_seq)[None] for ve in self.value_embeds]
+        e = embedding(self.lm_head_w if self.embed is None else self.embed.weight, input_seq)
         if self.pos_embed is not None:  # learned positions (GPT-2): the distance from the document's (context's) start
             docs, pos = ctx["docs"], ctx["positions"]
             start = pos - pos % args.context_len if args.context_len else torch.searchsorted(docs, docs)
@@ -2122,7 +2128,7 @@ class GPT(nn.Module):
         prev = torch.cat([x.new_full((2,), M), x[1:-1]])
         rows = (wrap(36313 * x) ^ wrap(27191 * prev)) % M
         rows[0] = M
-        out = SummedRowsEmbedding.apply(self.bigram_embed.weight, rows)[None]  # its backward: one pass over (V, D)
+        out = embedding(self.bigram_embed.weight, rows)[None]
         if self.args.bigram_sign_rows:
             sign_rows = torch.cat([x.new_zeros(1), (x[:-1] ^ x[1:]) % self.args.bigram_sign_rows])
             out = out * self.bigram_signs[sign_rows]
