@@ -224,6 +224,19 @@ def test_smoke_shapes_flops_match_the_benchmark_formula(smoke_report):
 
 
 @pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
+def test_every_matmul_of_the_orthogonalizer_is_priced_by_its_flops(smoke_report):
+    """Each iteration runs X X^T, b A + c A A and a X + B X: three matmuls, the last as many FLOPs as the first.
+    Inductor counts none for an extern kernel whose IR node kept no origin node (the update a X + B X in all but the
+    last iteration): the record then takes its op's count, or the estimate would price it by its bytes alone."""
+    args = tg.Hyperparameters(**smoke_report["settings"])
+    for graph in smoke_report["kernel_records"]["orthogonalize_w1"]:
+        matmuls = [k for k in graph["kernels"] if k["kind"] == "extern" and "mm" in k["name"]]
+        assert len(matmuls) == 3 * args.orthogonalizer_steps, [k["name"] for k in matmuls]
+        square, update = [k["flops"] for k in matmuls[0::3]], [k["flops"] for k in matmuls[2::3]]
+        assert min(square) > 0 and update == square, (square, update)
+
+
+@pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_smoke_time_estimate_sums_the_schedule_and_its_table_adds_up_to_the_step(smoke_report):
     """The run's estimate is the sum of its steps' (every step of the schedule, as --print_schedule lists them,
     validation excluded); a step is its kernels, its optimizers and its gradient accumulation, and the table's rows

@@ -318,6 +318,7 @@ def kernel_records(scheduler) -> list[dict]:
     import torch
     from torch._inductor import ir
     from torch._inductor import scheduler as nodes
+    from torch._inductor.fx_utils import count_flops_fx
 
     records = []
     for node in scheduler.nodes:
@@ -346,6 +347,8 @@ def kernel_records(scheduler) -> list[dict]:
         record = dict(kind=kind, name=name, ops=ops, lines=sorted(lines, key=lambda k: -lines[k])[:3])
         try:
             flops = node.estimate_flops()
+            if not flops and len(called) == 1:  # an extern kernel whose IR node kept no origin node (the update
+                flops = count_flops_fx(called[0])  # aX + BX of the orthogonalizer): inductor counts none; its op does
         except Exception:  # noqa: BLE001  (no formula for it: inductor then prices its bytes alone)
             flops = None
         dtype = parts[0].get_outputs()[0].node.maybe_get_dtype() if parts[0].get_outputs() else None
