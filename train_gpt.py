@@ -938,18 +938,14 @@ fp8_mm_backward.register_fake(lambda g_f8, g_f8_cols, x_f8, w_f8, x_s, w_s, grad
     torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=w_dtype).T))
 
 
-def _fp8_mm_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
-    ctx.scales = (*inputs[2:], inputs[1].dtype)
-
-
 def _fp8_mm_backward(ctx, grad_out, *_):  # the quantization in traced code: compiled, both layouts in one pass
     g_f8 = grad_out.float().div(ctx.scales[2]).to(torch.float8_e5m2)
     grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_f8, g_f8.T.contiguous().T, *ctx.saved_tensors, *ctx.scales)
     return grad_x, grad_w, None, None, None
 
 
-fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
+fp8_mm.register_autograd(_fp8_mm_backward, setup_context=lambda ctx, inputs, output: (  # the FP8 copies, the scales
+    ctx.save_for_backward(*output[1:]), setattr(ctx, "scales", (*inputs[2:], inputs[1].dtype))))
 
 
 # FP8 MLP, training forward only (evaluation runs the plain twin, mlp_plain). Up projection in e4m3 with dynamic
@@ -1348,11 +1344,8 @@ class Muon:
             grads = torch.cat([view(p.grad) for p, view in entries])
             share = -(-grads.size(0) // W)
             grads = torch.cat([grads, grads.new_zeros(share * W - grads.size(0), *grads.shape[1:])])
-            if W == 1:
-                reduced.append((grads, None))
-            else:
-                mine = grads.new_empty(share, *grads.shape[1:])
-                reduced.append((mine, dist.reduce_scatter_single(mine, grads, async_op=True)))
+            mine = grads if W == 1 else grads.new_empty(share, *grads.shape[1:])
+            reduced.append((mine, dist.reduce_scatter_single(mine, grads, async_op=True) if W > 1 else None))
         yield
         gathers = []
         for index, ((_, lr_mul, _), entries) in enumerate(self.groups.items()):  # phase 2: update, launch gathers
@@ -1364,20 +1357,15 @@ class Muon:
             updated = torch.cat([owned, owned.new_zeros(share - len(owned), *owned.shape[1:])])
             if len(owned):
                 updated[:len(owned)] = self.update(index, grads[:len(owned)], owned, lr, lr_mul, momentum)
-            if W == 1:
-                gathers.append((entries, updated, None))
-            else:
-                full = updated.new_empty(share * W, *updated.shape[1:])
-                gathers.append((entries, full, dist.all_gather_single(full, updated, async_op=True)))
+            full = updated if W == 1 else updated.new_empty(share * W, *updated.shape[1:])
+            gathers.append((entries, full, dist.all_gather_single(full, updated, async_op=True) if W > 1 else None))
         yield
         for entries, full, handle in gathers:  # phase 3: everyone receives every updated matrix
             if handle is not None:
                 handle.wait()
-            offset = 0
-            for p, view in entries:
-                target = view(p.data)
-                target.copy_(full[offset:offset + len(target)])
-                offset += len(target)
+            sizes = [len(view(p.data)) for p, view in entries]
+            for (p, view), part in zip(entries, full[:sum(sizes)].split(sizes)):
+                view(p.data).copy_(part)
         for p in self.params:
             p.grad = None
 
@@ -1441,14 +1429,10 @@ class DistAdam:
         work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
                 if not (tied and w[0] is embed) and w[0].grad is not None]
         reduced = []
-        for _, p, *_ in work:  # phase 1
-            if W == 1:
-                reduced.append((p.grad, None))
-            elif sharded(p):
-                shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
-                reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
-            else:  # every rank applies the same update to the whole tensor
-                reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+        for _, p, *_ in work:  # phase 1; a tensor reduced whole gets the same update on every rank
+            grad = p.grad.new_empty(p.size(0) // W, *p.shape[1:]) if sharded(p) else p.grad
+            reduced.append((grad, None if W == 1 else dist.reduce_scatter_single(grad, p.grad, async_op=True)
+                            if sharded(p) else dist.all_reduce(p.grad, async_op=True)))
         yield
         grad_scale = self.grad_scale
         if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
