@@ -601,19 +601,11 @@ TRACK_FROZEN = [name for name in FIELDS[FIELDS.index("val_tokens"):FIELDS.index(
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
 
 
-def parse_value(f: dataclasses.Field, text: str):
-    truth = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
-    try:
-        return truth[text.lower()] if f.type is bool else f.type(text)
-    except (KeyError, ValueError):
-        expected = "true or false" if f.type is bool else f.type.__name__
-        raise ValueError(f"--{f.name}={text}: expected {expected}") from None
-
-
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--preset=NAME` then `--field=value` overrides, applied in order; raises ValueError with a usable message."""
     fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
     preset, overrides = "speedrun", {}
+    truth = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
     for arg in argv:
         name, eq, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq:
@@ -623,7 +615,12 @@ def parse_args(argv: list[str]) -> Hyperparameters:
                 raise ValueError(f"unknown preset {text!r}; choose one of {', '.join(PRESETS)}")
             preset = text
         elif name in fields:
-            overrides[name] = parse_value(fields[name], text)
+            kind = fields[name].type
+            try:
+                overrides[name] = truth[text.lower()] if kind is bool else kind(text)
+            except (KeyError, ValueError):
+                expected = "true or false" if kind is bool else kind.__name__
+                raise ValueError(f"--{name}={text}: expected {expected}") from None
         else:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f". HINT: did you mean --{close[0]}?" if close else ". HINT: --help lists every setting"
