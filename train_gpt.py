@@ -741,9 +741,8 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
 
 
 def lr_multiplier(step: int, args: Hyperparameters) -> float:
-    """The stage's multiplier, reached by a linear warm-up (GPT-2's: (step + 1) / lr_warmup_steps), then a linear or
-    cosine cooldown over the last cooldown_frac of the scheduled steps after the warm-up down to final_lr_frac, which
-    the extension keeps."""
+    """The stage's multiplier after a linear warm-up (GPT-2's: (step + 1) / lr_warmup_steps), then a linear or cosine
+    cooldown over the last cooldown_frac of the scheduled steps after it, to final_lr_frac (kept in the extension)."""
     muls = args.per_stage("stage_lr_mul", float)
     mul = muls[min(stage_of(step, args), len(muls) - 1)]
     if step < args.lr_warmup_steps:
@@ -1076,14 +1075,12 @@ mlp_fp8_up.register_autograd(_mlp_fp8_up_backward,  # saves x and c_fc
 
 def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale: Tensor,
             bootstrap: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The ReLU^2 MLP relu(x @ c_fc)^2 @ c_proj^T with both matmuls in FP8; c_fc and c_proj are (D, H).
-
-    x: (T, D) bfloat16 (training) or float32, with T, D and H multiples of 16 (torch._scaled_mm's rule). act_scale and
-    w2_scale: 0-d fp32 tensors, the delayed scales of this step; bootstrap: 0-d bool tensor, true in the first steps,
-    when the weight scale is amax(|c_proj|) / 448 of the current weight instead of w2_scale. Returns out (T, D) and
-    post (T, H, no gradient) in x's dtype, and the 0-d fp32 amax of post and of c_proj, from which
-    mlp_fp8_next_scales computes the next step's scales. fused: the Triton kernel (mlp_matmul_kernel) for the up
-    projection and the down projection's backward."""
+    """The ReLU^2 MLP relu(x @ c_fc)^2 @ c_proj^T with both matmuls in FP8; c_fc and c_proj are (D, H). x: (T, D)
+    bfloat16 (training) or float32, with T, D and H multiples of 16 (torch._scaled_mm's rule). act_scale and w2_scale:
+    0-d fp32 tensors, the delayed scales of this step; bootstrap: 0-d bool tensor, true in the first steps, when the
+    weight scale is amax(|c_proj|) / 448 of the current weight instead of w2_scale. Returns out (T, D) and post (T, H,
+    no gradient) in x's dtype, and the 0-d fp32 amax of post and of c_proj, for mlp_fp8_next_scales. fused: the Triton
+    kernel (mlp_matmul_kernel) for the up projection and the down projection's backward."""
     T, D, H = x.size(0), c_fc.size(0), c_fc.size(1)
     if x.ndim != 2 or T % 16 or D % 16 or H % 16 or c_proj.shape != c_fc.shape:
         raise ValueError(f"mlp_fp8 takes x (T, D) and c_fc, c_proj (D, H) with T, D, H multiples of 16; got x "
@@ -1303,20 +1300,18 @@ MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")
 
 
 def step_optimizers(optimizers: list, plan: "StepPlan"):
-    """The optimizers' phases in lockstep (#61): every reduction is launched before any update and every gather before
-    any wait on one, so each optimizer's communication overlaps the others' updates. An optimizer without phases (one
-    of an --optimizer_file) simply steps."""
+    """The optimizers' phases in lockstep (#61): all reductions launched before any update, all gathers before any wait,
+    so each optimizer's communication overlaps the others' updates. One without phases (from --optimizer_file) steps."""
     running = [opt.phases(plan) if hasattr(opt, "phases") else (o.step(plan) for o in [opt]) for opt in optimizers]
     while running:
         running = [phases for phases in running if next(phases, StopIteration) is not StopIteration]
 
 
 class Muon:
-    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), with NorMuon's per-neuron normalization,
-    cautious weight decay tied to the LR (#43) and, for bf16 weights, 16 extra mantissa bits kept on the owning rank
-    (#57). Matrices of one shape and LR form a group; rank r owns a contiguous share of each group: it receives that
-    share's summed gradient (reduce-scatter), applies Nesterov momentum, orthogonalizes the share as one batch,
-    updates it, and all-gathers the result."""
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), with NorMuon's per-neuron normalization, cautious
+    weight decay tied to the LR (#43) and, for bf16 weights, 16 extra mantissa bits kept on the owning rank (#57).
+    Matrices of one shape and LR form a group; rank r owns a contiguous share of each: it receives its summed gradient
+    (reduce-scatter), applies Nesterov momentum, orthogonalizes it as one batch, updates it, all-gathers the result."""
 
     def __init__(self, entries: list[tuple[nn.Parameter, Callable, float]], args: Hyperparameters, orthogonalize,
                  grad_scale: float, rank: int = 0, world_size: int = 1):
@@ -1397,9 +1392,8 @@ class DistAdam:
     sqrt(v)), with cautious weight decay tied to the LR (#50) or AdamW's, every adam_every steps on the gradients summed
     since (#39), optionally clipped to a global norm. A tensor whose first dimension the world size divides is sharded
     by rows: rank r keeps state for and updates rows [r*n/W, (r+1)*n/W), then all ranks gather them; other tensors are
-    reduced whole and every rank updates them. While the embedding is tied to the head, the embedding's gradient is
-    added to the head's, the head is updated, and the embedding becomes a copy of it (#51); at the untie step the head's
-    moments are copied to the embedding (#53)."""
+    reduced whole and every rank updates them. While tied, the embedding's gradient is added to the head's and the
+    embedding becomes a copy of the updated head (#51); at the untie step it gets a copy of the head's moments (#53)."""
 
     def __init__(self, rows: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]],
                  args: Hyperparameters, grad_scale: float, rank: int = 0, world_size: int = 1,
@@ -1731,8 +1725,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, fp8: tuple | None = None) -> Tensor:
         """ReLU^2 (or GELU) MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89):
-        the delayed scales of window `slot` are read, and replaced by the ones measured now for that window's next
-        step."""
+        reads window `slot`'s delayed scales and replaces them with the ones measured now, for its next step."""
         if fp8 is None:
             return mlp_plain(x, self.c_fc, self.c_proj, self.c_fc_b, self.c_proj_b, self.gelu)
         act_scales, w2_scales, slot, bootstrap = fp8
@@ -1971,9 +1964,8 @@ class GPT(nn.Module):
             self.fp8_bootstrap.fill_(plan.step < 16)
 
     def set_window_index(self, index: int):
-        """Which of the step's windows (or window chunks, with micro_batch_split) comes next: it has its own delayed
-        FP8 scales, so that every world size quantizes window k with the scales window k measured at the previous
-        step (as 8 GPUs do)."""
+        """Which of the step's windows (or chunks, with micro_batch_split) comes next: each has its own delayed FP8
+        scales, so every world size quantizes window k with the scales it measured a step earlier (as 8 GPUs)."""
         if self.args.use_fp8_mlp:
             self.fp8_window.fill_(index)
 
