@@ -708,16 +708,13 @@ def ramp(spec: str, frac: float) -> float:
 
 
 def plan_step(step: int, args: Hyperparameters) -> StepPlan:
-    S, N = args.num_stages, args.num_iterations
-    total = N + args.extension_iterations
+    S, N, total = args.num_stages, args.num_iterations, args.num_iterations + args.extension_iterations
     starts, stage = stage_starts(args), stage_of(step, args)
     k = min(stage, S - 1)  # the extension takes the last stage's values
     value = lambda values: values[k] if len(values) > 1 else values[0]
     frac = 1.0 if stage == S else (step - starts[k]) / (starts[k + 1] - starts[k])
-    seq_len = value(args.seq_lens)
-    doc_lens = args.per_stage("max_doc_len", int)
-    window_pairs = args.per_stage("window_blocks", str)
-    if window_pairs:  # per stage, then optionally the extension
+    seq_len, doc_lens = value(args.seq_lens), args.per_stage("max_doc_len", int)
+    if window_pairs := args.per_stage("window_blocks", str):  # per stage, then optionally the extension
         short, long = map(int, window_pairs[min(stage, len(window_pairs) - 1)].split("/"))
     else:  # #28: grows linearly to max_window_tokens, rounded up to blocks; short is half of it
         long = max(1, -(-args.max_window_tokens * step // (N * args.block_size)))
@@ -731,13 +728,12 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
         untie = starts[args.tie_embed_stages] + (-(starts[args.tie_embed_stages] + 1)) % args.adam_every
     return StepPlan(
         step=step, stage=stage, seq_len=seq_len, max_doc_len=value(doc_lens) if doc_lens else None,
-        tokens=args.windows_per_step * seq_len, window_short=short, window_long=long,
+        tokens=args.windows_per_step * seq_len, window_short=short, window_long=long, untie=step == untie,
         lr=lr_multiplier(step, args), muon_momentum=muon_momentum(step, args),
         loss_weights=tuple(ramp(w, frac) for w in mtp.split(",")), prefix_weight=ramp(prefix, frac),
         use_prefix=prefix.strip() not in ("0", "0.0"), validate=step == total or step % (args.val_every or total) == 0
         or bool(args.final_val_every and step >= 0.9 * total and step % args.final_val_every == 0),
-        adam_step=step % args.adam_every == args.adam_every - 1, tied=untie is not None and step <= untie,
-        untie=step == untie)
+        adam_step=step % args.adam_every == args.adam_every - 1, tied=untie is not None and step <= untie)
 
 
 def lr_multiplier(step: int, args: Hyperparameters) -> float:
@@ -818,8 +814,7 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
 
 def adapt_to_device(args: Hyperparameters, device: torch.device) -> tuple[Hyperparameters, list[str]]:
     """Turns off the fast paths this device cannot run (their plain twins compute the same function); says so."""
-    notes = []
-    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+    notes, old_gpu = [], device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
     if (args.use_fp8 or args.use_fp8_mlp) and old_gpu:
         notes.append("FP8 needs compute capability 8.9+: the LM head and the MLP run in plain bf16")
         args = dataclasses.replace(args, use_fp8=False, use_fp8_mlp=False)
@@ -904,8 +899,7 @@ def describe_machine(device: torch.device) -> list[str]:
 @torch.library.custom_op("nanogpt::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
     """x @ w.T with both quantized to e4m3 by fixed scales; bf16 out. Also returns the FP8 copies for backward."""
-    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
-    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+    x_f8, w_f8 = x.div(x_s).to(torch.float8_e4m3fn), w.div(w_s).to(torch.float8_e4m3fn)
     scale = lambda s: x.new_tensor(s, dtype=torch.float32)
     out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=scale(x_s), scale_b=scale(w_s),
                            use_fast_accum=True)
@@ -1247,11 +1241,9 @@ def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype, coeffs
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller square
         X = X.mT
     if method == "newton_schulz":
-        X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        coeffs = [coeffs] * steps
+        X, coeffs = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7), [coeffs] * steps
     else:  # polar_express: a safety margin on the norm, then per-iteration optimal coefficients
-        X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
-        coeffs = POLAR_EXPRESS_COEFFS[:steps]
+        X, coeffs = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6), POLAR_EXPRESS_COEFFS[:steps]
     mm_add = torch.baddbmm if X.dim() == 3 else torch.addmm  # beta*C + alpha*A@B, accumulated in fp32, rounded once
     for a, b, c in coeffs:
         A = X @ X.mT
@@ -1329,8 +1321,7 @@ class Muon:
     @torch.no_grad()
     def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
         args, W = self.args, self.world_size
-        lr, momentum = args.muon_lr * plan.lr, plan.muon_momentum
-        reduced = []
+        lr, momentum, reduced = args.muon_lr * plan.lr, plan.muon_momentum, []
         for entries in self.groups.values():  # phase 1: launch every reduction
             grads = torch.cat([view(p.grad) for p, view in entries])
             share = -(-grads.size(0) // W)
@@ -1362,8 +1353,7 @@ class Muon:
 
     def update(self, index: int, grads: Tensor, weights: Tensor, lr: float, lr_mul: float, momentum: float) -> Tensor:
         """The new value of the owned matrices (n, rows, cols) from their summed gradients."""
-        args = self.args
-        state = self.state.setdefault(index, {})
+        args, state = self.args, self.state.setdefault(index, {})
         g = grads.float() * self.grad_scale
         buf = state.setdefault("momentum", torch.zeros_like(g))
         buf.lerp_(g, 1 - momentum)
@@ -1412,8 +1402,7 @@ class DistAdam:
             return
         args, W, r = self.args, self.world_size, self.rank
         sharded = lambda p: W > 1 and p.ndim > 0 and p.size(0) % W == 0
-        head, embed = self.tied or (None, None)
-        tied = plan.tied and self.tied is not None
+        (head, embed), tied = self.tied or (None, None), plan.tied and self.tied is not None
         if tied:
             head.grad += embed.grad
         work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
@@ -1664,8 +1653,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, sa_lambdas: Tensor, ctx: dict, gates: dict) -> Tensor:
         """x: the normed attention input (1, T, D); ve: this layer's value embedding or None; gates: per-token values
         of this layer {name: (1, T, H or 1)}."""
-        B, T = x.shape[:2]
-        H, hd = self.num_heads, self.head_dim
+        (B, T), H, hd = x.shape[:2], self.num_heads, self.head_dim
         w = self.qkvo_w.type_as(x)
         w_qkv, w_o = w[:3].flatten(end_dim=1), w[3]
         b = None if self.qkvo_b is None else self.qkvo_b.type_as(x)
@@ -1825,11 +1813,9 @@ class GateMLP(nn.Module):
 def gate_layout(args: Hyperparameters) -> tuple[list[dict[str, slice]], list[list[float]]]:
     """Which per-token gate values each layer reads (#85), and the initial values: layers before mudd_gate_layer
     read the MLP fed with x0, the others the MLP fed with the stream entering mudd_gate_layer."""
-    H, last = args.num_heads, args.num_layers - 1
-    slots, inits = [], [[], []]
+    H, last, slots, inits = args.num_heads, args.num_layers - 1, [], [[], []]
     for layer, kind in enumerate(args.attn_pattern):
-        j = 0 if layer < args.mudd_gate_layer else 1
-        wanted = []
+        j, wanted = 0 if layer < args.mudd_gate_layer else 1, []
         if layer in args.layers("xsa_layers"):
             wanted.append(("xsa", H, 0.0))
         if layer in args.layers("gated_attn_layers"):
@@ -1872,8 +1858,7 @@ class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.args = args
-        L, D, V = args.num_layers, args.model_dim, args.vocab_size
-        dtype = getattr(torch, args.dtype)
+        L, D, V, dtype = args.num_layers, args.model_dim, args.vocab_size, getattr(torch, args.dtype)
         wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
         self.embed = None if args.tie_embed else nn.Embedding(V, D, dtype=dtype)  # tied: the head's matrix (GPT-2)
         if self.embed is not None:
@@ -1900,8 +1885,7 @@ class GPT(nn.Module):
             parts["attn"] = torch.tensor([value_lambda, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
         if args.use_smear:
             parts["smear"] = torch.zeros(1)
-        n = sum(map(len, parts.values()))
-        fill = 1.0 if args.residual == "block" else 0.0
+        n, fill = sum(map(len, parts.values())), 1.0 if args.residual == "block" else 0.0
         parts["pad"] = torch.full(((-n) % args.windows_per_step,), fill)  # so that Adam can shard it by rank
         if not n or args.learned_scalars:
             self.scalars = nn.Parameter(torch.cat(list(parts.values()))) if n else None
@@ -1974,8 +1958,7 @@ class GPT(nn.Module):
         schedule), the mean next-token loss in evaluation."""
         x = self.hidden(input_seq)
         if self.training:
-            prefixes = self.prefix_table[target_seq] if self.use_prefix else None
-            args = self.args
+            args, prefixes = self.args, self.prefix_table[target_seq] if self.use_prefix else None
             if args.fused_loss and x.is_cuda:  # the soft-cap in the kernel, and the FP8 head in the same op
                 fp8_head = (self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale) \
                     if args.use_fp8 and args.fused_fp8_head and self.lm_head_b is None else None
@@ -2004,8 +1987,7 @@ class GPT(nn.Module):
     def attention_context(self, input_seq: Tensor) -> dict:
         """What every attention layer of this sequence shares: document ids, masks, rotary tables, the scale."""
         args, T = self.args, input_seq.size(0)
-        docs = document_ids(input_seq, args.context_len)
-        windows = {"S": self.windows[0], "L": self.windows[1]}
+        docs, windows = document_ids(input_seq, args.context_len), {"S": self.windows[0], "L": self.windows[1]}
         masks = {kind: self.make_mask(docs, windows[kind], args.block_size, args.token_windows)
                  for kind in {block.attn.kind for block in self.blocks if block.attn is not None}}
         positions = torch.arange(T, device=input_seq.device)
@@ -2025,8 +2007,7 @@ class GPT(nn.Module):
     def hidden(self, input_seq: Tensor) -> Tensor:
         """The final normed residual stream (T, model_dim)."""
         args, L = self.args, self.args.num_layers
-        ctx = self.attention_context(input_seq)
-        s = self.scalars
+        ctx, s = self.attention_context(input_seq), self.scalars
         skip_weights, sa_lambdas = (s[self.scalar_slices[k]] if k in self.scalar_slices else None
                                     for k in ("skip", "attn"))
         ves = [embedding(ve.weight, input_seq)[None] for ve in self.value_embeds]
@@ -2080,9 +2061,8 @@ class GPT(nn.Module):
         """The last layer with MUDD (#81): 14 per-token coefficients from the stream mix earlier streams into V and
         into the residual, gate the value embedding by halves of the heads, and replace the layer's lambdas."""
         mu = [m[..., None] for m in self.mudd(0, x).unbind(-1)]
-        embed, mid = cache["embed"], cache[self.args.attn_input_layer]
+        embed, mid, H = cache["embed"], cache[self.args.attn_input_layer], self.args.num_heads
         g = dict(g, v=mu[0] * embed + mu[1] * mid + mu[2] * x, x0=mu[10], bigram=mu[11])
-        H = self.args.num_heads
         g["ve"] = torch.cat([mu[6].expand(*x.shape[:2], H // 2), mu[7].expand(*x.shape[:2], H - H // 2)], dim=-1)
         x = (1 + mu[5]) * x + mu[3] * embed + mu[4] * mid
         return block(x, embed, ve, sa, (mu[8], mu[12], mu[9], mu[13]), ctx, g, attn_in, bigram, fp8)
@@ -2094,8 +2074,7 @@ class GPT(nn.Module):
         """Hashed bigram embedding (#62): row h_t = ((36313 x_t) xor (27191 x_{t-1})) mod (rows - 1) in int32
         arithmetic, with the reserved last row for t = 0 and x_0 read as that row for t = 1 (as the record does);
         times a fixed random sign row (x_{t-1} xor x_t) mod sign_rows (#83)."""
-        x = input_seq.long()
-        M = self.args.bigram_vocab_size - 1
+        x, M = input_seq.long(), self.args.bigram_vocab_size - 1
         wrap = lambda v: ((v + 2**31) % 2**32) - 2**31  # int32 overflow, computed in int64
         prev = torch.cat([x.new_full((2,), M), x[1:-1]])
         rows = (wrap(36313 * x) ^ wrap(27191 * prev)) % M
@@ -2306,8 +2285,7 @@ class TrainLoader:
         if max_doc_len not in self.filled:  # filled[k] = tokens in pieces 0..k-1: a window's end is one search away
             lengths = np.minimum(self.doc_ends - self.bos, max_doc_len)
             self.filled[max_doc_len] = np.concatenate([[0], np.cumsum(lengths)])
-        filled = self.filled[max_doc_len]
-        windows, i = [], np.searchsorted(self.bos, self.pos)
+        filled, windows, i = self.filled[max_doc_len], [], np.searchsorted(self.bos, self.pos)
         for _ in range(self.windows):
             k = np.searchsorted(filled, filled[i] + seq_len + 1)  # pieces i..k-1 fill the window
             if k == len(filled):
