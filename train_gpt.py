@@ -597,7 +597,6 @@ TRACK_FROZEN = [name for name in FIELDS[FIELDS.index("val_tokens"):FIELDS.index(
     "tie_embed_stages"] if name not in ("val_seq_len", "micro_batch_split", "value_embed_init_std", "init_std",
                                         "zero_init_attn_out", "head_init_std", "embed_init_std", "out_init_std",
                                         "init_fan_in_var", "weights_bf16")]  # the model, the data, the batch
-
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
 
 
@@ -1232,6 +1231,7 @@ POLAR_EXPRESS_COEFFS = (  # one (a, b, c) per iteration, for 5 iterations (Amsel
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")  # the block matrices Muon can take (muon_matrices)
 
 
 def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype, coeffs=NEWTON_SCHULZ_COEFFS) -> Tensor:
@@ -1286,9 +1286,6 @@ def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Cal
         return [(lambda t: t[:2].reshape(-1, rows, t.size(-1)), 1.0), (lambda t: t[2:], 1.0)]
     lr_mul = {"c_fc": args.mlp_lr_mul, "c_proj": args.mlp_lr_mul * args.c_proj_lr_mul}.get(name, 1.0)
     return [(lambda t: t[None], lr_mul)]  # the MLP matrices and the sparse attention gate (#28)
-
-
-MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")
 
 
 def step_optimizers(optimizers: list, plan: "StepPlan"):
@@ -2467,6 +2464,8 @@ def shorten(text: str, width: int) -> str:
 
 
 MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
+RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
+                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
 
 
 def save_model(model: "GPT", folder: Path):
@@ -2505,10 +2504,6 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model.to(device)
 
 
-RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
-                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
-
-
 class Stop(Exception):
     """A stop that was asked for (SIGTERM): the run ends at a step boundary, with a checkpoint if they are on."""
 
@@ -2518,6 +2513,7 @@ class RunFailure(RuntimeError):
 
 
 STOPPED_KEY = "train_gpt/stopped/"  # + rank: each rank's last word, in the process group's store
+NAN_HINT = "HINT: lower the learning rates, or check the data with `python data/shards.py inspect`"
 
 
 def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFailure | None:
@@ -2831,9 +2827,6 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     log(peak_memory_line(rt.device))
     return dict(val_loss=val_losses[total], val_losses=val_losses, train_time_ms=training_time_ms, steps=total,
                 log_path=str(log.path) if log.path else None)
-
-
-NAN_HINT = "HINT: lower the learning rates, or check the data with `python data/shards.py inspect`"
 
 
 def print_schedule(args: Hyperparameters):
