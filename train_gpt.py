@@ -1504,8 +1504,7 @@ class Rotary(nn.Module):
         tables, scales, scale = [freqs], [args.attn_scale], args.attn_scale
         for old, new in zip(long_windows, long_windows[1:]):
             if args.use_yarn and new != old:
-                turns = old * freqs / (2 * math.pi)
-                ramp = ((turns - 1) / 31).clamp(0, 1)
+                ramp = ((old * freqs / (2 * math.pi) - 1) / 31).clamp(0, 1)  # turns over `old` tokens: 1 -> 0, 32 -> 1
                 freqs = freqs * (old / new + ramp * (1 - old / new))
                 scale *= 1 + 0.2 * math.log(new / old)
             tables.append(freqs)
@@ -1728,8 +1727,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(args, layer, wdtype) if args.attn_pattern[layer] != "-" else None
         self.mlp = MLP(args, wdtype)
         self.residual = args.residual
-        self.ln_1 = make_norm(args) if self.attn is not None else norm
-        self.ln_2 = make_norm(args)
+        self.ln_1, self.ln_2 = make_norm(args) if self.attn is not None else norm, make_norm(args)
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, sa_lambdas: Tensor, mix, ctx: dict, gates: dict,
                 attn_in: Tensor | None = None, bigram: Tensor | None = None, fp8=None) -> Tensor:
@@ -2533,8 +2531,7 @@ def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFail
         return RunFailure(f"a collective failed ({seen})")
     # the roll call: what every other rank said when it stopped, None for a rank silent for wait_s
     store, wait_s = dist.distributed_c10d._get_default_store(), min(5, args.collective_timeout_s)
-    keys = {r: STOPPED_KEY + str(r) for r in range(rt.world_size) if r != rt.rank}
-    deadline = time.monotonic() + wait_s
+    keys, deadline = {r: STOPPED_KEY + str(r) for r in range(rt.world_size) if r != rt.rank}, time.monotonic() + wait_s
     while not store.check(list(keys.values())) and time.monotonic() < deadline:
         time.sleep(0.1)
     answers = {r: store.get(key).decode() if store.check([key]) else None for r, key in keys.items()}
@@ -2846,8 +2843,7 @@ def main(argv: list[str] | None = None, hooks=()) -> dict:
     `stopped: <reason>`, and raised again. hooks: what a caller adds to a run on rank 0, without this file importing it
     (train_extras.py): each hook's start(args, log) returns the log to write to, end(model, log) runs after training."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rt = setup_runtime(args)
-    run_id = [args.run_id or str(uuid.uuid4())]
+    rt, run_id = setup_runtime(args), [args.run_id or str(uuid.uuid4())]
     if dist.is_initialized():  # one name for the run on every rank: its checkpoints are written together
         dist.broadcast_object_list(run_id, src=0)
     run_id = run_id[0]
