@@ -941,8 +941,7 @@ fp8_mm.register_autograd(_fp8_mm_backward, setup_context=lambda ctx, inputs, out
 # per-tensor scales (record #84, 2026-05-21 FP8 MLP up-projection); down projection in e4m3 with delayed scales, the
 # ones measured one step earlier (record #89, 2026-07-17 FP8DownProjection): the activations are then quantized in the
 # same pass that measures them. The backward is the plain MLP's, in x's dtype, from the saved post: relu(pre) =
-# sqrt(post), so pre is never kept. The up projection is one op that the compiler sees into: our Triton kernel
-# (fused_mlp), or _scaled_mm with relu^2, amax and the e4m3 cast fused by the compiler into one pass after it.
+# sqrt(post), so pre is never kept.
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
