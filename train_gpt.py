@@ -480,8 +480,7 @@ class Hyperparameters:
             if len(values) not in (0 if name == "max_doc_len" else 1, 1, stages):
                 raise ValueError(f"{name}={getattr(self, name)!r} gives {len(values)} values for {stages} stages: "
                                  "give one value, or one per stage")
-        windows = self.per_stage("window_blocks", str)
-        if len(windows) not in (0, 1, stages, stages + 1):
+        if len(self.per_stage("window_blocks", str)) not in (0, 1, stages, stages + 1):
             raise ValueError(f"window_blocks={self.window_blocks!r}: give one short/long pair per stage, and "
                              f"optionally one more for the extension ({stages} stages)")
         return stages
@@ -966,8 +965,7 @@ def mlp_fp8_down(pre: Tensor, post: Tensor, c_proj: Tensor, post_f8: Tensor, w2_
                             use_fast_accum=True)
 
 
-mlp_fp8_down.register_fake(lambda pre, post, c_proj, post_f8, w2_f8, act_scale, w2_scale, fused:
-                           post.new_empty(post.size(0), c_proj.size(0)))
+mlp_fp8_down.register_fake(lambda pre, post, c_proj, *_: post.new_empty(post.size(0), c_proj.size(0)))
 
 
 def _mlp_fp8_down_backward(ctx, grad_out):
@@ -1579,9 +1577,8 @@ def flex_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: BlockMask,
     block = mask.BLOCK_SIZE[0]
     tile = min(64, block & -block)
     options = None if block % 128 == 0 else dict(fwd_BLOCK_M=tile, fwd_BLOCK_N=tile)
-    y = flex_attention(q, k, v, block_mask=mask, scale=1.0, score_mod=lambda s, b, h, q_idx, kv_idx: s * scale,
-                       kernel_options=options)
-    return y.transpose(1, 2)
+    return flex_attention(q, k, v, block_mask=mask, scale=1.0, score_mod=lambda s, b, h, q_idx, kv_idx: s * scale,
+                          kernel_options=options).transpose(1, 2)
 
 
 def dense_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_windows: bool = False) -> Tensor:
@@ -1614,8 +1611,7 @@ def dc_correction(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, w1: Tensor, w2:
     visible = (t - s >= 0) & (t - s < window) & (docs.view(n, block)[:, :, None] == key_docs[:, None, :])
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)  # (n, H, block, 2 * block)
     mixed = torch.einsum("nhcs,nch->ncs", probs, w1[0].float().view(n, block, H))
-    out = torch.einsum("ncs,nhds->nchd", mixed.type_as(v), values)
-    return out.reshape(1, T, H, D) * w2[..., None].type_as(v)
+    return torch.einsum("ncs,nhds->nchd", mixed.type_as(v), values).reshape(1, T, H, D) * w2[..., None].type_as(v)
 
 
 class CausalSelfAttention(nn.Module):
@@ -2075,8 +2071,7 @@ class GPT(nn.Module):
         rows[0] = M
         out = embedding(self.bigram_embed.weight, rows)[None]
         if self.args.bigram_sign_rows:
-            sign_rows = torch.cat([x.new_zeros(1), (x[:-1] ^ x[1:]) % self.args.bigram_sign_rows])
-            out = out * self.bigram_signs[sign_rows]
+            out = out * self.bigram_signs[torch.cat([x.new_zeros(1), (x[:-1] ^ x[1:]) % self.args.bigram_sign_rows])]
         return out
 
 
@@ -2246,12 +2241,10 @@ class TrainLoader:
         if self.next_index >= len(self.files):
             raise ShardError(f"ran out of training data after {len(self.files)} shard(s) ({self.files[-1]}). HINT: "
                                "download more shards (python data/cached_fineweb10B.py N) or lower num_iterations.")
-        pending = self.pending or self.executor.submit(self._read, self.files[self.next_index])
-        self.tokens, self.bos = pending.result()
+        self.tokens, self.bos = (self.pending or self.executor.submit(self._read, self.files[self.next_index])).result()
         self.doc_ends = np.append(self.bos[1:], len(self.tokens))  # a document ends at the next BOS or the shard end
         self.filled = {}  # max_doc_len -> tokens in the first k pieces, for every k (see _plan_packed)
-        self.next_index += 1
-        self.pos = 0
+        self.next_index, self.pos = self.next_index + 1, 0
         self.pending = (self.executor.submit(self._read, self.files[self.next_index])
                         if self.next_index < len(self.files) else None)
 
