@@ -1095,8 +1095,7 @@ def mlp_fp8_next_scales(post_amax: Tensor, w2_amax: Tensor) -> tuple[Tensor, Ten
 
 def mlp_plain(x: Tensor, c_fc: Tensor, c_proj: Tensor, b_fc: Tensor | None = None, b_proj: Tensor | None = None,
               gelu: bool = False) -> Tensor:
-    """The plain twin of mlp_fp8: the same ReLU^2 MLP in x's dtype, with ordinary autograd; with biases and GELU (tanh
-    approximation), GPT-2's."""
+    """The plain twin of mlp_fp8: the same ReLU^2 MLP in x's dtype, ordinary autograd; with biases and GELU, GPT-2's."""
     h = x @ c_fc.type_as(x) if b_fc is None else x @ c_fc.type_as(x) + b_fc.type_as(x)
     h = F.gelu(h, approximate="tanh") if gelu else F.relu(h).square()
     return F.linear(h, c_proj.type_as(x), None if b_proj is None else b_proj.type_as(x))
@@ -1770,9 +1769,8 @@ def embedding(weight: Tensor, rows: Tensor) -> Tensor:
 
 
 class GateMLP(nn.Module):
-    """Two small MLPs, coef_j(x) = (GELU(x W1_j^T) W2_j^T + b_j) * scale, W2 zero-init, so every output starts at
-    its bias (MUDD #81 with scale 0.1; the gate of #85 with a learned scale). Off (`static`), the outputs are
-    learned constants that start at the same values."""
+    """Two small MLPs, coef_j(x) = (GELU(x W1_j^T) W2_j^T + b_j) * scale, W2 zero-init, so every output starts at its
+    bias (MUDD #81 with scale 0.1; the gate of #85 with a learned scale); static: constants, learned from there."""
 
     def __init__(self, dim: int, hidden: int, inits: list[list[float]], scale: float, learned_scale: bool,
                  static: bool, wdtype: torch.dtype):
@@ -2208,9 +2206,8 @@ class TrainLoader:
       - bos_aligned=False, contiguous windows (GPT-2): back to back from the position, cut anywhere, no token skipped.
     For every step all ranks compute the same plan of windows_per_step windows; rank r's micro-step a reads window
     a*world_size + r, so every world size trains on the same windows. When a shard cannot hold a whole step, the step
-    is planned again from the first BOS of the next shard, read in the background while this one is used.
-    The position (shard, pos) is all the state: the next window starts at pos (BOS-aligned: the first BOS at or after).
-    With vocab_size, a shard holding a token id >= vocab_size is refused when it is read (a ShardError)."""
+    is planned again from the first BOS of the next shard, read in the background while this one is used. The
+    position (shard, pos) is all the state: the next window starts at pos (BOS-aligned: the first BOS at or after)."""
 
     def __init__(self, files: list[Path], seq_len: int, windows_per_step: int, rank: int, world_size: int,
                  device: torch.device, state: dict | None = None, vocab_size: int | None = None,
