@@ -1209,9 +1209,8 @@ def fused_prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predic
     ahead = [torch.cat([target_seq[k:], target_seq.new_full((k,), -1)]) for k in range(predictions)]
     targets = torch.stack(ahead + ([] if prefixes is None else [prefixes]), dim=1).int()
     weights = weights[:targets.size(1)].float()
-    loss = softcap_loss(z, targets, weights, *softcap) if fp8_head is None else \
-        fp8_head_loss(z, fp8_head[0], targets, weights, *fp8_head[1:], *softcap)
-    return loss[0].sum()
+    return (softcap_loss(z, targets, weights, *softcap) if fp8_head is None else
+            fp8_head_loss(z, fp8_head[0], targets, weights, *fp8_head[1:], *softcap))[0].sum()
 
 
 # -----------------------------------------------------------------------------
@@ -2553,8 +2552,7 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
         state = io.BytesIO()  # written by Python, not torch's C++ writer: a full disk is an OSError that names itself
         torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), state)
-        with open(partial / f"rank{rt.rank}.pt", "wb") as f:
-            f.write(state.getbuffer())
+        (partial / f"rank{rt.rank}.pt").write_bytes(state.getbuffer())
         barrier()
         if rt.is_master:
             save_model(model, partial)
