@@ -542,6 +542,7 @@ SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipp
     val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
     mlp_hidden=512, block_size=64, dtype="float32", use_fp8=False, use_fp8_mlp=False, use_compile=False,
     use_flex_attention=False, train_seq_len="256", num_layers=4, warmup_steps=0)  # nothing to warm up: not compiled
+SMOKE_LONG = dict(attn_pattern="LLLL", value_embed_pattern="----", window_blocks="4/4")  # long windows only, no VE
 ONE_A100 = dict(  # GPT-2 shape, 1500 steps of 524,288 tokens on one A100 (docs/recipes.md#the-one-a100-recipe)
     RECORD_2025_08_23, train_seq_len="65536", num_heads=12, head_dim=64, attn_pattern="L" * 12,
     value_embed_pattern="-" * 12, attn_gate_dim=0, window_blocks="16/16", learned_scalars=False,
@@ -579,17 +580,15 @@ PRESETS = {
         muon_momentum_warmup_steps=20),
     "gpt2_baseline": GPT2_BASELINE,
     "smoke_gpt2_baseline": dict(  # GPT-2 at 4 layers on a CPU, on smoke_2025_08_23's tokens
-        GPT2_BASELINE, **SMOKE, context_len=256, pos_embed_len=256, attn_pattern="LLLL", value_embed_pattern="----",
-        window_blocks="4/4", num_iterations=20, lr_warmup_steps=1, val_every=5),
+        GPT2_BASELINE, **SMOKE, **SMOKE_LONG, context_len=256, pos_embed_len=256, num_iterations=20, lr_warmup_steps=1,
+        val_every=5),
     "one_a100": ONE_A100,
     "smoke_one_a100": dict(  # the one-A100 recipe at 4 layers on a CPU
-        ONE_A100, **SMOKE, attn_pattern="LLLL", value_embed_pattern="----", skip_connections="1>2,0>3",
-        window_blocks="4/4", out_init_std=0.02 / 8**0.5, num_iterations=10, lr_warmup_steps=2, val_every=5,
-        muon_momentum_warmup_steps=10),
+        ONE_A100, **SMOKE, **SMOKE_LONG, skip_connections="1>2,0>3", out_init_std=0.02 / 8**0.5, num_iterations=10,
+        lr_warmup_steps=2, val_every=5, muon_momentum_warmup_steps=10),
     "optimization_track": OPTIMIZATION_TRACK,
     "smoke_optimization_track": dict(  # the optimization track at 4 layers on a CPU
-        OPTIMIZATION_TRACK, **SMOKE, context_len=256, attn_pattern="LLLL", value_embed_pattern="----",
-        window_blocks="4/4", num_iterations=20, val_every=8, final_val_every=2),
+        OPTIMIZATION_TRACK, **SMOKE, **SMOKE_LONG, context_len=256, num_iterations=20, val_every=8, final_val_every=2),
 }
 FIELDS = [f.name for f in dataclasses.fields(Hyperparameters)]
 TRACK_FROZEN = [name for name in FIELDS[FIELDS.index("val_tokens"):FIELDS.index("num_iterations")] + [
