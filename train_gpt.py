@@ -420,11 +420,10 @@ class Hyperparameters:
                 "the embedding zero. HINT: set --head_init_std or --init_std above 0")
         require(self.max_doc_len == "" or self.bos_aligned, "bos_aligned=false reads contiguous windows, which "
                 "cut no documents. HINT: --max_doc_len= (empty)")
-        if self.context_len:
-            require(all(n % self.context_len == 0 for n in (*self.seq_lens, self.val_seq_len))
-                    and self.context_len % self.block_size == 0, f"context_len={self.context_len} must divide every "
-                    f"train_seq_len ({self.train_seq_len}) and val_seq_len ({self.val_seq_len}), and be a multiple "
-                    f"of block_size={self.block_size}")
+        require(not self.context_len or all(n % self.context_len == 0 for n in (*self.seq_lens, self.val_seq_len))
+                and self.context_len % self.block_size == 0, f"context_len={self.context_len} must divide every "
+                f"train_seq_len ({self.train_seq_len}) and val_seq_len ({self.val_seq_len}), and be a multiple of "
+                f"block_size={self.block_size}")
         require(self.orthogonalizer != "polar_express" or self.orthogonalizer_steps <= 5,
                 "polar_express has 5 tuned steps; set orthogonalizer_steps <= 5")
         require(self.qk_heads_per_matrix == 0 or self.num_heads % self.qk_heads_per_matrix == 0,
@@ -2037,10 +2036,9 @@ class GPT(nn.Module):
             if i == args.attn_input_layer:  # later layers' attention reads this stream (#77)
                 attn_in = norm(x)
         if args.use_mudd:  # mix earlier streams into the final one; nu_1 starts at -0.5, the backout (#40, #81)
-            nu = self.mudd(1, x).unbind(-1)
-            first_skip = args.skips[0][0]
-            x = (x + nu[0][..., None] * cache["embed"] + nu[1][..., None] * cache[args.attn_input_layer]
-                 + nu[2][..., None] * cache[L - 2] + nu[3][..., None] * ves[0] + nu[4][..., None] * cache[first_skip])
+            nu = [n[..., None] for n in self.mudd(1, x).unbind(-1)]
+            x = (x + nu[0] * cache["embed"] + nu[1] * cache[args.attn_input_layer] + nu[2] * cache[L - 2]
+                 + nu[3] * ves[0] + nu[4] * cache[args.skips[0][0]])
         return self.ln_f(x).flatten(end_dim=1)
 
     def mudd_layer(self, block, x, ve, sa, ctx, g, cache, attn_in, bigram, fp8) -> Tensor:
