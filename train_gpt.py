@@ -2163,12 +2163,9 @@ def find_shards(pattern: str) -> list[Path]:
     """Sorted shards matching pattern, every header checked before training starts. A relative pattern is looked up
     under $DATA_PATH when it is set; otherwise in the current directory and then in this repository, where
     data/cached_fineweb10B.py puts its shards, so that a run started from any directory finds them."""
-    if os.path.isabs(pattern):
-        places = [pattern]
-    elif os.environ.get("DATA_PATH"):
-        places = [os.path.join(os.environ["DATA_PATH"], pattern)]
-    else:
-        places = list(dict.fromkeys([os.path.abspath(pattern), str(Path(__file__).resolve().parent / pattern)]))
+    places = ([pattern] if os.path.isabs(pattern) else
+              [os.path.join(os.environ["DATA_PATH"], pattern)] if os.environ.get("DATA_PATH") else
+              list(dict.fromkeys([os.path.abspath(pattern), str(Path(__file__).resolve().parent / pattern)])))
     files = next(([Path(f) for f in sorted(found)] for place in places if (found := glob.glob(place))), [])
     if not files:
         raise ShardError(f"no shards match {' or '.join(repr(p) for p in places)}. HINT: `python "
