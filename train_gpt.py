@@ -2497,8 +2497,7 @@ NAN_HINT = "HINT: lower the learning rates, or check the data with `python data/
 
 
 def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFailure | None:
-    """Out of memory, or a collective that failed, in words with a HINT (rank 0 asks the other ranks what happened
-    to them); None for any other error."""
+    """Out of memory or a failed collective, in words with a HINT (rank 0 asks the others what happened); else None."""
     seen = f"{type(e).__name__}: {shorten(str(e).splitlines()[0], 200) if str(e) else ''}"
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return RunFailure(f"out of memory ({seen}). HINT: --micro_batch_split=2 (or 4) runs each window as 2 (4) "
