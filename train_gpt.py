@@ -1248,8 +1248,7 @@ def normuon_normalize(V: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     """NorMuon (arXiv 2510.05491): give every neuron (row; column when the matrix is wide) the same update scale,
     using an EMA of its mean squared update, then restore the matrix's Frobenius norm. Updates second_moment. Computed
     in fp32, returned in V's dtype (bf16 on a GPU: the update is applied rounded, as the 2026-08 record applies it)."""
-    dtype, V = V.dtype, V.float()
-    dim = -1 if V.size(-2) >= V.size(-1) else -2
+    dtype, V, dim = V.dtype, V.float(), -1 if V.size(-2) >= V.size(-1) else -2
     second_moment.lerp_(V.square().mean(dim=dim, keepdim=True), 1 - beta2)
     norm = V.norm(dim=(-2, -1), keepdim=True)
     V = V * second_moment.clamp_min(1e-10).rsqrt()
@@ -1347,17 +1346,15 @@ class Muon:
         g = grads.float() * self.grad_scale
         buf = state.setdefault("momentum", torch.zeros_like(g))
         buf.lerp_(g, 1 - momentum)
-        g = g.lerp(buf, momentum)  # Nesterov: look ahead along the momentum
-        V = self.orthogonalize(g)
+        V = self.orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
         if args.use_normuon:  # one statistic per row (tall) or per column (wide)
             rows, cols = V.shape[-2:]
             shape = (len(V), rows, 1) if rows >= cols else (len(V), 1, cols)
             V = normuon_normalize(V, state.setdefault("second_moment", V.new_zeros(shape, dtype=torch.float32)),
                                   args.normuon_beta2)
-        keep_mantissa = weights.dtype == torch.bfloat16
+        keep_mantissa, lr_eff = weights.dtype == torch.bfloat16, lr * lr_mul
         p = (join_mantissa(weights, state.setdefault("mantissa", torch.zeros_like(weights, dtype=torch.int16)))
              if keep_mantissa else weights.clone())
-        lr_eff = lr * lr_mul
         if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
             decay = (1 if args.adamw else lr_eff) * args.muon_weight_decay * lr * p
             p.sub_(decay * (V * p >= 0) if args.cautious_weight_decay else decay)
@@ -1641,9 +1638,8 @@ class CausalSelfAttention(nn.Module):
         """x: the normed attention input (1, T, D); ve: this layer's value embedding or None; gates: per-token values
         of this layer {name: (1, T, H or 1)}."""
         (B, T), H, hd = x.shape[:2], self.num_heads, self.head_dim
-        w = self.qkvo_w.type_as(x)
+        w, b = self.qkvo_w.type_as(x), None if self.qkvo_b is None else self.qkvo_b.type_as(x)
         w_qkv, w_o = w[:3].flatten(end_dim=1), w[3]
-        b = None if self.qkvo_b is None else self.qkvo_b.type_as(x)
         if self.folded_lambdas and sa_lambdas is not None:
             w_qkv, w_o = w_qkv * sa_lambdas[0], w_o * sa_lambdas[1]
         q, k, v = F.linear(x, w_qkv, None if b is None else b[:3].flatten()).view(B, T, 3 * H, hd).chunk(3, dim=-2)
