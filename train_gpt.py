@@ -591,9 +591,8 @@ PRESETS = {
 }
 FIELDS = [f.name for f in dataclasses.fields(Hyperparameters)]
 TRACK_FROZEN = [name for name in FIELDS[FIELDS.index("val_tokens"):FIELDS.index("num_iterations")] + [
-    "tie_embed_stages"] if name not in ("val_seq_len", "micro_batch_split", "value_embed_init_std", "init_std",
-                                        "zero_init_attn_out", "head_init_std", "embed_init_std", "out_init_std",
-                                        "init_fan_in_var", "weights_bf16")]  # the model, the data, the batch
+    "tie_embed_stages"] if name not in "val_seq_len micro_batch_split value_embed_init_std init_std zero_init_attn_out "
+    "head_init_std embed_init_std out_init_std init_fan_in_var weights_bf16".split()]  # the model, the data, the batch
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
 
 
@@ -1891,7 +1890,6 @@ class GPT(nn.Module):
         if args.use_mudd:  # MUDD (#81): 14 coefficients in the last layer, 5 after it (-0.5: the backout, #40)
             mix = [0.0] * 6 + [2.0, 2.0, 1.1**0.5, 1.0, 0.0, 0.05, 1.1**0.5, 1.0]
             self.mudd = GateMLP(D, args.mudd_hidden, [mix, [0.0, -0.5, 0.0, 0.0, 0.0]], 0.1, False, False, wdtype)
-        # per-step state, set by set_step(): no recompilation when a value changes
         self.register_buffer("stage", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("windows", torch.ones(2, dtype=torch.int64), persistent=False)  # (short, long) blocks
         predictions = max(len(w.split(",")) for w in args.per_stage("mtp_weights", str, ";"))
