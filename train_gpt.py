@@ -1166,9 +1166,8 @@ def _softcap_loss_backward(ctx, g, _):
 
 def fp8_head_loss(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, x_s: float, w_s: float, grad_s: float,
                   cap: float, fn: str, offset: float, temperature: float) -> tuple[(Tensor,) * 5]:
-    """softcap_loss of the FP8 head's z = fp8_mm(x, w) in one op, so that the loss kernel's backward writes the
-    head's gradient in e5m2 (record #67), half the bytes of bf16 and no pass to quantize it. Returns the loss
-    per row and its lse, then z and the FP8 copies of x and w for the backward."""
+    """softcap_loss of the FP8 head's z = fp8_mm(x, w) in one op, so that the loss kernel's backward writes the head's
+    gradient in e5m2 (record #67), half the bytes of bf16 and no pass to quantize it."""
     z, x_f8, w_f8 = fp8_mm(x, w, x_s, w_s, grad_s)
     return *softcap_loss(z, targets, weights, cap, fn, offset, temperature), z, x_f8, w_f8
 
@@ -1267,9 +1266,8 @@ def split_mantissa(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Callable[[Tensor], Tensor], float]]:
-    """How Muon sees one block parameter: views (n, rows, cols) of it and their LR multipliers. Q, K, V, O are
-    separate matrices; Q and K in blocks of qk_heads_per_matrix heads (#80); the MLP matrices get the LR of their
-    shape, sqrt(hidden / dim), and the output matrix twice that (#42, #47)."""
+    """How Muon sees one block parameter: views (n, rows, cols) of it and their LR multipliers (the MLP's: #42, #47).
+    The Q, K, V and O matrices are separate, Q and K in blocks of qk_heads_per_matrix heads (#80)."""
     if name == "qkvo_w":
         if not args.qk_heads_per_matrix:
             return [(lambda t: t, 1.0)]
@@ -1736,8 +1734,7 @@ class Block(nn.Module):
 class SummedRowsEmbedding(torch.autograd.Function):
     """F.embedding(rows, weight), whose backward sums each row's gradient in fp32 over the tokens, in token order (as
     F.embedding's compiled backward does), and writes the sums, rounded once, into a zero gradient of the weight's
-    dtype: for a table far larger than the tokens (the bigram one, 377,280 rows) one pass over it, not three (fp32
-    zeros, scatter-add, cast)."""
+    dtype: for a table far larger than the tokens one pass over it, not three (fp32 zeros, scatter-add, cast)."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
