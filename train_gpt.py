@@ -371,8 +371,7 @@ class Hyperparameters:
         require(self.vocab_size % self.windows_per_step == 0, f"vocab_size={self.vocab_size} must be a multiple of "
                 f"windows_per_step={self.windows_per_step} (Adam shards embedding rows across ranks)")
         for name in ("attn_pattern", "value_embed_pattern"):
-            pattern = getattr(self, name)
-            require(len(pattern) == self.num_layers,
+            require(len(pattern := getattr(self, name)) == self.num_layers,
                     f"{name}={pattern!r} has {len(pattern)} entries but num_layers={self.num_layers}: one per layer")
         require(set(self.attn_pattern) <= set("LS-"), f"attn_pattern={self.attn_pattern!r} may only use L, S and -")
         require(all(c == "-" or c.isdigit() for c in self.value_embed_pattern),
@@ -1255,8 +1254,7 @@ def normuon_normalize(V: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
 
 def join_mantissa(weight: Tensor, mantissa: Tensor) -> Tensor:
     """fp32 from a bf16 weight (its high 16 bits) and the low 16 bits kept beside it (#57)."""
-    high = weight.view(torch.int16).to(torch.int32) << 16
-    return (high | (mantissa.to(torch.int32) & 0xFFFF)).view(torch.float32)
+    return ((weight.view(torch.int16).to(torch.int32) << 16) | (mantissa.to(torch.int32) & 0xFFFF)).view(torch.float32)
 
 
 def split_mantissa(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -1579,8 +1577,7 @@ def dense_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_windo
 def dense_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
     """The reference twin of flex_attend: an explicit (T, T) mask and softmax. Memory grows as T^2: tests and CPU."""
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
-    scores = (q @ k.mT).float() * scale
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    probs = ((q @ k.mT).float() * scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return (probs.type_as(v) @ v).transpose(1, 2)
 
 
@@ -1709,8 +1706,7 @@ class Block(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, wdtype: torch.dtype):
         super().__init__()
         self.attn = CausalSelfAttention(args, layer, wdtype) if args.attn_pattern[layer] != "-" else None
-        self.mlp = MLP(args, wdtype)
-        self.residual = args.residual
+        self.mlp, self.residual = MLP(args, wdtype), args.residual
         self.ln_1, self.ln_2 = make_norm(args) if self.attn is not None else norm, make_norm(args)
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, sa_lambdas: Tensor, mix, ctx: dict, gates: dict,
