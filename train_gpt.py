@@ -2407,8 +2407,7 @@ class DeferredScalar:
         self.value, self.event = value, None
         if value.device.type == "cuda":
             self.value = torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
+            self.event = torch.cuda.current_stream().record_event()
 
     def get(self) -> list[float]:
         if self.event is not None:
