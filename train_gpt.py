@@ -1908,8 +1908,7 @@ class GPT(nn.Module):
                     block.attn.qkvo_w.data[3].mul_((2 * L) ** -0.5)
 
     def set_step(self, plan: "StepPlan"):
-        """The schedule's values for this step: fills of tiny buffers, never a host sync or a recompile (only the
-        number of predicted tokens changes the graph, once per stage)."""
+        """This step's schedule values, into buffers: no host sync, no recompile (see the Model section comment)."""
         self.stage.fill_(plan.stage)
         self.windows[0].fill_(plan.window_short)
         self.windows[1].fill_(plan.window_long)
@@ -2443,8 +2442,7 @@ def save_model(model: "GPT", folder: Path):
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> "GPT":
-    """The model saved in a checkpoint or export folder, ready for inference: evaluation mode, with the windows and
-    rotary frequencies of the final validation."""
+    """A saved model (checkpoint or export folder), ready for inference: eval mode, at the final validation's step."""
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
         raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
