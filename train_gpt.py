@@ -350,10 +350,9 @@ class Hyperparameters:
                 f"stage_lr_mul={self.stage_lr_mul!r}: each multiplier must be a finite number above 0")
         for name in ("mtp_weights", "prefix_loss_weight"):
             weights = [x for spec in self.per_stage(name, str, ";") for w in spec.split(",") for x in w.split(">")]
-            try:
+            ok = False
+            with contextlib.suppress(ValueError):
                 ok = all(math.isfinite(float(w)) and float(w) >= 0 for w in weights)
-            except ValueError:
-                ok = False
             require(ok, f"{name}={getattr(self, name)!r}: weights must be finite numbers >= 0. HINT: see --help")
         for pair in self.per_stage("window_blocks", str):
             short, _, long = pair.partition("/")
@@ -2563,11 +2562,10 @@ def claim_checkpoints(folder: Path, run_id: str, log_path: Path | None) -> str |
         pass
     except OSError as e:
         return f"cannot create the checkpoint folder {folder}: {e.strerror}. HINT: choose another --checkpoint_dir"
-    try:
-        who = json.loads(owner.read_text())
-        who = f"run {who['run_id']!r} (started {who['started']} on {who['host']}, log {who['log']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        who = "another run"
+    who = "another run"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        run = json.loads(owner.read_text())
+        who = f"run {run['run_id']!r} (started {run['started']} on {run['host']}, log {run['log']})"
     held = sorted(p.name for p in folder.iterdir() if p.name != owner.name)
     return (f"the checkpoint folder {folder} belongs to {who}" + (f" and holds {', '.join(held[:4])}" if held else "")
             + ". HINT: choose another --run_id (to continue that run, --resume=<its step_N folder> with a new "
@@ -2833,11 +2831,8 @@ def main(argv: list[str] | None = None, hooks=()) -> dict:
                 if failure is None:
                     raise
                 raise failure from e
-    except (Stop, ValueError, FloatingPointError) as e:
-        stopped(str(e))
-        raise
-    except KeyboardInterrupt:
-        stopped("interrupted (Ctrl-C)")
+    except (Stop, ValueError, FloatingPointError, KeyboardInterrupt) as e:
+        stopped("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e))
         raise
     except LogWriteError:
         raise
