@@ -2671,9 +2671,8 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
     train_files, val_files = find_shards(args.train_files), find_shards(args.val_files)
     needed, available = sum(p.tokens for p in plans[:-1]), sum(read_shard_header(f) for f in train_files)
     if available < needed:
-        raise ShardError(f"the training shards hold {available:,} tokens but {total} steps need at least "
-                         f"{needed:,}. HINT: download more shards (python data/cached_fineweb10B.py N) or lower "
-                         "--num_iterations.")
+        raise ShardError(f"the training shards hold {available:,} tokens but {total} steps need at least {needed:,}. "
+                         "HINT: download more shards (python data/cached_fineweb10B.py N) or lower --num_iterations.")
     val_tokens = load_val_tokens(val_files, args.val_tokens + 1, args.vocab_size)
 
     torch.manual_seed(args.seed)
