@@ -596,8 +596,7 @@ EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.p
 
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--preset=NAME` then `--field=value` overrides, applied in order; raises ValueError with a usable message."""
-    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    preset, overrides = "speedrun", {}
+    fields, preset, overrides = {f.name: f for f in dataclasses.fields(Hyperparameters)}, "speedrun", {}
     truth = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
     for arg in argv:
         name, eq, text = arg.removeprefix("--").partition("=")
@@ -714,8 +713,7 @@ def plan_step(step: int, args: Hyperparameters) -> StepPlan:
         short = max(1, long // 2)
     if step == total and args.final_window_blocks:  # the final validation looks further back (#33, #35)
         long = args.final_window_blocks
-    mtp = value(args.per_stage("mtp_weights", str, ";"))
-    prefix = value(args.per_stage("prefix_loss_weight", str, ";"))
+    mtp, prefix = value(args.per_stage("mtp_weights", str, ";")), value(args.per_stage("prefix_loss_weight", str, ";"))
     untie = None  # the untie step: the first of stage tie_embed_stages + 1, moved to the next Adam step (#53: 847, odd)
     if args.tie_embed_stages:
         untie = starts[args.tie_embed_stages] + (-(starts[args.tie_embed_stages] + 1)) % args.adam_every
@@ -1336,8 +1334,7 @@ class Muon:
 
     def update(self, index: int, grads: Tensor, weights: Tensor, lr: float, lr_mul: float, momentum: float) -> Tensor:
         """The new value of the owned matrices (n, rows, cols) from their summed gradients."""
-        args, state = self.args, self.state.setdefault(index, {})
-        g = grads.float() * self.grad_scale
+        args, state, g = self.args, self.state.setdefault(index, {}), grads.float() * self.grad_scale
         buf = state.setdefault("momentum", torch.zeros_like(g))
         buf.lerp_(g, 1 - momentum)
         V = self.orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
@@ -1401,8 +1398,7 @@ class DistAdam:
                 if handle is not None:
                     handle.wait()
                 norm_sq += grad.float().square().sum() / (1 if W == 1 or sharded(p) else W)
-            reduced = [(grad, None) for grad, _ in reduced]
-            norm = all_reduce_sum(norm_sq).sqrt() * self.grad_scale
+            reduced, norm = [(grad, None) for grad, _ in reduced], all_reduce_sum(norm_sq).sqrt() * self.grad_scale
             grad_scale = self.grad_scale * (args.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         gathers = []
         for (index, p, lr_mul, (beta1, beta2), wd_mul), (grad, handle) in zip(work, reduced):  # phase 2
@@ -1605,10 +1601,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         D, H = args.model_dim, args.num_heads
         self.num_heads, self.head_dim, self.block_size = H, args.head_dim, args.block_size
-        self.kind = args.attn_pattern[layer]
-        self.paired = layer in args.layers("paired_head_layers")
-        self.key_offset = layer in args.layers("key_offset_layers")
-        self.xsa = layer in args.layers("xsa_layers")
+        self.kind, self.paired = args.attn_pattern[layer], layer in args.layers("paired_head_layers")
+        self.key_offset, self.xsa = layer in args.layers("key_offset_layers"), layer in args.layers("xsa_layers")
         self.dc_window = args.dc_window if layer in args.layers("dc_layers") else 0
         self.folded_lambdas = args.ve_gate_dim > 0  # the attention lambdas scale W_qkv and W_o (#47, #48)
         self.qk_norm, self.rotary = args.use_qk_norm, args.use_rotary
@@ -1976,8 +1970,7 @@ class GPT(nn.Module):
 
     def hidden(self, input_seq: Tensor) -> Tensor:
         """The final normed residual stream (T, model_dim)."""
-        args, L = self.args, self.args.num_layers
-        ctx, s = self.attention_context(input_seq), self.scalars
+        args, L, ctx, s = self.args, self.args.num_layers, self.attention_context(input_seq), self.scalars
         skip_weights, sa_lambdas = (s[self.scalar_slices[k]] if k in self.scalar_slices else None
                                     for k in ("skip", "attn"))
         ves = [embedding(ve.weight, input_seq)[None] for ve in self.value_embeds]
