@@ -1187,8 +1187,7 @@ if TRITON_OPS:  # only where it runs: registering reads the kernels with inducto
 
 
 def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:
-    """cap * f((z + offset) / temperature) in fp32, f = sigmoid (#54), tanh (#9) or the optimization track's
-    z / sqrt(1 + z^2); cap 0: z. softcap_loss's twin."""
+    """softcap_loss's twin: cap * f((z + offset) / temperature) in fp32, f sigmoid (#54), tanh (#9) or algebraic."""
     z = z.float() if not offset or not cap else z.float() + offset
     f = dict(tanh=torch.tanh, sigmoid=torch.sigmoid, algebraic=lambda z: z * torch.rsqrt(1 + z * z))[fn]
     return cap * f(z / temperature) if cap else z
@@ -1513,8 +1512,7 @@ class Rotary(nn.Module):
 
 
 def document_ids(input_seq: Tensor, context_len: int = 0) -> Tensor:
-    """What attention stays inside: documents, each starting with BOS; with context_len, GPT-2's contiguous sequences
-    of that many tokens, whatever the documents."""
+    """What attention stays inside: documents (from each BOS), or with context_len GPT-2's fixed-length sequences."""
     if context_len:
         return torch.arange(input_seq.size(0), device=input_seq.device) // context_len
     return (input_seq == BOS_ID).cumsum(0)
@@ -1622,8 +1620,7 @@ class CausalSelfAttention(nn.Module):
         self.attend = flex_attend if args.use_flex_attention else dense_attend
 
     def forward(self, x: Tensor, ve: Tensor | None, sa_lambdas: Tensor, ctx: dict, gates: dict) -> Tensor:
-        """x: the normed attention input (1, T, D); ve: this layer's value embedding or None; gates: per-token values
-        of this layer {name: (1, T, H or 1)}."""
+        """x: normed attention input (1, T, D); ve: value embedding or None; gates: per token {name: (1, T, H or 1)}."""
         (B, T), H, hd = x.shape[:2], self.num_heads, self.head_dim
         w, b = self.qkvo_w.type_as(x), None if self.qkvo_b is None else self.qkvo_b.type_as(x)
         w_qkv, w_o = w[:3].flatten(end_dim=1), w[3]
@@ -2611,8 +2608,7 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
 
 
 class StopSignal:
-    """While active, SIGTERM asks the run to stop at the next step boundary (all ranks agree through the step's
-    all-reduce); a second SIGTERM stops at once."""
+    """While active, SIGTERM stops the run at a step boundary (agreed in the step's all-reduce); a second, at once."""
 
     def __enter__(self):
         self.requested = False
