@@ -1915,8 +1915,7 @@ class GPT(nn.Module):
             self.fp8_window.fill_(index)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor) -> Tensor:
-        """Loss of one packed sequence: summed over tokens in training (with the extra prediction terms of the
-        schedule), the mean next-token loss in evaluation."""
+        """Training: the loss summed over tokens, with the schedule's extra terms; evaluation: mean next-token loss."""
         x = self.hidden(input_seq)
         if self.training:
             args, prefixes = self.args, self.prefix_table[target_seq] if self.use_prefix else None
