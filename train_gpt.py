@@ -639,8 +639,7 @@ def usage(argv: list[str] = ()) -> str:
     """--help: every setting's value under the preset and overrides in argv, and its meaning, in aligned columns."""
     args = parse_args(list(argv))
     preset = next((a.partition("=")[2] for a in reversed(argv) if a.startswith("--preset=")), "speedrun")
-    given = " and the overrides given" if any(not a.startswith("--preset=") for a in argv) else ""
-    rows = []
+    given, rows = (" and the overrides given" if any(not a.startswith("--preset=") for a in argv) else ""), []
     for f in dataclasses.fields(Hyperparameters):
         value = getattr(args, f.name)
         text = shlex.quote(str(value)) if " " in str(value) else value  # ready to paste into a shell
@@ -1820,8 +1819,7 @@ def prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions:
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        self.args = args
-        L, D, V, dtype = args.num_layers, args.model_dim, args.vocab_size, getattr(torch, args.dtype)
+        self.args, L, D, V, dtype = args, args.num_layers, args.model_dim, args.vocab_size, getattr(torch, args.dtype)
         wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
         self.embed = None if args.tie_embed else nn.Embedding(V, D, dtype=dtype)  # tied: the head's matrix (GPT-2)
         if self.embed is not None:
@@ -2241,8 +2239,7 @@ class TrainLoader:
             k = np.searchsorted(filled, filled[i] + seq_len + 1)  # pieces i..k-1 fill the window
             if k == len(filled):
                 return None
-            starts = self.bos[i:k]
-            ends = np.minimum(self.doc_ends[i:k], starts + max_doc_len)
+            starts, ends = self.bos[i:k], np.minimum(self.doc_ends[i:k], self.bos[i:k] + max_doc_len)
             ends[-1] = starts[-1] + seq_len + 1 - (filled[k - 1] - filled[i])  # the last piece is cut to fit
             windows.append((starts, ends))
             i = k
@@ -2654,9 +2651,8 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
         if refusal[0]:
             raise ValueError(refusal[0])
 
-    plans = full_schedule(args)
+    plans, train_files, val_files = full_schedule(args), find_shards(args.train_files), find_shards(args.val_files)
     total = len(plans) - 1
-    train_files, val_files = find_shards(args.train_files), find_shards(args.val_files)
     needed, available = sum(p.tokens for p in plans[:-1]), sum(read_shard_header(f) for f in train_files)
     if available < needed:
         raise ShardError(f"the training shards hold {available:,} tokens but {total} steps need at least {needed:,}. "
