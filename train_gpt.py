@@ -1259,8 +1259,8 @@ def split_mantissa(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Callable[[Tensor], Tensor], float]]:
-    """How Muon sees one block parameter: views (n, rows, cols) of it and their LR multipliers (the MLP's: #42, #47).
-    The Q, K, V and O matrices are separate, Q and K in blocks of qk_heads_per_matrix heads (#80)."""
+    """How Muon sees a block parameter: views (n, rows, cols) and their LR multipliers (MLP: mlp_lr_mul, c_proj_lr_mul;
+    #42, #47). Q, K, V, O are separate matrices, Q and K in blocks of qk_heads_per_matrix heads (#80)."""
     if name == "qkvo_w":
         if not args.qk_heads_per_matrix:
             return [(lambda t: t, 1.0)]
