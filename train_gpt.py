@@ -350,10 +350,9 @@ class Hyperparameters:
                 f"stage_lr_mul={self.stage_lr_mul!r}: each multiplier must be a finite number above 0")
         for name in ("mtp_weights", "prefix_loss_weight"):
             weights = [x for spec in self.per_stage(name, str, ";") for w in spec.split(",") for x in w.split(">")]
-            try:
+            ok = False
+            with contextlib.suppress(ValueError):
                 ok = all(math.isfinite(float(w)) and float(w) >= 0 for w in weights)
-            except ValueError:
-                ok = False
             require(ok, f"{name}={getattr(self, name)!r}: weights must be finite numbers >= 0. HINT: see --help")
         for pair in self.per_stage("window_blocks", str):
             short, _, long = pair.partition("/")
@@ -371,8 +370,7 @@ class Hyperparameters:
         require(self.vocab_size % self.windows_per_step == 0, f"vocab_size={self.vocab_size} must be a multiple of "
                 f"windows_per_step={self.windows_per_step} (Adam shards embedding rows across ranks)")
         for name in ("attn_pattern", "value_embed_pattern"):
-            pattern = getattr(self, name)
-            require(len(pattern) == self.num_layers,
+            require(len(pattern := getattr(self, name)) == self.num_layers,
                     f"{name}={pattern!r} has {len(pattern)} entries but num_layers={self.num_layers}: one per layer")
         require(set(self.attn_pattern) <= set("LS-"), f"attn_pattern={self.attn_pattern!r} may only use L, S and -")
         require(all(c == "-" or c.isdigit() for c in self.value_embed_pattern),
@@ -420,11 +418,10 @@ class Hyperparameters:
                 "the embedding zero. HINT: set --head_init_std or --init_std above 0")
         require(self.max_doc_len == "" or self.bos_aligned, "bos_aligned=false reads contiguous windows, which "
                 "cut no documents. HINT: --max_doc_len= (empty)")
-        if self.context_len:
-            require(all(n % self.context_len == 0 for n in (*self.seq_lens, self.val_seq_len))
-                    and self.context_len % self.block_size == 0, f"context_len={self.context_len} must divide every "
-                    f"train_seq_len ({self.train_seq_len}) and val_seq_len ({self.val_seq_len}), and be a multiple "
-                    f"of block_size={self.block_size}")
+        require(not self.context_len or all(n % self.context_len == 0 for n in (*self.seq_lens, self.val_seq_len))
+                and self.context_len % self.block_size == 0, f"context_len={self.context_len} must divide every "
+                f"train_seq_len ({self.train_seq_len}) and val_seq_len ({self.val_seq_len}), and be a multiple of "
+                f"block_size={self.block_size}")
         require(self.orthogonalizer != "polar_express" or self.orthogonalizer_steps <= 5,
                 "polar_express has 5 tuned steps; set orthogonalizer_steps <= 5")
         require(self.qk_heads_per_matrix == 0 or self.num_heads % self.qk_heads_per_matrix == 0,
@@ -480,8 +477,7 @@ class Hyperparameters:
             if len(values) not in (0 if name == "max_doc_len" else 1, 1, stages):
                 raise ValueError(f"{name}={getattr(self, name)!r} gives {len(values)} values for {stages} stages: "
                                  "give one value, or one per stage")
-        windows = self.per_stage("window_blocks", str)
-        if len(windows) not in (0, 1, stages, stages + 1):
+        if len(self.per_stage("window_blocks", str)) not in (0, 1, stages, stages + 1):
             raise ValueError(f"window_blocks={self.window_blocks!r}: give one short/long pair per stage, and "
                              f"optionally one more for the extension ({stages} stages)")
         return stages
@@ -543,6 +539,7 @@ SMOKE = dict(  # shapes and steps for a CPU in seconds, on the sample text shipp
     val_tokens=8192, val_seq_len=1024, windows_per_step=4, model_dim=128, num_heads=2, head_dim=64,
     mlp_hidden=512, block_size=64, dtype="float32", use_fp8=False, use_fp8_mlp=False, use_compile=False,
     use_flex_attention=False, train_seq_len="256", num_layers=4, warmup_steps=0)  # nothing to warm up: not compiled
+SMOKE_LONG = dict(attn_pattern="LLLL", value_embed_pattern="----", window_blocks="4/4")  # long windows only, no VE
 ONE_A100 = dict(  # GPT-2 shape, 1500 steps of 524,288 tokens on one A100 (docs/recipes.md#the-one-a100-recipe)
     RECORD_2025_08_23, train_seq_len="65536", num_heads=12, head_dim=64, attn_pattern="L" * 12,
     value_embed_pattern="-" * 12, attn_gate_dim=0, window_blocks="16/16", learned_scalars=False,
@@ -580,40 +577,27 @@ PRESETS = {
         muon_momentum_warmup_steps=20),
     "gpt2_baseline": GPT2_BASELINE,
     "smoke_gpt2_baseline": dict(  # GPT-2 at 4 layers on a CPU, on smoke_2025_08_23's tokens
-        GPT2_BASELINE, **SMOKE, context_len=256, pos_embed_len=256, attn_pattern="LLLL", value_embed_pattern="----",
-        window_blocks="4/4", num_iterations=20, lr_warmup_steps=1, val_every=5),
+        GPT2_BASELINE, **SMOKE, **SMOKE_LONG, context_len=256, pos_embed_len=256, num_iterations=20, lr_warmup_steps=1,
+        val_every=5),
     "one_a100": ONE_A100,
     "smoke_one_a100": dict(  # the one-A100 recipe at 4 layers on a CPU
-        ONE_A100, **SMOKE, attn_pattern="LLLL", value_embed_pattern="----", skip_connections="1>2,0>3",
-        window_blocks="4/4", out_init_std=0.02 / 8**0.5, num_iterations=10, lr_warmup_steps=2, val_every=5,
-        muon_momentum_warmup_steps=10),
+        ONE_A100, **SMOKE, **SMOKE_LONG, skip_connections="1>2,0>3", out_init_std=0.02 / 8**0.5, num_iterations=10,
+        lr_warmup_steps=2, val_every=5, muon_momentum_warmup_steps=10),
     "optimization_track": OPTIMIZATION_TRACK,
     "smoke_optimization_track": dict(  # the optimization track at 4 layers on a CPU
-        OPTIMIZATION_TRACK, **SMOKE, context_len=256, attn_pattern="LLLL", value_embed_pattern="----",
-        window_blocks="4/4", num_iterations=20, val_every=8, final_val_every=2),
+        OPTIMIZATION_TRACK, **SMOKE, **SMOKE_LONG, context_len=256, num_iterations=20, val_every=8, final_val_every=2),
 }
 FIELDS = [f.name for f in dataclasses.fields(Hyperparameters)]
 TRACK_FROZEN = [name for name in FIELDS[FIELDS.index("val_tokens"):FIELDS.index("num_iterations")] + [
-    "tie_embed_stages"] if name not in ("val_seq_len", "micro_batch_split", "value_embed_init_std", "init_std",
-                                        "zero_init_attn_out", "head_init_std", "embed_init_std", "out_init_std",
-                                        "init_fan_in_var", "weights_bf16")]  # the model, the data, the batch
-
+    "tie_embed_stages"] if name not in "val_seq_len micro_batch_split value_embed_init_std init_std zero_init_attn_out "
+    "head_init_std embed_init_std out_init_std init_fan_in_var weights_bf16".split()]  # the model, the data, the batch
 EXTRAS = ("sample_tokens", "hellaswag_items", "wandb_project")  # train_extras.py's options (settings until 2026-12)
-
-
-def parse_value(f: dataclasses.Field, text: str):
-    truth = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
-    try:
-        return truth[text.lower()] if f.type is bool else f.type(text)
-    except (KeyError, ValueError):
-        expected = "true or false" if f.type is bool else f.type.__name__
-        raise ValueError(f"--{f.name}={text}: expected {expected}") from None
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--preset=NAME` then `--field=value` overrides, applied in order; raises ValueError with a usable message."""
-    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    preset, overrides = "speedrun", {}
+    fields, preset, overrides = {f.name: f for f in dataclasses.fields(Hyperparameters)}, "speedrun", {}
+    truth = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
     for arg in argv:
         name, eq, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq:
@@ -623,7 +607,12 @@ def parse_args(argv: list[str]) -> Hyperparameters:
                 raise ValueError(f"unknown preset {text!r}; choose one of {', '.join(PRESETS)}")
             preset = text
         elif name in fields:
-            overrides[name] = parse_value(fields[name], text)
+            kind = fields[name].type
+            try:
+                overrides[name] = truth[text.lower()] if kind is bool else kind(text)
+            except (KeyError, ValueError):
+                expected = "true or false" if kind is bool else kind.__name__
+                raise ValueError(f"--{name}={text}: expected {expected}") from None
         else:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f". HINT: did you mean --{close[0]}?" if close else ". HINT: --help lists every setting"
@@ -650,8 +639,7 @@ def usage(argv: list[str] = ()) -> str:
     """--help: every setting's value under the preset and overrides in argv, and its meaning, in aligned columns."""
     args = parse_args(list(argv))
     preset = next((a.partition("=")[2] for a in reversed(argv) if a.startswith("--preset=")), "speedrun")
-    given = " and the overrides given" if any(not a.startswith("--preset=") for a in argv) else ""
-    rows = []
+    given, rows = (" and the overrides given" if any(not a.startswith("--preset=") for a in argv) else ""), []
     for f in dataclasses.fields(Hyperparameters):
         value = getattr(args, f.name)
         text = shlex.quote(str(value)) if " " in str(value) else value  # ready to paste into a shell
@@ -711,42 +699,36 @@ def ramp(spec: str, frac: float) -> float:
 
 
 def plan_step(step: int, args: Hyperparameters) -> StepPlan:
-    S, N = args.num_stages, args.num_iterations
-    total = N + args.extension_iterations
+    S, N, total = args.num_stages, args.num_iterations, args.num_iterations + args.extension_iterations
     starts, stage = stage_starts(args), stage_of(step, args)
     k = min(stage, S - 1)  # the extension takes the last stage's values
     value = lambda values: values[k] if len(values) > 1 else values[0]
     frac = 1.0 if stage == S else (step - starts[k]) / (starts[k + 1] - starts[k])
-    seq_len = value(args.seq_lens)
-    doc_lens = args.per_stage("max_doc_len", int)
-    window_pairs = args.per_stage("window_blocks", str)
-    if window_pairs:  # per stage, then optionally the extension
+    seq_len, doc_lens = value(args.seq_lens), args.per_stage("max_doc_len", int)
+    if window_pairs := args.per_stage("window_blocks", str):  # per stage, then optionally the extension
         short, long = map(int, window_pairs[min(stage, len(window_pairs) - 1)].split("/"))
     else:  # #28: grows linearly to max_window_tokens, rounded up to blocks; short is half of it
         long = max(1, -(-args.max_window_tokens * step // (N * args.block_size)))
         short = max(1, long // 2)
     if step == total and args.final_window_blocks:  # the final validation looks further back (#33, #35)
         long = args.final_window_blocks
-    mtp = value(args.per_stage("mtp_weights", str, ";"))
-    prefix = value(args.per_stage("prefix_loss_weight", str, ";"))
+    mtp, prefix = value(args.per_stage("mtp_weights", str, ";")), value(args.per_stage("prefix_loss_weight", str, ";"))
     untie = None  # the untie step: the first of stage tie_embed_stages + 1, moved to the next Adam step (#53: 847, odd)
     if args.tie_embed_stages:
         untie = starts[args.tie_embed_stages] + (-(starts[args.tie_embed_stages] + 1)) % args.adam_every
     return StepPlan(
         step=step, stage=stage, seq_len=seq_len, max_doc_len=value(doc_lens) if doc_lens else None,
-        tokens=args.windows_per_step * seq_len, window_short=short, window_long=long,
+        tokens=args.windows_per_step * seq_len, window_short=short, window_long=long, untie=step == untie,
         lr=lr_multiplier(step, args), muon_momentum=muon_momentum(step, args),
         loss_weights=tuple(ramp(w, frac) for w in mtp.split(",")), prefix_weight=ramp(prefix, frac),
         use_prefix=prefix.strip() not in ("0", "0.0"), validate=step == total or step % (args.val_every or total) == 0
         or bool(args.final_val_every and step >= 0.9 * total and step % args.final_val_every == 0),
-        adam_step=step % args.adam_every == args.adam_every - 1, tied=untie is not None and step <= untie,
-        untie=step == untie)
+        adam_step=step % args.adam_every == args.adam_every - 1, tied=untie is not None and step <= untie)
 
 
 def lr_multiplier(step: int, args: Hyperparameters) -> float:
-    """The stage's multiplier, reached by a linear warm-up (GPT-2's: (step + 1) / lr_warmup_steps), then a linear or
-    cosine cooldown over the last cooldown_frac of the scheduled steps after the warm-up down to final_lr_frac, which
-    the extension keeps."""
+    """The stage's multiplier after a linear warm-up (GPT-2's: (step + 1) / lr_warmup_steps), then a linear or cosine
+    cooldown over the last cooldown_frac of the scheduled steps after it, to final_lr_frac (kept in the extension)."""
     muls = args.per_stage("stage_lr_mul", float)
     mul = muls[min(stage_of(step, args), len(muls) - 1)]
     if step < args.lr_warmup_steps:
@@ -822,8 +804,7 @@ def setup_runtime(args: Hyperparameters) -> Runtime:
 
 def adapt_to_device(args: Hyperparameters, device: torch.device) -> tuple[Hyperparameters, list[str]]:
     """Turns off the fast paths this device cannot run (their plain twins compute the same function); says so."""
-    notes = []
-    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+    notes, old_gpu = [], device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
     if (args.use_fp8 or args.use_fp8_mlp) and old_gpu:
         notes.append("FP8 needs compute capability 8.9+: the LM head and the MLP run in plain bf16")
         args = dataclasses.replace(args, use_fp8=False, use_fp8_mlp=False)
@@ -908,8 +889,7 @@ def describe_machine(device: torch.device) -> list[str]:
 @torch.library.custom_op("nanogpt::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
     """x @ w.T with both quantized to e4m3 by fixed scales; bf16 out. Also returns the FP8 copies for backward."""
-    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
-    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+    x_f8, w_f8 = x.div(x_s).to(torch.float8_e4m3fn), w.div(w_s).to(torch.float8_e4m3fn)
     scale = lambda s: x.new_tensor(s, dtype=torch.float32)
     out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=scale(x_s), scale_b=scale(w_s),
                            use_fast_accum=True)
@@ -938,26 +918,21 @@ fp8_mm_backward.register_fake(lambda g_f8, g_f8_cols, x_f8, w_f8, x_s, w_s, grad
     torch.empty_like(x_f8, dtype=torch.bfloat16), w_f8.new_empty(w_f8.T.shape, dtype=w_dtype).T))
 
 
-def _fp8_mm_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
-    ctx.scales = (*inputs[2:], inputs[1].dtype)
-
-
 def _fp8_mm_backward(ctx, grad_out, *_):  # the quantization in traced code: compiled, both layouts in one pass
     g_f8 = grad_out.float().div(ctx.scales[2]).to(torch.float8_e5m2)
     grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_f8, g_f8.T.contiguous().T, *ctx.saved_tensors, *ctx.scales)
     return grad_x, grad_w, None, None, None
 
 
-fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
+fp8_mm.register_autograd(_fp8_mm_backward, setup_context=lambda ctx, inputs, output: (  # the FP8 copies, the scales
+    ctx.save_for_backward(*output[1:]), setattr(ctx, "scales", (*inputs[2:], inputs[1].dtype))))
 
 
 # FP8 MLP, training forward only (evaluation runs the plain twin, mlp_plain). Up projection in e4m3 with dynamic
 # per-tensor scales (record #84, 2026-05-21 FP8 MLP up-projection); down projection in e4m3 with delayed scales, the
 # ones measured one step earlier (record #89, 2026-07-17 FP8DownProjection): the activations are then quantized in the
 # same pass that measures them. The backward is the plain MLP's, in x's dtype, from the saved post: relu(pre) =
-# sqrt(post), so pre is never kept. The up projection is one op that the compiler sees into: our Triton kernel
-# (fused_mlp), or _scaled_mm with relu^2, amax and the e4m3 cast fused by the compiler into one pass after it.
+# sqrt(post), so pre is never kept.
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -982,8 +957,7 @@ def mlp_fp8_down(pre: Tensor, post: Tensor, c_proj: Tensor, post_f8: Tensor, w2_
                             use_fast_accum=True)
 
 
-mlp_fp8_down.register_fake(lambda pre, post, c_proj, post_f8, w2_f8, act_scale, w2_scale, fused:
-                           post.new_empty(post.size(0), c_proj.size(0)))
+mlp_fp8_down.register_fake(lambda pre, post, c_proj, *_: post.new_empty(post.size(0), c_proj.size(0)))
 
 
 def _mlp_fp8_down_backward(ctx, grad_out):
@@ -1083,14 +1057,12 @@ mlp_fp8_up.register_autograd(_mlp_fp8_up_backward,  # saves x and c_fc
 
 def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale: Tensor,
             bootstrap: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The ReLU^2 MLP relu(x @ c_fc)^2 @ c_proj^T with both matmuls in FP8; c_fc and c_proj are (D, H).
-
-    x: (T, D) bfloat16 (training) or float32, with T, D and H multiples of 16 (torch._scaled_mm's rule). act_scale and
-    w2_scale: 0-d fp32 tensors, the delayed scales of this step; bootstrap: 0-d bool tensor, true in the first steps,
-    when the weight scale is amax(|c_proj|) / 448 of the current weight instead of w2_scale. Returns out (T, D) and
-    post (T, H, no gradient) in x's dtype, and the 0-d fp32 amax of post and of c_proj, from which
-    mlp_fp8_next_scales computes the next step's scales. fused: the Triton kernel (mlp_matmul_kernel) for the up
-    projection and the down projection's backward."""
+    """The ReLU^2 MLP relu(x @ c_fc)^2 @ c_proj^T with both matmuls in FP8; c_fc and c_proj are (D, H). x: (T, D)
+    bfloat16 (training) or float32, with T, D and H multiples of 16 (torch._scaled_mm's rule). act_scale and w2_scale:
+    0-d fp32 tensors, the delayed scales of this step; bootstrap: 0-d bool tensor, true in the first steps, when the
+    weight scale is amax(|c_proj|) / 448 of the current weight instead of w2_scale. Returns out (T, D) and post (T, H,
+    no gradient) in x's dtype, and the 0-d fp32 amax of post and of c_proj, for mlp_fp8_next_scales. fused: the Triton
+    kernel (mlp_matmul_kernel) for the up projection and the down projection's backward."""
     T, D, H = x.size(0), c_fc.size(0), c_fc.size(1)
     if x.ndim != 2 or T % 16 or D % 16 or H % 16 or c_proj.shape != c_fc.shape:
         raise ValueError(f"mlp_fp8 takes x (T, D) and c_fc, c_proj (D, H) with T, D, H multiples of 16; got x "
@@ -1108,16 +1080,14 @@ def mlp_fp8(x: Tensor, c_fc: Tensor, c_proj: Tensor, act_scale: Tensor, w2_scale
     return out, post, post_amax, w2_amax
 
 
-def mlp_fp8_next_scales(post_amax: Tensor, w2_amax: Tensor, act_margin: float = 1.80,
-                        w2_margin: float = 1.12) -> tuple[Tensor, Tensor]:
+def mlp_fp8_next_scales(post_amax: Tensor, w2_amax: Tensor) -> tuple[Tensor, Tensor]:
     """The delayed scales for the next step (record #89): the amax with a margin for growth, mapped onto 448."""
-    return post_amax.clamp_min(1e-12) * act_margin / E4M3_MAX, w2_amax.clamp_min(1e-12) * w2_margin / E4M3_MAX
+    return post_amax.clamp_min(1e-12) * 1.80 / E4M3_MAX, w2_amax.clamp_min(1e-12) * 1.12 / E4M3_MAX  # the margins
 
 
 def mlp_plain(x: Tensor, c_fc: Tensor, c_proj: Tensor, b_fc: Tensor | None = None, b_proj: Tensor | None = None,
               gelu: bool = False) -> Tensor:
-    """The plain twin of mlp_fp8: the same ReLU^2 MLP in x's dtype, with ordinary autograd; with biases and GELU (tanh
-    approximation), GPT-2's."""
+    """The plain twin of mlp_fp8: the same ReLU^2 MLP in x's dtype, ordinary autograd; with biases and GELU, GPT-2's."""
     h = x @ c_fc.type_as(x) if b_fc is None else x @ c_fc.type_as(x) + b_fc.type_as(x)
     h = F.gelu(h, approximate="tanh") if gelu else F.relu(h).square()
     return F.linear(h, c_proj.type_as(x), None if b_proj is None else b_proj.type_as(x))
@@ -1191,9 +1161,8 @@ def _softcap_loss_backward(ctx, g, _):
 
 def fp8_head_loss(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, x_s: float, w_s: float, grad_s: float,
                   cap: float, fn: str, offset: float, temperature: float) -> tuple[(Tensor,) * 5]:
-    """softcap_loss of the FP8 head's z = fp8_mm(x, w) in one op, so that the loss kernel's backward writes the
-    head's gradient in e5m2 (record #67), half the bytes of bf16 and no pass to quantize it. Returns the loss
-    per row and its lse, then z and the FP8 copies of x and w for the backward."""
+    """softcap_loss of the FP8 head's z = fp8_mm(x, w) in one op, so that the loss kernel's backward writes the head's
+    gradient in e5m2 (record #67), half the bytes of bf16 and no pass to quantize it."""
     z, x_f8, w_f8 = fp8_mm(x, w, x_s, w_s, grad_s)
     return *softcap_loss(z, targets, weights, cap, fn, offset, temperature), z, x_f8, w_f8
 
@@ -1217,8 +1186,7 @@ if TRITON_OPS:  # only where it runs: registering reads the kernels with inducto
 
 
 def softcap(z: Tensor, cap: float, fn: str, offset: float, temperature: float) -> Tensor:
-    """cap * f((z + offset) / temperature) in fp32, f = sigmoid (#54), tanh (#9) or the optimization track's
-    z / sqrt(1 + z^2); cap 0: z. softcap_loss's twin."""
+    """softcap_loss's twin: cap * f((z + offset) / temperature) in fp32, f sigmoid (#54), tanh (#9) or algebraic."""
     z = z.float() if not offset or not cap else z.float() + offset
     f = dict(tanh=torch.tanh, sigmoid=torch.sigmoid, algebraic=lambda z: z * torch.rsqrt(1 + z * z))[fn]
     return cap * f(z / temperature) if cap else z
@@ -1231,9 +1199,8 @@ def fused_prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predic
     ahead = [torch.cat([target_seq[k:], target_seq.new_full((k,), -1)]) for k in range(predictions)]
     targets = torch.stack(ahead + ([] if prefixes is None else [prefixes]), dim=1).int()
     weights = weights[:targets.size(1)].float()
-    loss = softcap_loss(z, targets, weights, *softcap) if fp8_head is None else \
-        fp8_head_loss(z, fp8_head[0], targets, weights, *fp8_head[1:], *softcap)
-    return loss[0].sum()
+    return (softcap_loss(z, targets, weights, *softcap) if fp8_head is None else
+            fp8_head_loss(z, fp8_head[0], targets, weights, *fp8_head[1:], *softcap))[0].sum()
 
 
 # -----------------------------------------------------------------------------
@@ -1249,6 +1216,7 @@ POLAR_EXPRESS_COEFFS = (  # one (a, b, c) per iteration, for 5 iterations (Amsel
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")  # the block matrices Muon can take (muon_matrices)
 
 
 def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype, coeffs=NEWTON_SCHULZ_COEFFS) -> Tensor:
@@ -1258,11 +1226,9 @@ def orthogonalize(G: Tensor, method: str, steps: int, dtype: torch.dtype, coeffs
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller square
         X = X.mT
     if method == "newton_schulz":
-        X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        coeffs = [coeffs] * steps
+        X, coeffs = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7), [coeffs] * steps
     else:  # polar_express: a safety margin on the norm, then per-iteration optimal coefficients
-        X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
-        coeffs = POLAR_EXPRESS_COEFFS[:steps]
+        X, coeffs = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6), POLAR_EXPRESS_COEFFS[:steps]
     mm_add = torch.baddbmm if X.dim() == 3 else torch.addmm  # beta*C + alpha*A@B, accumulated in fp32, rounded once
     for a, b, c in coeffs:
         A = X @ X.mT
@@ -1274,8 +1240,7 @@ def normuon_normalize(V: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     """NorMuon (arXiv 2510.05491): give every neuron (row; column when the matrix is wide) the same update scale,
     using an EMA of its mean squared update, then restore the matrix's Frobenius norm. Updates second_moment. Computed
     in fp32, returned in V's dtype (bf16 on a GPU: the update is applied rounded, as the 2026-08 record applies it)."""
-    dtype, V = V.dtype, V.float()
-    dim = -1 if V.size(-2) >= V.size(-1) else -2
+    dtype, V, dim = V.dtype, V.float(), -1 if V.size(-2) >= V.size(-1) else -2
     second_moment.lerp_(V.square().mean(dim=dim, keepdim=True), 1 - beta2)
     norm = V.norm(dim=(-2, -1), keepdim=True)
     V = V * second_moment.clamp_min(1e-10).rsqrt()
@@ -1284,8 +1249,7 @@ def normuon_normalize(V: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
 
 def join_mantissa(weight: Tensor, mantissa: Tensor) -> Tensor:
     """fp32 from a bf16 weight (its high 16 bits) and the low 16 bits kept beside it (#57)."""
-    high = weight.view(torch.int16).to(torch.int32) << 16
-    return (high | (mantissa.to(torch.int32) & 0xFFFF)).view(torch.float32)
+    return ((weight.view(torch.int16).to(torch.int32) << 16) | (mantissa.to(torch.int32) & 0xFFFF)).view(torch.float32)
 
 
 def split_mantissa(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -1295,9 +1259,8 @@ def split_mantissa(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Callable[[Tensor], Tensor], float]]:
-    """How Muon sees one block parameter: views (n, rows, cols) of it and their LR multipliers. Q, K, V, O are
-    separate matrices; Q and K in blocks of qk_heads_per_matrix heads (#80); the MLP matrices get the LR of their
-    shape, sqrt(hidden / dim), and the output matrix twice that (#42, #47)."""
+    """How Muon sees a block parameter: views (n, rows, cols) and their LR multipliers (MLP: mlp_lr_mul, c_proj_lr_mul;
+    #42, #47). Q, K, V, O are separate matrices, Q and K in blocks of qk_heads_per_matrix heads (#80)."""
     if name == "qkvo_w":
         if not args.qk_heads_per_matrix:
             return [(lambda t: t, 1.0)]
@@ -1307,24 +1270,19 @@ def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Cal
     return [(lambda t: t[None], lr_mul)]  # the MLP matrices and the sparse attention gate (#28)
 
 
-MUON_PARAMETERS = ("qkvo_w", "c_fc", "c_proj", "attn_gate")
-
-
 def step_optimizers(optimizers: list, plan: "StepPlan"):
-    """The optimizers' phases in lockstep (#61): every reduction is launched before any update and every gather before
-    any wait on one, so each optimizer's communication overlaps the others' updates. An optimizer without phases (one
-    of an --optimizer_file) simply steps."""
+    """The optimizers' phases in lockstep (#61): all reductions launched before any update, all gathers before any wait,
+    so each optimizer's communication overlaps the others' updates. One without phases (from --optimizer_file) steps."""
     running = [opt.phases(plan) if hasattr(opt, "phases") else (o.step(plan) for o in [opt]) for opt in optimizers]
     while running:
         running = [phases for phases in running if next(phases, StopIteration) is not StopIteration]
 
 
 class Muon:
-    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), with NorMuon's per-neuron normalization,
-    cautious weight decay tied to the LR (#43) and, for bf16 weights, 16 extra mantissa bits kept on the owning rank
-    (#57). Matrices of one shape and LR form a group; rank r owns a contiguous share of each group: it receives that
-    share's summed gradient (reduce-scatter), applies Nesterov momentum, orthogonalizes the share as one batch,
-    updates it, and all-gathers the result."""
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), with NorMuon's per-neuron normalization, cautious
+    weight decay tied to the LR (#43) and, for bf16 weights, 16 extra mantissa bits kept on the owning rank (#57).
+    Matrices of one shape and LR form a group; rank r owns a contiguous share of each: it receives its summed gradient
+    (reduce-scatter), applies Nesterov momentum, orthogonalizes it as one batch, updates it, all-gathers the result."""
 
     def __init__(self, entries: list[tuple[nn.Parameter, Callable, float]], args: Hyperparameters, orthogonalize,
                  grad_scale: float, rank: int = 0, world_size: int = 1):
@@ -1342,17 +1300,13 @@ class Muon:
     @torch.no_grad()
     def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
         args, W = self.args, self.world_size
-        lr, momentum = args.muon_lr * plan.lr, plan.muon_momentum
-        reduced = []
+        lr, momentum, reduced = args.muon_lr * plan.lr, plan.muon_momentum, []
         for entries in self.groups.values():  # phase 1: launch every reduction
             grads = torch.cat([view(p.grad) for p, view in entries])
             share = -(-grads.size(0) // W)
             grads = torch.cat([grads, grads.new_zeros(share * W - grads.size(0), *grads.shape[1:])])
-            if W == 1:
-                reduced.append((grads, None))
-            else:
-                mine = grads.new_empty(share, *grads.shape[1:])
-                reduced.append((mine, dist.reduce_scatter_single(mine, grads, async_op=True)))
+            mine = grads if W == 1 else grads.new_empty(share, *grads.shape[1:])
+            reduced.append((mine, dist.reduce_scatter_single(mine, grads, async_op=True) if W > 1 else None))
         yield
         gathers = []
         for index, ((_, lr_mul, _), entries) in enumerate(self.groups.items()):  # phase 2: update, launch gathers
@@ -1364,41 +1318,32 @@ class Muon:
             updated = torch.cat([owned, owned.new_zeros(share - len(owned), *owned.shape[1:])])
             if len(owned):
                 updated[:len(owned)] = self.update(index, grads[:len(owned)], owned, lr, lr_mul, momentum)
-            if W == 1:
-                gathers.append((entries, updated, None))
-            else:
-                full = updated.new_empty(share * W, *updated.shape[1:])
-                gathers.append((entries, full, dist.all_gather_single(full, updated, async_op=True)))
+            full = updated if W == 1 else updated.new_empty(share * W, *updated.shape[1:])
+            gathers.append((entries, full, dist.all_gather_single(full, updated, async_op=True) if W > 1 else None))
         yield
         for entries, full, handle in gathers:  # phase 3: everyone receives every updated matrix
             if handle is not None:
                 handle.wait()
-            offset = 0
-            for p, view in entries:
-                target = view(p.data)
-                target.copy_(full[offset:offset + len(target)])
-                offset += len(target)
+            sizes = [len(view(p.data)) for p, view in entries]
+            for (p, view), part in zip(entries, full[:sum(sizes)].split(sizes)):
+                view(p.data).copy_(part)
         for p in self.params:
             p.grad = None
 
     def update(self, index: int, grads: Tensor, weights: Tensor, lr: float, lr_mul: float, momentum: float) -> Tensor:
         """The new value of the owned matrices (n, rows, cols) from their summed gradients."""
-        args = self.args
-        state = self.state.setdefault(index, {})
-        g = grads.float() * self.grad_scale
+        args, state, g = self.args, self.state.setdefault(index, {}), grads.float() * self.grad_scale
         buf = state.setdefault("momentum", torch.zeros_like(g))
         buf.lerp_(g, 1 - momentum)
-        g = g.lerp(buf, momentum)  # Nesterov: look ahead along the momentum
-        V = self.orthogonalize(g)
+        V = self.orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
         if args.use_normuon:  # one statistic per row (tall) or per column (wide)
             rows, cols = V.shape[-2:]
             shape = (len(V), rows, 1) if rows >= cols else (len(V), 1, cols)
             V = normuon_normalize(V, state.setdefault("second_moment", V.new_zeros(shape, dtype=torch.float32)),
                                   args.normuon_beta2)
-        keep_mantissa = weights.dtype == torch.bfloat16
+        keep_mantissa, lr_eff = weights.dtype == torch.bfloat16, lr * lr_mul
         p = (join_mantissa(weights, state.setdefault("mantissa", torch.zeros_like(weights, dtype=torch.int16)))
              if keep_mantissa else weights.clone())
-        lr_eff = lr * lr_mul
         if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
             decay = (1 if args.adamw else lr_eff) * args.muon_weight_decay * lr * p
             p.sub_(decay * (V * p >= 0) if args.cautious_weight_decay else decay)
@@ -1413,9 +1358,8 @@ class DistAdam:
     sqrt(v)), with cautious weight decay tied to the LR (#50) or AdamW's, every adam_every steps on the gradients summed
     since (#39), optionally clipped to a global norm. A tensor whose first dimension the world size divides is sharded
     by rows: rank r keeps state for and updates rows [r*n/W, (r+1)*n/W), then all ranks gather them; other tensors are
-    reduced whole and every rank updates them. While the embedding is tied to the head, the embedding's gradient is
-    added to the head's, the head is updated, and the embedding becomes a copy of it (#51); at the untie step the head's
-    moments are copied to the embedding (#53)."""
+    reduced whole and every rank updates them. While tied, the embedding's gradient is added to the head's and the
+    embedding becomes a copy of the updated head (#51); at the untie step it gets a copy of the head's moments (#53)."""
 
     def __init__(self, rows: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]],
                  args: Hyperparameters, grad_scale: float, rank: int = 0, world_size: int = 1,
@@ -1434,21 +1378,16 @@ class DistAdam:
             return
         args, W, r = self.args, self.world_size, self.rank
         sharded = lambda p: W > 1 and p.ndim > 0 and p.size(0) % W == 0
-        head, embed = self.tied or (None, None)
-        tied = plan.tied and self.tied is not None
+        (head, embed), tied = self.tied or (None, None), plan.tied and self.tied is not None
         if tied:
             head.grad += embed.grad
         work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
                 if not (tied and w[0] is embed) and w[0].grad is not None]
         reduced = []
-        for _, p, *_ in work:  # phase 1
-            if W == 1:
-                reduced.append((p.grad, None))
-            elif sharded(p):
-                shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
-                reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
-            else:  # every rank applies the same update to the whole tensor
-                reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+        for _, p, *_ in work:  # phase 1; a tensor reduced whole gets the same update on every rank
+            grad = p.grad.new_empty(p.size(0) // W, *p.shape[1:]) if sharded(p) else p.grad
+            reduced.append((grad, None if W == 1 else dist.reduce_scatter_single(grad, p.grad, async_op=True)
+                            if sharded(p) else dist.all_reduce(p.grad, async_op=True)))
         yield
         grad_scale = self.grad_scale
         if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
@@ -1457,8 +1396,7 @@ class DistAdam:
                 if handle is not None:
                     handle.wait()
                 norm_sq += grad.float().square().sum() / (1 if W == 1 or sharded(p) else W)
-            reduced = [(grad, None) for grad, _ in reduced]
-            norm = all_reduce_sum(norm_sq).sqrt() * self.grad_scale
+            reduced, norm = [(grad, None) for grad, _ in reduced], all_reduce_sum(norm_sq).sqrt() * self.grad_scale
             grad_scale = self.grad_scale * (args.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         gathers = []
         for (index, p, lr_mul, (beta1, beta2), wd_mul), (grad, handle) in zip(work, reduced):  # phase 2
@@ -1544,8 +1482,7 @@ class Rotary(nn.Module):
         tables, scales, scale = [freqs], [args.attn_scale], args.attn_scale
         for old, new in zip(long_windows, long_windows[1:]):
             if args.use_yarn and new != old:
-                turns = old * freqs / (2 * math.pi)
-                ramp = ((turns - 1) / 31).clamp(0, 1)
+                ramp = ((old * freqs / (2 * math.pi) - 1) / 31).clamp(0, 1)  # turns over `old` tokens: 1 -> 0, 32 -> 1
                 freqs = freqs * (old / new + ramp * (1 - old / new))
                 scale *= 1 + 0.2 * math.log(new / old)
             tables.append(freqs)
@@ -1574,8 +1511,7 @@ class Rotary(nn.Module):
 
 
 def document_ids(input_seq: Tensor, context_len: int = 0) -> Tensor:
-    """What attention stays inside: documents, each starting with BOS; with context_len, GPT-2's contiguous sequences
-    of that many tokens, whatever the documents."""
+    """What attention stays inside: documents (from each BOS), or with context_len GPT-2's fixed-length sequences."""
     if context_len:
         return torch.arange(input_seq.size(0), device=input_seq.device) // context_len
     return (input_seq == BOS_ID).cumsum(0)
@@ -1621,9 +1557,8 @@ def flex_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: BlockMask,
     block = mask.BLOCK_SIZE[0]
     tile = min(64, block & -block)
     options = None if block % 128 == 0 else dict(fwd_BLOCK_M=tile, fwd_BLOCK_N=tile)
-    y = flex_attention(q, k, v, block_mask=mask, scale=1.0, score_mod=lambda s, b, h, q_idx, kv_idx: s * scale,
-                       kernel_options=options)
-    return y.transpose(1, 2)
+    return flex_attention(q, k, v, block_mask=mask, scale=1.0, score_mod=lambda s, b, h, q_idx, kv_idx: s * scale,
+                          kernel_options=options).transpose(1, 2)
 
 
 def dense_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_windows: bool = False) -> Tensor:
@@ -1634,8 +1569,7 @@ def dense_mask(docs: Tensor, window_blocks: Tensor, block_size: int, token_windo
 def dense_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
     """The reference twin of flex_attend: an explicit (T, T) mask and softmax. Memory grows as T^2: tests and CPU."""
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
-    scores = (q @ k.mT).float() * scale
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    probs = ((q @ k.mT).float() * scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return (probs.type_as(v) @ v).transpose(1, 2)
 
 
@@ -1656,8 +1590,7 @@ def dc_correction(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, w1: Tensor, w2:
     visible = (t - s >= 0) & (t - s < window) & (docs.view(n, block)[:, :, None] == key_docs[:, None, :])
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)  # (n, H, block, 2 * block)
     mixed = torch.einsum("nhcs,nch->ncs", probs, w1[0].float().view(n, block, H))
-    out = torch.einsum("ncs,nhds->nchd", mixed.type_as(v), values)
-    return out.reshape(1, T, H, D) * w2[..., None].type_as(v)
+    return torch.einsum("ncs,nhds->nchd", mixed.type_as(v), values).reshape(1, T, H, D) * w2[..., None].type_as(v)
 
 
 class CausalSelfAttention(nn.Module):
@@ -1665,10 +1598,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         D, H = args.model_dim, args.num_heads
         self.num_heads, self.head_dim, self.block_size = H, args.head_dim, args.block_size
-        self.kind = args.attn_pattern[layer]
-        self.paired = layer in args.layers("paired_head_layers")
-        self.key_offset = layer in args.layers("key_offset_layers")
-        self.xsa = layer in args.layers("xsa_layers")
+        self.kind, self.paired = args.attn_pattern[layer], layer in args.layers("paired_head_layers")
+        self.key_offset, self.xsa = layer in args.layers("key_offset_layers"), layer in args.layers("xsa_layers")
         self.dc_window = args.dc_window if layer in args.layers("dc_layers") else 0
         self.folded_lambdas = args.ve_gate_dim > 0  # the attention lambdas scale W_qkv and W_o (#47, #48)
         self.qk_norm, self.rotary = args.use_qk_norm, args.use_rotary
@@ -1688,13 +1619,10 @@ class CausalSelfAttention(nn.Module):
         self.attend = flex_attend if args.use_flex_attention else dense_attend
 
     def forward(self, x: Tensor, ve: Tensor | None, sa_lambdas: Tensor, ctx: dict, gates: dict) -> Tensor:
-        """x: the normed attention input (1, T, D); ve: this layer's value embedding or None; gates: per-token values
-        of this layer {name: (1, T, H or 1)}."""
-        B, T = x.shape[:2]
-        H, hd = self.num_heads, self.head_dim
-        w = self.qkvo_w.type_as(x)
+        """x: normed attention input (1, T, D); ve: value embedding or None; gates: per token {name: (1, T, H or 1)}."""
+        (B, T), H, hd = x.shape[:2], self.num_heads, self.head_dim
+        w, b = self.qkvo_w.type_as(x), None if self.qkvo_b is None else self.qkvo_b.type_as(x)
         w_qkv, w_o = w[:3].flatten(end_dim=1), w[3]
-        b = None if self.qkvo_b is None else self.qkvo_b.type_as(x)
         if self.folded_lambdas and sa_lambdas is not None:
             w_qkv, w_o = w_qkv * sa_lambdas[0], w_o * sa_lambdas[1]
         q, k, v = F.linear(x, w_qkv, None if b is None else b[:3].flatten()).view(B, T, 3 * H, hd).chunk(3, dim=-2)
@@ -1751,8 +1679,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, fp8: tuple | None = None) -> Tensor:
         """ReLU^2 (or GELU) MLP; with fp8 = (act_scales, w2_scales, slot, bootstrap) of this layer, in FP8 (#84, #89):
-        the delayed scales of window `slot` are read, and replaced by the ones measured now for that window's next
-        step."""
+        reads window `slot`'s delayed scales and replaces them with the ones measured now, for its next step."""
         if fp8 is None:
             return mlp_plain(x, self.c_fc, self.c_proj, self.c_fc_b, self.c_proj_b, self.gelu)
         act_scales, w2_scales, slot, bootstrap = fp8
@@ -1768,10 +1695,8 @@ class Block(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, wdtype: torch.dtype):
         super().__init__()
         self.attn = CausalSelfAttention(args, layer, wdtype) if args.attn_pattern[layer] != "-" else None
-        self.mlp = MLP(args, wdtype)
-        self.residual = args.residual
-        self.ln_1 = make_norm(args) if self.attn is not None else norm
-        self.ln_2 = make_norm(args)
+        self.mlp, self.residual = MLP(args, wdtype), args.residual
+        self.ln_1, self.ln_2 = make_norm(args) if self.attn is not None else norm, make_norm(args)
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, sa_lambdas: Tensor, mix, ctx: dict, gates: dict,
                 attn_in: Tensor | None = None, bigram: Tensor | None = None, fp8=None) -> Tensor:
@@ -1794,8 +1719,7 @@ class Block(nn.Module):
 class SummedRowsEmbedding(torch.autograd.Function):
     """F.embedding(rows, weight), whose backward sums each row's gradient in fp32 over the tokens, in token order (as
     F.embedding's compiled backward does), and writes the sums, rounded once, into a zero gradient of the weight's
-    dtype: for a table far larger than the tokens (the bigram one, 377,280 rows) one pass over it, not three (fp32
-    zeros, scatter-add, cast)."""
+    dtype: for a table far larger than the tokens one pass over it, not three (fp32 zeros, scatter-add, cast)."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
@@ -1819,9 +1743,8 @@ def embedding(weight: Tensor, rows: Tensor) -> Tensor:
 
 
 class GateMLP(nn.Module):
-    """Two small MLPs, coef_j(x) = (GELU(x W1_j^T) W2_j^T + b_j) * scale, W2 zero-init, so every output starts at
-    its bias (MUDD #81 with scale 0.1; the gate of #85 with a learned scale). Off (`static`), the outputs are
-    learned constants that start at the same values."""
+    """Two small MLPs, coef_j(x) = (GELU(x W1_j^T) W2_j^T + b_j) * scale, W2 zero-init, so every output starts at its
+    bias (MUDD #81 with scale 0.1; the gate of #85 with a learned scale); static: constants, learned from there."""
 
     def __init__(self, dim: int, hidden: int, inits: list[list[float]], scale: float, learned_scale: bool,
                  static: bool, wdtype: torch.dtype):
@@ -1852,11 +1775,9 @@ class GateMLP(nn.Module):
 def gate_layout(args: Hyperparameters) -> tuple[list[dict[str, slice]], list[list[float]]]:
     """Which per-token gate values each layer reads (#85), and the initial values: layers before mudd_gate_layer
     read the MLP fed with x0, the others the MLP fed with the stream entering mudd_gate_layer."""
-    H, last = args.num_heads, args.num_layers - 1
-    slots, inits = [], [[], []]
+    H, last, slots, inits = args.num_heads, args.num_layers - 1, [], [[], []]
     for layer, kind in enumerate(args.attn_pattern):
-        j = 0 if layer < args.mudd_gate_layer else 1
-        wanted = []
+        j, wanted = 0 if layer < args.mudd_gate_layer else 1, []
         if layer in args.layers("xsa_layers"):
             wanted.append(("xsa", H, 0.0))
         if layer in args.layers("gated_attn_layers"):
@@ -1898,9 +1819,7 @@ def prediction_loss(z: Tensor, target_seq: Tensor, weights: Tensor, predictions:
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        self.args = args
-        L, D, V = args.num_layers, args.model_dim, args.vocab_size
-        dtype = getattr(torch, args.dtype)
+        self.args, L, D, V, dtype = args, args.num_layers, args.model_dim, args.vocab_size, getattr(torch, args.dtype)
         wdtype = torch.bfloat16 if args.weights_bf16 and dtype == torch.bfloat16 else torch.float32
         self.embed = None if args.tie_embed else nn.Embedding(V, D, dtype=dtype)  # tied: the head's matrix (GPT-2)
         if self.embed is not None:
@@ -1927,8 +1846,7 @@ class GPT(nn.Module):
             parts["attn"] = torch.tensor([value_lambda, 1.0 if args.ve_gate_dim else 0.5]).repeat(L)
         if args.use_smear:
             parts["smear"] = torch.zeros(1)
-        n = sum(map(len, parts.values()))
-        fill = 1.0 if args.residual == "block" else 0.0
+        n, fill = sum(map(len, parts.values())), 1.0 if args.residual == "block" else 0.0
         parts["pad"] = torch.full(((-n) % args.windows_per_step,), fill)  # so that Adam can shard it by rank
         if not n or args.learned_scalars:
             self.scalars = nn.Parameter(torch.cat(list(parts.values()))) if n else None
@@ -1953,7 +1871,6 @@ class GPT(nn.Module):
         if args.use_mudd:  # MUDD (#81): 14 coefficients in the last layer, 5 after it (-0.5: the backout, #40)
             mix = [0.0] * 6 + [2.0, 2.0, 1.1**0.5, 1.0, 0.0, 0.05, 1.1**0.5, 1.0]
             self.mudd = GateMLP(D, args.mudd_hidden, [mix, [0.0, -0.5, 0.0, 0.0, 0.0]], 0.1, False, False, wdtype)
-        # per-step state, set by set_step(): no recompilation when a value changes
         self.register_buffer("stage", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("windows", torch.ones(2, dtype=torch.int64), persistent=False)  # (short, long) blocks
         predictions = max(len(w.split(",")) for w in args.per_stage("mtp_weights", str, ";"))
@@ -1979,8 +1896,7 @@ class GPT(nn.Module):
                     block.attn.qkvo_w.data[3].mul_((2 * L) ** -0.5)
 
     def set_step(self, plan: "StepPlan"):
-        """The schedule's values for this step: fills of tiny buffers, never a host sync or a recompile (only the
-        number of predicted tokens changes the graph, once per stage)."""
+        """This step's schedule values, into buffers: no host sync, no recompile (see the Model section comment)."""
         self.stage.fill_(plan.stage)
         self.windows[0].fill_(plan.window_short)
         self.windows[1].fill_(plan.window_long)
@@ -1991,19 +1907,16 @@ class GPT(nn.Module):
             self.fp8_bootstrap.fill_(plan.step < 16)
 
     def set_window_index(self, index: int):
-        """Which of the step's windows (or window chunks, with micro_batch_split) comes next: it has its own delayed
-        FP8 scales, so that every world size quantizes window k with the scales window k measured at the previous
-        step (as 8 GPUs do)."""
+        """Which of the step's windows (or chunks, with micro_batch_split) comes next: each has its own delayed FP8
+        scales, so every world size quantizes window k with the scales it measured a step earlier (as 8 GPUs)."""
         if self.args.use_fp8_mlp:
             self.fp8_window.fill_(index)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor) -> Tensor:
-        """Loss of one packed sequence: summed over tokens in training (with the extra prediction terms of the
-        schedule), the mean next-token loss in evaluation."""
+        """Training: the loss summed over tokens, with the schedule's extra terms; evaluation: mean next-token loss."""
         x = self.hidden(input_seq)
         if self.training:
-            prefixes = self.prefix_table[target_seq] if self.use_prefix else None
-            args = self.args
+            args, prefixes = self.args, self.prefix_table[target_seq] if self.use_prefix else None
             if args.fused_loss and x.is_cuda:  # the soft-cap in the kernel, and the FP8 head in the same op
                 fp8_head = (self.lm_head_w, args.fp8_x_scale, args.fp8_w_scale, args.fp8_grad_scale) \
                     if args.use_fp8 and args.fused_fp8_head and self.lm_head_b is None else None
@@ -2032,8 +1945,7 @@ class GPT(nn.Module):
     def attention_context(self, input_seq: Tensor) -> dict:
         """What every attention layer of this sequence shares: document ids, masks, rotary tables, the scale."""
         args, T = self.args, input_seq.size(0)
-        docs = document_ids(input_seq, args.context_len)
-        windows = {"S": self.windows[0], "L": self.windows[1]}
+        docs, windows = document_ids(input_seq, args.context_len), {"S": self.windows[0], "L": self.windows[1]}
         masks = {kind: self.make_mask(docs, windows[kind], args.block_size, args.token_windows)
                  for kind in {block.attn.kind for block in self.blocks if block.attn is not None}}
         positions = torch.arange(T, device=input_seq.device)
@@ -2052,9 +1964,7 @@ class GPT(nn.Module):
 
     def hidden(self, input_seq: Tensor) -> Tensor:
         """The final normed residual stream (T, model_dim)."""
-        args, L = self.args, self.args.num_layers
-        ctx = self.attention_context(input_seq)
-        s = self.scalars
+        args, L, ctx, s = self.args, self.args.num_layers, self.attention_context(input_seq), self.scalars
         skip_weights, sa_lambdas = (s[self.scalar_slices[k]] if k in self.scalar_slices else None
                                     for k in ("skip", "attn"))
         ves = [embedding(ve.weight, input_seq)[None] for ve in self.value_embeds]
@@ -2098,19 +2008,17 @@ class GPT(nn.Module):
             if i == args.attn_input_layer:  # later layers' attention reads this stream (#77)
                 attn_in = norm(x)
         if args.use_mudd:  # mix earlier streams into the final one; nu_1 starts at -0.5, the backout (#40, #81)
-            nu = self.mudd(1, x).unbind(-1)
-            first_skip = args.skips[0][0]
-            x = (x + nu[0][..., None] * cache["embed"] + nu[1][..., None] * cache[args.attn_input_layer]
-                 + nu[2][..., None] * cache[L - 2] + nu[3][..., None] * ves[0] + nu[4][..., None] * cache[first_skip])
+            nu = [n[..., None] for n in self.mudd(1, x).unbind(-1)]
+            x = (x + nu[0] * cache["embed"] + nu[1] * cache[args.attn_input_layer] + nu[2] * cache[L - 2]
+                 + nu[3] * ves[0] + nu[4] * cache[args.skips[0][0]])
         return self.ln_f(x).flatten(end_dim=1)
 
     def mudd_layer(self, block, x, ve, sa, ctx, g, cache, attn_in, bigram, fp8) -> Tensor:
         """The last layer with MUDD (#81): 14 per-token coefficients from the stream mix earlier streams into V and
         into the residual, gate the value embedding by halves of the heads, and replace the layer's lambdas."""
         mu = [m[..., None] for m in self.mudd(0, x).unbind(-1)]
-        embed, mid = cache["embed"], cache[self.args.attn_input_layer]
+        embed, mid, H = cache["embed"], cache[self.args.attn_input_layer], self.args.num_heads
         g = dict(g, v=mu[0] * embed + mu[1] * mid + mu[2] * x, x0=mu[10], bigram=mu[11])
-        H = self.args.num_heads
         g["ve"] = torch.cat([mu[6].expand(*x.shape[:2], H // 2), mu[7].expand(*x.shape[:2], H - H // 2)], dim=-1)
         x = (1 + mu[5]) * x + mu[3] * embed + mu[4] * mid
         return block(x, embed, ve, sa, (mu[8], mu[12], mu[9], mu[13]), ctx, g, attn_in, bigram, fp8)
@@ -2122,16 +2030,14 @@ class GPT(nn.Module):
         """Hashed bigram embedding (#62): row h_t = ((36313 x_t) xor (27191 x_{t-1})) mod (rows - 1) in int32
         arithmetic, with the reserved last row for t = 0 and x_0 read as that row for t = 1 (as the record does);
         times a fixed random sign row (x_{t-1} xor x_t) mod sign_rows (#83)."""
-        x = input_seq.long()
-        M = self.args.bigram_vocab_size - 1
+        x, M = input_seq.long(), self.args.bigram_vocab_size - 1
         wrap = lambda v: ((v + 2**31) % 2**32) - 2**31  # int32 overflow, computed in int64
         prev = torch.cat([x.new_full((2,), M), x[1:-1]])
         rows = (wrap(36313 * x) ^ wrap(27191 * prev)) % M
         rows[0] = M
         out = embedding(self.bigram_embed.weight, rows)[None]
         if self.args.bigram_sign_rows:
-            sign_rows = torch.cat([x.new_zeros(1), (x[:-1] ^ x[1:]) % self.args.bigram_sign_rows])
-            out = out * self.bigram_signs[sign_rows]
+            out = out * self.bigram_signs[torch.cat([x.new_zeros(1), (x[:-1] ^ x[1:]) % self.args.bigram_sign_rows])]
         return out
 
 
@@ -2229,12 +2135,9 @@ def find_shards(pattern: str) -> list[Path]:
     """Sorted shards matching pattern, every header checked before training starts. A relative pattern is looked up
     under $DATA_PATH when it is set; otherwise in the current directory and then in this repository, where
     data/cached_fineweb10B.py puts its shards, so that a run started from any directory finds them."""
-    if os.path.isabs(pattern):
-        places = [pattern]
-    elif os.environ.get("DATA_PATH"):
-        places = [os.path.join(os.environ["DATA_PATH"], pattern)]
-    else:
-        places = list(dict.fromkeys([os.path.abspath(pattern), str(Path(__file__).resolve().parent / pattern)]))
+    places = ([pattern] if os.path.isabs(pattern) else
+              [os.path.join(os.environ["DATA_PATH"], pattern)] if os.environ.get("DATA_PATH") else
+              list(dict.fromkeys([os.path.abspath(pattern), str(Path(__file__).resolve().parent / pattern)])))
     files = next(([Path(f) for f in sorted(found)] for place in places if (found := glob.glob(place))), [])
     if not files:
         raise ShardError(f"no shards match {' or '.join(repr(p) for p in places)}. HINT: `python "
@@ -2268,9 +2171,8 @@ class TrainLoader:
       - bos_aligned=False, contiguous windows (GPT-2): back to back from the position, cut anywhere, no token skipped.
     For every step all ranks compute the same plan of windows_per_step windows; rank r's micro-step a reads window
     a*world_size + r, so every world size trains on the same windows. When a shard cannot hold a whole step, the step
-    is planned again from the first BOS of the next shard, read in the background while this one is used.
-    The position (shard, pos) is all the state: the next window starts at pos (BOS-aligned: the first BOS at or after).
-    With vocab_size, a shard holding a token id >= vocab_size is refused when it is read (a ShardError)."""
+    is planned again from the first BOS of the next shard, read in the background while this one is used. The
+    position (shard, pos) is all the state: the next window starts at pos (BOS-aligned: the first BOS at or after)."""
 
     def __init__(self, files: list[Path], seq_len: int, windows_per_step: int, rank: int, world_size: int,
                  device: torch.device, state: dict | None = None, vocab_size: int | None = None,
@@ -2301,12 +2203,10 @@ class TrainLoader:
         if self.next_index >= len(self.files):
             raise ShardError(f"ran out of training data after {len(self.files)} shard(s) ({self.files[-1]}). HINT: "
                                "download more shards (python data/cached_fineweb10B.py N) or lower num_iterations.")
-        pending = self.pending or self.executor.submit(self._read, self.files[self.next_index])
-        self.tokens, self.bos = pending.result()
+        self.tokens, self.bos = (self.pending or self.executor.submit(self._read, self.files[self.next_index])).result()
         self.doc_ends = np.append(self.bos[1:], len(self.tokens))  # a document ends at the next BOS or the shard end
         self.filled = {}  # max_doc_len -> tokens in the first k pieces, for every k (see _plan_packed)
-        self.next_index += 1
-        self.pos = 0
+        self.next_index, self.pos = self.next_index + 1, 0
         self.pending = (self.executor.submit(self._read, self.files[self.next_index])
                         if self.next_index < len(self.files) else None)
 
@@ -2334,14 +2234,12 @@ class TrainLoader:
         if max_doc_len not in self.filled:  # filled[k] = tokens in pieces 0..k-1: a window's end is one search away
             lengths = np.minimum(self.doc_ends - self.bos, max_doc_len)
             self.filled[max_doc_len] = np.concatenate([[0], np.cumsum(lengths)])
-        filled = self.filled[max_doc_len]
-        windows, i = [], np.searchsorted(self.bos, self.pos)
+        filled, windows, i = self.filled[max_doc_len], [], np.searchsorted(self.bos, self.pos)
         for _ in range(self.windows):
             k = np.searchsorted(filled, filled[i] + seq_len + 1)  # pieces i..k-1 fill the window
             if k == len(filled):
                 return None
-            starts = self.bos[i:k]
-            ends = np.minimum(self.doc_ends[i:k], starts + max_doc_len)
+            starts, ends = self.bos[i:k], np.minimum(self.doc_ends[i:k], self.bos[i:k] + max_doc_len)
             ends[-1] = starts[-1] + seq_len + 1 - (filled[k - 1] - filled[i])  # the last piece is cut to fit
             windows.append((starts, ends))
             i = k
@@ -2493,8 +2391,7 @@ class DeferredScalar:
         self.value, self.event = value, None
         if value.device.type == "cuda":
             self.value = torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
+            self.event = torch.cuda.current_stream().record_event()
 
     def get(self) -> list[float]:
         if self.event is not None:
@@ -2517,6 +2414,8 @@ def shorten(text: str, width: int) -> str:
 
 
 MODEL_FILE, SETTINGS_FILE = "model.safetensors", "settings.json"
+RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
+                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
 
 
 def save_model(model: "GPT", folder: Path):
@@ -2528,8 +2427,7 @@ def save_model(model: "GPT", folder: Path):
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> "GPT":
-    """The model saved in a checkpoint or export folder, ready for inference: evaluation mode, with the windows and
-    rotary frequencies of the final validation."""
+    """A saved model (checkpoint or export folder), ready for inference: eval mode, at the final validation's step."""
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
         raise ValueError(f"{folder} holds no saved model ({MODEL_FILE} and {SETTINGS_FILE}). HINT: pass a checkpoint "
@@ -2555,10 +2453,6 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model.to(device)
 
 
-RUN_SETTINGS = ("device", "use_compile", "use_flex_attention", "eval_chunk_tokens", "log_dir", "run_id", "save_every",
-                "save_final", "checkpoint_dir", "resume", "resume_anyway", "debug", "collective_timeout_s")  # no math
-
-
 class Stop(Exception):
     """A stop that was asked for (SIGTERM): the run ends at a step boundary, with a checkpoint if they are on."""
 
@@ -2568,11 +2462,11 @@ class RunFailure(RuntimeError):
 
 
 STOPPED_KEY = "train_gpt/stopped/"  # + rank: each rank's last word, in the process group's store
+NAN_HINT = "HINT: lower the learning rates, or check the data with `python data/shards.py inspect`"
 
 
 def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFailure | None:
-    """Out of memory, or a collective that failed, in words with a HINT (rank 0 asks the other ranks what happened
-    to them); None for any other error."""
+    """Out of memory or a failed collective, in words with a HINT (rank 0 asks the others what happened); else None."""
     seen = f"{type(e).__name__}: {shorten(str(e).splitlines()[0], 200) if str(e) else ''}"
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return RunFailure(f"out of memory ({seen}). HINT: --micro_batch_split=2 (or 4) runs each window as 2 (4) "
@@ -2587,8 +2481,7 @@ def explain_failure(e: Exception, rt: Runtime, args: Hyperparameters) -> RunFail
         return RunFailure(f"a collective failed ({seen})")
     # the roll call: what every other rank said when it stopped, None for a rank silent for wait_s
     store, wait_s = dist.distributed_c10d._get_default_store(), min(5, args.collective_timeout_s)
-    keys = {r: STOPPED_KEY + str(r) for r in range(rt.world_size) if r != rt.rank}
-    deadline = time.monotonic() + wait_s
+    keys, deadline = {r: STOPPED_KEY + str(r) for r in range(rt.world_size) if r != rt.rank}, time.monotonic() + wait_s
     while not store.check(list(keys.values())) and time.monotonic() < deadline:
         time.sleep(0.1)
     answers = {r: store.get(key).decode() if store.check([key]) else None for r, key in keys.items()}
@@ -2621,8 +2514,7 @@ def save_checkpoint(folder: Path, model: "GPT", optimizers: list, progress: dict
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}  # Adam's, between steps
         state = io.BytesIO()  # written by Python, not torch's C++ writer: a full disk is an OSError that names itself
         torch.save(dict(optimizers=[opt.state for opt in optimizers], grads=grads), state)
-        with open(partial / f"rank{rt.rank}.pt", "wb") as f:
-            f.write(state.getbuffer())
+        (partial / f"rank{rt.rank}.pt").write_bytes(state.getbuffer())
         barrier()
         if rt.is_master:
             save_model(model, partial)
@@ -2656,11 +2548,10 @@ def claim_checkpoints(folder: Path, run_id: str, log_path: Path | None) -> str |
         pass
     except OSError as e:
         return f"cannot create the checkpoint folder {folder}: {e.strerror}. HINT: choose another --checkpoint_dir"
-    try:
-        who = json.loads(owner.read_text())
-        who = f"run {who['run_id']!r} (started {who['started']} on {who['host']}, log {who['log']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        who = "another run"
+    who = "another run"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        run = json.loads(owner.read_text())
+        who = f"run {run['run_id']!r} (started {run['started']} on {run['host']}, log {run['log']})"
     held = sorted(p.name for p in folder.iterdir() if p.name != owner.name)
     return (f"the checkpoint folder {folder} belongs to {who}" + (f" and holds {', '.join(held[:4])}" if held else "")
             + ". HINT: choose another --run_id (to continue that run, --resume=<its step_N folder> with a new "
@@ -2713,8 +2604,7 @@ def load_checkpoint(folder: Path, model: "GPT", optimizers: list, args: Hyperpar
 
 
 class StopSignal:
-    """While active, SIGTERM asks the run to stop at the next step boundary (all ranks agree through the step's
-    all-reduce); a second SIGTERM stops at once."""
+    """While active, SIGTERM stops the run at a step boundary (agreed in the step's all-reduce); a second, at once."""
 
     def __enter__(self):
         self.requested = False
@@ -2761,14 +2651,12 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
         if refusal[0]:
             raise ValueError(refusal[0])
 
-    plans = full_schedule(args)
+    plans, train_files, val_files = full_schedule(args), find_shards(args.train_files), find_shards(args.val_files)
     total = len(plans) - 1
-    train_files, val_files = find_shards(args.train_files), find_shards(args.val_files)
     needed, available = sum(p.tokens for p in plans[:-1]), sum(read_shard_header(f) for f in train_files)
     if available < needed:
-        raise ShardError(f"the training shards hold {available:,} tokens but {total} steps need at least "
-                         f"{needed:,}. HINT: download more shards (python data/cached_fineweb10B.py N) or lower "
-                         "--num_iterations.")
+        raise ShardError(f"the training shards hold {available:,} tokens but {total} steps need at least {needed:,}. "
+                         "HINT: download more shards (python data/cached_fineweb10B.py N) or lower --num_iterations.")
     val_tokens = load_val_tokens(val_files, args.val_tokens + 1, args.vocab_size)
 
     torch.manual_seed(args.seed)
@@ -2883,9 +2771,6 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, run_id: str, stop: St
                 log_path=str(log.path) if log.path else None)
 
 
-NAN_HINT = "HINT: lower the learning rates, or check the data with `python data/shards.py inspect`"
-
-
 def print_schedule(args: Hyperparameters):
     """One JSON object per step: what the schedule does, without touching data or building a model."""
     for p in full_schedule(args):
@@ -2903,8 +2788,7 @@ def main(argv: list[str] | None = None, hooks=()) -> dict:
     `stopped: <reason>`, and raised again. hooks: what a caller adds to a run on rank 0, without this file importing it
     (train_extras.py): each hook's start(args, log) returns the log to write to, end(model, log) runs after training."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rt = setup_runtime(args)
-    run_id = [args.run_id or str(uuid.uuid4())]
+    rt, run_id = setup_runtime(args), [args.run_id or str(uuid.uuid4())]
     if dist.is_initialized():  # one name for the run on every rank: its checkpoints are written together
         dist.broadcast_object_list(run_id, src=0)
     run_id = run_id[0]
@@ -2930,11 +2814,8 @@ def main(argv: list[str] | None = None, hooks=()) -> dict:
                 if failure is None:
                     raise
                 raise failure from e
-    except (Stop, ValueError, FloatingPointError) as e:
-        stopped(str(e))
-        raise
-    except KeyboardInterrupt:
-        stopped("interrupted (Ctrl-C)")
+    except (Stop, ValueError, FloatingPointError, KeyboardInterrupt) as e:
+        stopped("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e))
         raise
     except LogWriteError:
         raise
