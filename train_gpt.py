@@ -1384,10 +1384,14 @@ class DistAdam:
         work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
                 if not (tied and w[0] is embed) and w[0].grad is not None]
         reduced = []
-        for _, p, *_ in work:  # phase 1; a tensor reduced whole gets the same update on every rank
-            grad = p.grad.new_empty(p.size(0) // W, *p.shape[1:]) if sharded(p) else p.grad
-            reduced.append((grad, None if W == 1 else dist.reduce_scatter_single(grad, p.grad, async_op=True)
-                            if sharded(p) else dist.all_reduce(p.grad, async_op=True)))
+        for _, p, *_ in work:  # phase 1
+            if W == 1:
+                reduced.append((p.grad, None))
+            elif sharded(p):
+                shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
+                reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
+            else:  # every rank applies the same update to the whole tensor
+                reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
         yield
         grad_scale = self.grad_scale
         if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
