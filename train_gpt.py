@@ -1333,17 +1333,19 @@ class Muon:
     def update(self, index: int, grads: Tensor, weights: Tensor, lr: float, lr_mul: float, momentum: float) -> Tensor:
         """The new value of the owned matrices (n, rows, cols) from their summed gradients."""
         args, state, g = self.args, self.state.setdefault(index, {}), grads.float() * self.grad_scale
-        buf = state.setdefault("momentum", torch.zeros_like(g))
+        keep_mantissa, lr_eff, (rows, cols) = weights.dtype == torch.bfloat16, lr * lr_mul, g.shape[-2:]
+        if not state:  # the first update (made here, not each step): momentum, NorMuon's statistic, mantissa bits
+            state["momentum"] = torch.zeros_like(g)
+            if args.use_normuon:  # one statistic per row (tall) or per column (wide)
+                state["second_moment"] = g.new_zeros((len(g), rows, 1) if rows >= cols else (len(g), 1, cols))
+            if keep_mantissa:
+                state["mantissa"] = torch.zeros_like(weights, dtype=torch.int16)
+        buf = state["momentum"]
         buf.lerp_(g, 1 - momentum)
         V = self.orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
-        if args.use_normuon:  # one statistic per row (tall) or per column (wide)
-            rows, cols = V.shape[-2:]
-            shape = (len(V), rows, 1) if rows >= cols else (len(V), 1, cols)
-            V = normuon_normalize(V, state.setdefault("second_moment", V.new_zeros(shape, dtype=torch.float32)),
-                                  args.normuon_beta2)
-        keep_mantissa, lr_eff = weights.dtype == torch.bfloat16, lr * lr_mul
-        p = (join_mantissa(weights, state.setdefault("mantissa", torch.zeros_like(weights, dtype=torch.int16)))
-             if keep_mantissa else weights.clone())
+        if args.use_normuon:
+            V = normuon_normalize(V, state["second_moment"], args.normuon_beta2)
+        p = join_mantissa(weights, state["mantissa"]) if keep_mantissa else weights.clone()
         if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
             decay = (1 if args.adamw else lr_eff) * args.muon_weight_decay * lr * p
             p.sub_(decay * (V * p >= 0) if args.cautious_weight_decay else decay)
