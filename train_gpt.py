@@ -261,7 +261,7 @@ class Hyperparameters:
     # system (never changes the math, only where and how fast it runs)
     device: str = setting("auto", "cuda, cpu, or auto (cuda when available)")
     dtype: str = setting("bfloat16", "activation and orthogonalization precision: bfloat16 or float32")
-    use_compile: bool = setting(True, "torch.compile the model and the orthogonalizer")
+    use_compile: bool = setting(True, "torch.compile the model and Muon's update")
     activation_memory_budget: float = setting(1.0, "share of the activations the compiled backward may keep; torch's "
                                               "partitioner recomputes the rest (0.8: less memory, a little slower)")
     use_flex_attention: bool = setting(True, "FlexAttention with a block-sparse mask; off: dense masked softmax")
@@ -1270,6 +1270,27 @@ def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Cal
     return [(lambda t: t[None], lr_mul)]  # the MLP matrices and the sparse attention gate (#28)
 
 
+def muon_update(grads: Tensor, weights: Tensor, state: dict, lr, lr_eff, momentum, grad_scale: float,
+                orthogonalize: Callable, args: Hyperparameters) -> Tensor:
+    """Muon's update of matrices (n, rows, cols): Nesterov momentum, orthogonalization, NorMuon, cautious decay, the
+    step, the kept mantissa bits; updates state. Compiled (use_compile) as one graph: the ~40 elementwise ops around
+    the orthogonalizer's matmuls fuse into a few kernels. Eager, it is the reference (Python floats for the scalars)."""
+    g = grads.float() * grad_scale
+    buf = state["momentum"]
+    buf.lerp_(g, 1 - momentum)
+    V = orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
+    if args.use_normuon:
+        V = normuon_normalize(V, state["second_moment"], args.normuon_beta2)
+    p = join_mantissa(weights, state["mantissa"]) if "mantissa" in state else weights.clone()
+    if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
+        decay = (1 if args.adamw else lr_eff) * args.muon_weight_decay * lr * p
+        p.sub_(decay * (V * p >= 0) if args.cautious_weight_decay else decay)
+    p.add_(V.to(p.dtype), alpha=-lr_eff)
+    if "mantissa" in state:
+        p, state["mantissa"] = split_mantissa(p)
+    return p
+
+
 def step_optimizers(optimizers: list, plan: "StepPlan"):
     """The optimizers' phases in lockstep (#61): all reductions launched before any update, all gathers before any wait,
     so each optimizer's communication overlaps the others' updates. One without phases (from --optimizer_file) steps."""
@@ -1285,13 +1306,14 @@ class Muon:
     (reduce-scatter), applies Nesterov momentum, orthogonalizes it as one batch, updates it, all-gathers the result."""
 
     def __init__(self, entries: list[tuple[nn.Parameter, Callable, float]], args: Hyperparameters, orthogonalize,
-                 grad_scale: float, rank: int = 0, world_size: int = 1):
+                 grad_scale: float, rank: int = 0, world_size: int = 1, compiled: bool = False):
         self.groups: dict[tuple, list[tuple[nn.Parameter, Callable]]] = {}
         for p, view, lr_mul in entries:
             self.groups.setdefault((tuple(view(p.data).shape[1:]), lr_mul, p.dtype), []).append((p, view))
         self.params = list(dict.fromkeys(p for p, _, _ in entries))
         self.args, self.orthogonalize, self.grad_scale = args, orthogonalize, grad_scale
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.compiled = rank, world_size, compiled
+        self.update_fn = torch.compile(muon_update, dynamic=False, fullgraph=True) if compiled else muon_update
         self.state: dict[int, dict[str, Tensor]] = {}
 
     def step(self, plan: StepPlan):
@@ -1331,28 +1353,19 @@ class Muon:
             p.grad = None
 
     def update(self, index: int, grads: Tensor, weights: Tensor, lr: float, lr_mul: float, momentum: float) -> Tensor:
-        """The new value of the owned matrices (n, rows, cols) from their summed gradients."""
-        args, state, g = self.args, self.state.setdefault(index, {}), grads.float() * self.grad_scale
-        keep_mantissa, lr_eff, (rows, cols) = weights.dtype == torch.bfloat16, lr * lr_mul, g.shape[-2:]
+        """The new value of the owned matrices (n, rows, cols) from their summed gradients (muon_update)."""
+        state, (n, rows, cols) = self.state.setdefault(index, {}), grads.shape
         if not state:  # the first update (made here, not each step): momentum, NorMuon's statistic, mantissa bits
-            state["momentum"] = torch.zeros_like(g)
-            if args.use_normuon:  # one statistic per row (tall) or per column (wide)
-                state["second_moment"] = g.new_zeros((len(g), rows, 1) if rows >= cols else (len(g), 1, cols))
-            if keep_mantissa:
+            state["momentum"] = grads.new_zeros(grads.shape, dtype=torch.float32)
+            if self.args.use_normuon:  # one statistic per row (tall) or per column (wide)
+                state["second_moment"] = grads.new_zeros((n, rows, 1) if rows >= cols else (n, 1, cols),
+                                                         dtype=torch.float32)
+            if weights.dtype == torch.bfloat16:
                 state["mantissa"] = torch.zeros_like(weights, dtype=torch.int16)
-        buf = state["momentum"]
-        buf.lerp_(g, 1 - momentum)
-        V = self.orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
-        if args.use_normuon:
-            V = normuon_normalize(V, state["second_moment"], args.normuon_beta2)
-        p = join_mantissa(weights, state["mantissa"]) if keep_mantissa else weights.clone()
-        if args.muon_weight_decay:  # decays by weight_decay * lr^2 per step (#43); cautious: only toward zero
-            decay = (1 if args.adamw else lr_eff) * args.muon_weight_decay * lr * p
-            p.sub_(decay * (V * p >= 0) if args.cautious_weight_decay else decay)
-        p.add_(V.to(p.dtype), alpha=-lr_eff)
-        if keep_mantissa:
-            p, state["mantissa"] = split_mantissa(p)
-        return p
+        scalars = (lr, lr * lr_mul, momentum)
+        if self.compiled:  # as 0-d CPU tensors: torch.compile specializes on a float, compiling again for each value
+            scalars = [torch.tensor(v, dtype=torch.float64) for v in scalars]
+        return self.update_fn(grads, weights, state, *scalars, self.grad_scale, self.orthogonalize, self.args)
 
 
 class DistAdam:
@@ -2355,11 +2368,9 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
     grad_scale = 1 / args.windows_per_step  # gradients are summed over windows: this makes them the 8-GPU average
     ortho = lambda G: orthogonalize(G, args.orthogonalizer, args.orthogonalizer_steps, getattr(torch, args.dtype),
                                     args.ns_coeffs)
-    if args.use_compile:
-        ortho = torch.compile(ortho, dynamic=False, fullgraph=True)
     tied = (model.lm_head_w, model.embed.weight) if args.tie_embed_stages else None
     return [DistAdam(rows, args, grad_scale, rt.rank, rt.world_size, tied),
-            Muon(muon, args, ortho, grad_scale, rt.rank, rt.world_size)]
+            Muon(muon, args, ortho, grad_scale, rt.rank, rt.world_size, compiled=args.use_compile)]
 
 
 def train_step(model, optimizers, batches, plan: StepPlan, args: Hyperparameters, stop: Tensor | None = None) -> Tensor:

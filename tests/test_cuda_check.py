@@ -87,7 +87,7 @@ def compile_on_fake_h100(inputs: list[str], call: str, built: str = "") -> dict:
 
 
 def muon_shard_shapes(args: tg.Hyperparameters, world_size: int) -> set[tuple]:
-    """What rank r passes the orthogonalizer: its contiguous share of ceil(n / W) matrices of each Muon group of n
+    """What rank r passes Muon's update: its contiguous share of ceil(n / W) matrices of each Muon group of n
     (tg.Muon's contract), for every rank that owns any."""
     with torch.device("meta"):
         model = tg.GPT(args)
@@ -100,7 +100,7 @@ def muon_shard_shapes(args: tg.Hyperparameters, world_size: int) -> set[tuple]:
     return shapes
 
 
-def assert_compiles_for_an_h100(report: dict, args: tg.Hyperparameters, orthogonalizer: bool = True,
+def assert_compiles_for_an_h100(report: dict, args: tg.Hyperparameters, muon: bool = True,
                                 stages: list[int] | None = None):
     assert report["settings"] == dataclasses.asdict(args)  # it compiled the configuration we asked for
     assert len(report["windows"]) >= 2
@@ -128,9 +128,9 @@ def assert_compiles_for_an_h100(report: dict, args: tg.Hyperparameters, orthogon
         kernels_run = {k["name"] for graphs in report["kernel_records"].values() for g in graphs for k in g["kernels"]}
         assert ("mlp_matmul_kernel" in kernels_run) is (args.fused_mlp and stages != [])
     assert all(c["accepted"] for c in calls) and report["custom_ops"]["all_accepted"] is (True if calls else None)
-    if orthogonalizer:  # once per distinct shard shape, for every rank of world sizes 1 and 8
+    if muon:  # Muon's update: once per distinct shard shape, for every rank of world sizes 1 and 8
         for world_size in (1, 8):
-            o = report["orthogonalizer"][str(world_size)]
+            o = report["muon_update"][str(world_size)]
             assert {tuple(s) for s in o["shapes"]} == muon_shard_shapes(args, world_size)
             assert o["compiles"] == len(o["shapes"])
 
@@ -229,7 +229,7 @@ def test_every_matmul_of_the_orthogonalizer_is_priced_by_its_flops(smoke_report)
     Inductor counts none for an extern kernel whose IR node kept no origin node (the update a X + B X in all but the
     last iteration): the record then takes its op's count, or the estimate would price it by its bytes alone."""
     args = tg.Hyperparameters(**smoke_report["settings"])
-    for graph in smoke_report["kernel_records"]["orthogonalize_w1"]:
+    for graph in smoke_report["kernel_records"]["muon_update_w1"]:
         matmuls = [k for k in graph["kernels"] if k["kind"] == "extern" and "mm" in k["name"]]
         assert len(matmuls) == 3 * args.orthogonalizer_steps, [k["name"] for k in matmuls]
         square, update = [k["flops"] for k in matmuls[0::3]], [k["flops"] for k in matmuls[2::3]]
@@ -286,7 +286,7 @@ def test_the_gpu_tests_configuration_compiles_for_an_h100():
     args = tiny_args(use_flex_attention=True, use_compile=True, train_seq_len=128, val_seq_len=128)
     report, result = run_check("--size=smoke", "--world_sizes=none", "--stages=none",
                                *(f"--{k}={v}" for k, v in dataclasses.asdict(args).items()))
-    assert_compiles_for_an_h100(report, args, orthogonalizer=False, stages=[])
+    assert_compiles_for_an_h100(report, args, muon=False, stages=[])
     assert not any(name.startswith("train") for name in report["graphs"])
     assert "Warning" not in result.stderr, result.stderr  # inductor's TF32 advice, for one, is not for our users
     assert_flops_match_the_benchmark_formula(report)

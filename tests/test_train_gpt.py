@@ -453,6 +453,33 @@ def test_muon_step_is_nesterov_momentum_then_orthogonalization():
     torch.testing.assert_close(q.detach() - start_q, p.detach() - start_p)
 
 
+@pytest.mark.slow
+def test_compiled_muon_update_follows_its_eager_twin_and_compiles_once_per_shape():
+    """use_compile compiles muon_update (inductor; here for the CPU) with the step's LR and momentum as 0-d tensors:
+    new values every step compile nothing new, and the weights (bf16 with their kept mantissa bits, NorMuon, cautious
+    decay, a tall and a wide group) follow the eager reference."""
+    from torch._dynamo.utils import counters
+
+    args = tiny_args(use_normuon=True, muon_weight_decay=0.5, muon_lr=0.05)
+    ortho = lambda G: tg.orthogonalize(G, "polar_express", 5, torch.float32)
+    weights = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        gen = torch.Generator().manual_seed(3)
+        p, q = (torch.nn.Parameter(torch.randn(*s, generator=gen).bfloat16()) for s in ((2, 32, 16), (3, 16, 32)))
+        opt = tg.Muon([(p, lambda t: t, 1.0), (q, lambda t: t, 2.0)], args, ortho, 0.5, compiled=compiled)
+        for step in range(4):
+            p.grad, q.grad = (torch.randn(*t.shape, generator=gen).bfloat16() for t in (p, q))
+            opt.step(plan_at(args, lr=1.0 - 0.2 * step, muon_momentum=0.85 + 0.03 * step))
+        weights[compiled] = [tg.join_mantissa(t.data, opt.state[i]["mantissa"]) for i, t in enumerate((p, q))]
+        assert counters["stats"]["unique_graphs"] == (2 if compiled else 0)
+    gen = torch.Generator().manual_seed(3)
+    for eager, compiled, shape in zip(weights[False], weights[True], ((2, 32, 16), (3, 16, 32))):
+        assert (eager - torch.randn(*shape, generator=gen).bfloat16().float()).abs().min() > 0  # all of them moved
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_optimizer_table_covers_every_parameter_once():
     for args in (tiny_args(), tg.parse_args(["--preset=smoke"])):
         model = tg.GPT(args)

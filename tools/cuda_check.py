@@ -6,12 +6,12 @@
 
 On fake tensors (tools/fake_h100.py: no GPU, no memory, nothing launched) it compiles, exactly as train_gpt.py asks
 torch.compile to: the training micro-step (forward + backward) at each window size, the evaluation forward at each
-window size, and the Muon orthogonalizer for every rank's shard at world sizes 1 and 8. Every Triton kernel goes
-through ptxas for sm_90. It then runs the FP8 custom ops' real bodies at the shapes found in the compiled graphs, so
-torch._scaled_mm's own checks judge every call the GPU will make. It prints a summary, then one JSON line (graphs,
-graph breaks, recompiles, kernels, shared memory, spills, inductor's peak-memory estimates, FLOPs per token, FP8
-acceptance, orthogonalizer compiles, failures); exit status 0 when every check passes, 1 when one fails, 2 when this
-machine cannot run the check (the JSON's "problems" say why). See docs/cuda_check.md.
+window size, and Muon's update (the orthogonalizer in it) for every rank's shard at world sizes 1 and 8. Every
+Triton kernel goes through ptxas for sm_90. It then runs the FP8 custom ops' real bodies at the shapes found in the
+compiled graphs, so torch._scaled_mm's own checks judge every call the GPU will make. It prints a summary, then one
+JSON line (graphs, graph breaks, recompiles, kernels, shared memory, spills, inductor's peak-memory estimates, FLOPs
+per token, FP8 acceptance, Muon update compiles, failures); exit status 0 when every check passes, 1 when one fails,
+2 when this machine cannot run the check (the JSON's "problems" say why). See docs/cuda_check.md.
 """
 
 import argparse
@@ -51,7 +51,7 @@ def parse_options(argv: list[str]):
 
 
 def drive_trainer(tg, rig, opts):
-    """Settings -> model -> compiled training micro-steps, compiled evaluation, compiled orthogonalizer per rank.
+    """Settings -> model -> compiled training micro-steps, compiled evaluation, compiled Muon update per rank.
 
     One phase per training stage ("train_stage<k>"; the extension runs in the last stage's phase, as it shares its
     graph): the stage's first step, then the same step with each of opts.windows as its long window (none of which
@@ -115,7 +115,7 @@ def drive_trainer(tg, rig, opts):
 
     for world_size in opts.world_sizes:  # each rank's Muon shards, as that rank's process compiles them
         torch._dynamo.reset()  # a fresh job: dynamo's recompile limit (8 per function) counts one job's shapes
-        with rig.phase(f"orthogonalize_w{world_size}", tokens=None):
+        with rig.phase(f"muon_update_w{world_size}", tokens=None):
             for rank in range(world_size):
                 with rig.process_group(rank, world_size):
                     optimizers = tg.build_optimizers(model, args, tg.Runtime(rank, world_size, device))
@@ -131,17 +131,17 @@ def drive_trainer(tg, rig, opts):
         # step, so that the optimizers' state exists already.
         with rig.process_group(0, world_size):
             optimizers = tg.build_optimizers(model, args, tg.Runtime(0, world_size, device))
-            # the compiled orthogonalizer is not run again (dynamo will not run under a tracing dispatch mode): the
-            # trace names the graph compiled above for the shard's shape, whose kernels are in its records
-            graphs = {tuple(g["inputs"][0]): g["id"] for g in rig.phases[f"orthogonalize_w{world_size}"]["graphs"]}
+            # the compiled update is not run again (dynamo will not run under a tracing dispatch mode): the trace
+            # names the graph compiled above for the shard's shape, whose kernels are in its records
+            graphs = {tuple(g["inputs"][0]): g["id"] for g in rig.phases[f"muon_update_w{world_size}"]["graphs"]}
             muon = next(opt for opt in optimizers if isinstance(opt, tg.Muon))
 
-            def orthogonalize(G, graphs=graphs):
+            def update(grads, weights, *_, graphs=graphs):
                 if rig.recorder is not None:
-                    rig.recorder.events.append(dict(compiled=graphs[tuple(G.shape)]))
-                return torch.empty_like(G, dtype=getattr(torch, args.dtype))
+                    rig.recorder.events.append(dict(compiled=graphs[tuple(grads.shape)]))
+                return torch.empty_like(weights)
 
-            muon.orthogonalize = orthogonalize
+            muon.update_fn = update
             plan = dataclasses.replace(plans[-2], adam_step=True, untie=False)
             for traced in (False, True):
                 with rig.fake:
@@ -267,7 +267,11 @@ class Rig:
         phase["graphs"].append(dict(nodes=len(gm.graph.nodes), id=graph_id,
                                     inputs=[tuple(t.shape) for t in example_inputs if hasattr(t, "shape")]))
         self._graph_id = graph_id
-        compile_fx(gm, example_inputs, inner_compile=self.inner_compile)
+        try:
+            compile_fx(gm, example_inputs, inner_compile=self.inner_compile)
+        except self.torch._dynamo.exc.RestartAnalysis:  # dynamo traces the frame again (to make a Python scalar a
+            phase["graphs"].pop()  # tensor, for one): this attempt compiled nothing
+            raise
 
         def run(*args):
             with self.fake:
@@ -418,14 +422,14 @@ class OpRecorder:
                 if packet in _VIEW_OPS or name in recorder.NO_KERNEL or \
                         func.namespace in ("c10d", "_c10d_functional"):
                     return out
-                if not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
-                    return out  # a query (Tensor.device, a size): no kernel
+                outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+                if all(t.device.type == "cpu" for t in outs):
+                    return out  # a query (Tensor.device, a size) or host work (a 0-d CPU tensor): no kernel
                 tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
                            if isinstance(t, torch.Tensor)]
                 flops = flop_registry[packet](*args, **(kwargs or {}), out_val=out) if packet in flop_registry else 0
-                dtypes = [t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
                 recorder.events.append(dict(op=name, bytes=sum(get_num_bytes(t) for t in tensors), flops=int(flops),
-                                            dtype=str(dtypes[0] if dtypes else None).removeprefix("torch.")))
+                                            dtype=str(outs[0].dtype).removeprefix("torch.")))
                 return out
 
         class Handle:
@@ -562,7 +566,7 @@ def summarize(torch, rig, opts, error) -> dict:
     report["graphs"] = {name: len(p["graphs"]) for name, p in phases.items()}
     report["graph_breaks"] = sum(counters["graph_break"].values())
     report["recompiles"] = {name: max(0, len(p["graphs"]) - 1) for name, p in phases.items()
-                            if not name.startswith("orthogonalize")}  # those compile once per shard shape
+                            if not name.startswith("muon_update")}  # those compile once per shard shape
     report["seconds"] = {name: p.get("seconds") for name, p in phases.items()}
 
     # FP8 and any other custom op: run each distinct call's real body; its FLOPs join its graph's
@@ -637,12 +641,12 @@ def summarize(torch, rig, opts, error) -> dict:
                             backward=sum("flex_attention_backward" in u["name"] for u in usage)),
         largest_shared=sorted(usage, key=lambda u: -u["shared"])[:3])
 
-    # the orthogonalizer: compiled once per distinct shard shape that the simulated ranks of a world size passed it
-    report["orthogonalizer"] = {}
+    # Muon's update: compiled once per distinct shard shape that the simulated ranks of a world size passed it
+    report["muon_update"] = {}
     for name, p in phases.items():
-        if name.startswith("orthogonalize_w"):
+        if name.startswith("muon_update_w"):
             shapes = sorted({tuple(g["inputs"][0]) for g in p["graphs"] if g["inputs"]})
-            report["orthogonalizer"][name.removeprefix("orthogonalize_w")] = dict(
+            report["muon_update"][name.removeprefix("muon_update_w")] = dict(
                 compiles=len(p["graphs"]), shapes=[list(s) for s in shapes])
 
     failures = []
@@ -650,7 +654,7 @@ def summarize(torch, rig, opts, error) -> dict:
         failures.append(f"compilation failed: {error}")
     if report["graph_breaks"]:
         failures.append(f"{report['graph_breaks']} graph break(s)")
-    for name in [n for n in phases if not n.startswith("orthogonalize")] or ["train"]:
+    for name in [n for n in phases if not n.startswith("muon_update")] or ["train"]:
         if report["graphs"].get(name) != 1:
             failures.append(f"{name}: {report['graphs'].get(name)} graphs across its windows, not 1")
     if report["kernels"]["targets"] and report["kernels"]["targets"] != ["cuda:90"]:
@@ -661,9 +665,9 @@ def summarize(torch, rig, opts, error) -> dict:
         failures.append(f"over the {limit} B shared-memory limit: {report['kernels']['over_shared_limit']}")
     if fp8_errors:
         failures.append("custom ops rejected: " + "; ".join(fp8_errors))
-    for w, o in report["orthogonalizer"].items():
+    for w, o in report["muon_update"].items():
         if o["compiles"] != len(o["shapes"]) or not o["compiles"] and (report["settings"] or {}).get("use_muon", True):
-            failures.append(f"orthogonalizer at world size {w}: {o['compiles']} compiles for shapes {o['shapes']}")
+            failures.append(f"Muon's update at world size {w}: {o['compiles']} compiles for shapes {o['shapes']}")
     if not all(c.get("fullgraph") for c in rig.compile_calls):
         failures.append(f"train_gpt compiles without fullgraph=True somewhere: {rig.compile_calls}")
     report["failures"] = failures
@@ -684,14 +688,14 @@ def print_summary(report: dict):
     print(f"inductor's peak-memory estimates (GiB): {report['peak_memory_gib']}")
     print("graph inputs / outputs it allocates (GiB): " + ", ".join(
         f"{k} {v['inputs'] / 2**30:.3f} / {v['outputs'] / 2**30:.3f}" for k, v in report["graph_bytes"].items()
-        if not k.startswith("orthogonalize")))
+        if not k.startswith("muon_update")))
     for name, f in report["flops_per_token"].items():
         print(f"{name} FLOPs/token: dense {f['dense']:.6g}, attention (every key, as torch counts) "
               f"{f['attention_counted_dense']:.6g}")
     c = report["custom_ops"]
     print(f"custom ops (FP8 head, MLP) run for real on fake tensors: {len(c['calls'])} distinct calls, all accepted: "
           f"{c['all_accepted']} {c['errors'] or ''}")
-    print(f"orthogonalizer compiles per world size: {report['orthogonalizer']}")
+    print(f"Muon update compiles per world size: {report['muon_update']}")
     print(f"seconds per phase: {report['seconds']}")
     print("FAILED: " + " | ".join(report["failures"]) if report["failures"] else "all checks passed")
 

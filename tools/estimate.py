@@ -10,7 +10,7 @@ The time of a step, per rank, is the sum of its kernels' times, each a roofline:
     roofline with the compute peak scaled by an efficiency stated in EFFICIENCY, FlexAttention's FLOPs being those of
     the mask blocks it really computes at each step's windows (inductor counts every query against every key);
   - LAUNCH_US per kernel;
-  - the optimizers: one traced step (every eager op a memory-bound kernel, the compiled orthogonalizer's kernels as
+  - the optimizers: one traced step (every eager op a memory-bound kernel, the compiled Muon update's kernels as
     above), and their collectives on the NVLink bandwidth in a two-stream timeline that overlaps only what the code
     overlaps (a reduction with the updates of the groups before it, a gather with the updates after it).
 """
@@ -265,9 +265,9 @@ def estimate(report: dict, gpu_name: str = "h100", world_size: int = 8, top: int
     if args.windows_per_step % world_size:
         raise ValueError(f"world size {world_size} does not divide windows_per_step={args.windows_per_step}")
     records = report["kernel_records"]
-    graphs = {}  # dynamo graph id -> its (inference) kernels priced: the orthogonalizer's
+    graphs = {}  # dynamo graph id -> its (inference) kernels priced: Muon's update's
     for phase, graph_list in records.items():
-        if phase.startswith("orthogonalize"):
+        if phase.startswith("muon_update"):
             for g in graph_list:
                 graphs[g["graph"]] = graph_ms(g["kernels"], gpu, None)
     trace = report["optimizer_traces"].get(f"optimizer_w{world_size}")
