@@ -223,6 +223,21 @@ def test_smoke_shapes_flops_match_the_benchmark_formula(smoke_report):
     assert_flops_match_the_benchmark_formula(smoke_report)
 
 
+def test_the_optimizer_trace_prices_what_an_op_touches():
+    """OpRecorder's bytes per op: a whole-tensor op its tensors; a factory from a template only what it writes; a row
+    gather or index_add_ only the rows it touches."""
+    out = run_on_fake_h100(
+        FAKE_H100_RIG + "with rig.fake:\n"
+        "    g, src = torch.zeros(1000, 64, device='cuda'), torch.zeros(10, 64, device='cuda')\n"
+        "    rows = torch.zeros(10, dtype=torch.long, device='cuda')\n"
+        "with rig.tracing('t'):\n"
+        "    g.mul(2); g.new_zeros(5, 64); g[rows]; g.index_add_(0, rows, src)\n"
+        "print(json.dumps({e['op']: e['bytes'] for e in rig.traces['t']}))")
+    row = 64 * 4
+    assert out == {"mul": 2 * 1000 * row, "new_zeros": 5 * row, "index": 2 * 10 * row + 80,
+                   "index_add_": 80 + 3 * 10 * row}, out
+
+
 @pytest.mark.xdist_group("smoke_compile")  # one compile per test run, shared
 def test_every_matmul_of_the_orthogonalizer_is_priced_by_its_flops(smoke_report):
     """Each iteration runs X X^T, b A + c A A and a X + B X: three matmuls, the last as many FLOPs as the first.

@@ -400,6 +400,7 @@ class OpRecorder:
 
     NO_KERNEL = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided", "alias", "slice",
                  "_local_scalar_dense", "lift_fresh", "clone_"}
+    FROM_TEMPLATE = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like"}  # nothing read
 
     def __init__(self):
         self.events = []
@@ -425,10 +426,15 @@ class OpRecorder:
                 outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
                 if all(t.device.type == "cpu" for t in outs):
                     return out  # a query (Tensor.device, a size) or host work (a 0-d CPU tensor): no kernel
-                tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
-                           if isinstance(t, torch.Tensor)]
+                tensors = outs if name in recorder.FROM_TEMPLATE else [
+                    t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+                nbytes = sum(get_num_bytes(t) for t in tensors)  # every tensor whole, but for the row ops:
+                if name == "index_add_":  # the source's rows, added to as many rows of self (read and written)
+                    nbytes = get_num_bytes(args[2]) + 3 * get_num_bytes(args[3])
+                elif name == "index":  # the rows it gathers, read and written, and the indices
+                    nbytes = 2 * get_num_bytes(out) + sum(get_num_bytes(i) for i in args[1] if i is not None)
                 flops = flop_registry[packet](*args, **(kwargs or {}), out_val=out) if packet in flop_registry else 0
-                recorder.events.append(dict(op=name, bytes=sum(get_num_bytes(t) for t in tensors), flops=int(flops),
+                recorder.events.append(dict(op=name, bytes=nbytes, flops=int(flops),
                                             dtype=str(outs[0].dtype).removeprefix("torch.")))
                 return out
 
