@@ -61,6 +61,7 @@ import sys
 import textwrap
 import time
 import traceback
+import types
 import uuid
 import warnings
 from collections.abc import Callable
@@ -242,6 +243,8 @@ class Hyperparameters:
     use_muon: bool = setting(True, "Muon for the hidden matrices (#3); off: Adam, adam_table row matrices")
     grad_clip: float = setting(0.0, "clip the norm of Adam's gradients (all without Muon, as GPT-2) to this; 0: off")
     adam_every: int = setting(2, "Adam steps every n-th step on the gradients summed since its last step (#39)")
+    sparse_bigram_grad: bool = setting(True, "reduce the bigram table's gradient across ranks by sending each row's "
+                                       "owner only the rows that have one (all-to-all, #71), not the dense table")
     adam_table: str = setting(
         "scalars:5:0.9:0.99:0 smear_gate:0.01:0.9:0.99:0 ve_gates:1:0.9:0.99:1 lm_head:1:0.5:0.95:150 "
         "embed:1:0.5:0.95:150 bigram_embed:75:0.75:0.95:5 value_embeds:75:0.75:0.95:5 post_lambdas:1:0.9:0.95:0 "
@@ -1368,6 +1371,34 @@ class Muon:
         return self.update_fn(grads, weights, state, *scalars, self.grad_scale, self.orthogonalize, self.args)
 
 
+def nonzero_rows(grad: Tensor, world_size: int) -> tuple[Tensor, list[int], list[int]]:
+    """The rows of grad that are not all zero; how many of them each rank owns; how many each rank sends this one."""
+    rows = grad.any(dim=1).nonzero().squeeze(1)
+    sent = torch.bincount(rows // (grad.size(0) // world_size), minlength=world_size)
+    dist.all_to_all_single(got := torch.empty_like(sent), sent)
+    return rows, sent.tolist(), got.tolist()
+
+
+def sparse_reduce_scatter(grad: Tensor, rank: int, world_size: int) -> tuple[Tensor, types.SimpleNamespace]:
+    """reduce_scatter for a gradient of few nonzero rows (an embedding table's; #71 2026-02-06, the bigram table):
+    every rank sends each row's owner only its rows that are not all zero, and the owner sums them in fp32 in rank
+    order, into its rows [r*n/W, (r+1)*n/W). The same sums as the dense reduction, in far fewer bytes; the host waits
+    for the backward once, to learn how many rows go where. Returns the shard and a handle whose wait() finishes it."""
+    n = grad.size(0) // world_size
+    rows, sent, got = nonzero_rows(grad, world_size)
+    got_rows, got_grad = rows.new_empty(sum(got)), grad.new_empty(sum(got), *grad.shape[1:])
+    handles = [dist.all_to_all_single(got_rows, rows, got, sent, async_op=True),
+               dist.all_to_all_single(got_grad, grad[rows], got, sent, async_op=True)]
+    shard = grad.new_zeros(n, *grad.shape[1:], dtype=torch.float32)
+
+    def finish():
+        for handle in handles:
+            handle.wait()
+        for at, g in zip((got_rows - rank * n).split(got), got_grad.split(got)):  # a rank sends a row at most once:
+            shard.index_add_(0, at, g.float())  # no two adds of one call meet, so the sum order is fixed
+    return shard, types.SimpleNamespace(wait=finish)
+
+
 class DistAdam:
     """Adam (Kingma & Ba) as record #28 computes it (bias corrections folded into the step size, eps added to the raw
     sqrt(v)), with cautious weight decay tied to the LR (#50) or AdamW's, every adam_every steps on the gradients summed
@@ -1378,9 +1409,10 @@ class DistAdam:
 
     def __init__(self, rows: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]],
                  args: Hyperparameters, grad_scale: float, rank: int = 0, world_size: int = 1,
-                 tied: tuple[nn.Parameter, nn.Parameter] | None = None):
+                 tied: tuple[nn.Parameter, nn.Parameter] | None = None, sparse: nn.Parameter | None = None):
         self.work = [(p, lr_mul, betas, wd_mul) for _, params, lr_mul, betas, wd_mul in rows for p in params]
         self.args, self.grad_scale, self.rank, self.world_size, self.tied = args, grad_scale, rank, world_size, tied
+        self.sparse = sparse  # reduced by sparse_reduce_scatter, first: the host waits there
         self.state: dict[int, dict] = {}
         self.fp32_state = args.weights_bf16  # bf16 weights, fp32 moments (#56); else moments in the weight's dtype
 
@@ -1398,15 +1430,19 @@ class DistAdam:
             head.grad += embed.grad
         work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
                 if not (tied and w[0] is embed) and w[0].grad is not None]
-        reduced = []
-        for _, p, *_ in work:  # phase 1
+        reduced = {}
+        for k in sorted(range(len(work)), key=lambda k: work[k][1] is not self.sparse):  # phase 1
+            p = work[k][1]
             if W == 1:
-                reduced.append((p.grad, None))
+                reduced[k] = p.grad, None
+            elif p is self.sparse and sharded(p):
+                reduced[k] = sparse_reduce_scatter(p.grad, r, W)
             elif sharded(p):
                 shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
-                reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
+                reduced[k] = shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)
             else:  # every rank applies the same update to the whole tensor
-                reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+                reduced[k] = p.grad, dist.all_reduce(p.grad, async_op=True)
+        reduced = [reduced[k] for k in range(len(work))]
         yield
         grad_scale = self.grad_scale
         if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
@@ -2369,7 +2405,8 @@ def build_optimizers(model: "GPT", args: Hyperparameters, rt: "Runtime") -> list
     ortho = lambda G: orthogonalize(G, args.orthogonalizer, args.orthogonalizer_steps, getattr(torch, args.dtype),
                                     args.ns_coeffs)
     tied = (model.lm_head_w, model.embed.weight) if args.tie_embed_stages else None
-    return [DistAdam(rows, args, grad_scale, rt.rank, rt.world_size, tied),
+    sparse = model.bigram_embed.weight if args.sparse_bigram_grad and args.bigram_vocab_size else None
+    return [DistAdam(rows, args, grad_scale, rt.rank, rt.world_size, tied, sparse),
             Muon(muon, args, ortho, grad_scale, rt.rank, rt.world_size, compiled=args.use_compile)]
 
 

@@ -304,6 +304,49 @@ def test_the_bigram_embedding_gradient_sums_each_row_in_fp32_and_rounds_once(dty
     assert (backward(1000), backward(999)) == ("SummedRowsEmbeddingBackward", "EmbeddingBackward0")
 
 
+SPARSE_EXCHANGE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, train_gpt as tg
+tg.dist.init_process_group("gloo")
+r, W = tg.dist.get_rank(), tg.dist.get_world_size()
+sent, a2a = [], tg.dist.all_to_all_single
+tg.dist.all_to_all_single = lambda out, inp, *a, **k: (sent.append(inp.shape[0]), a2a(out, inp, *a, **k))[1]
+def grad_of(rank, dtype):  # a few rows per rank; row 1 on every rank, row 4 on none, rank 1 sends nothing
+    g = torch.zeros(6 * W, 3, dtype=dtype)
+    if rank != 1:
+        rows = torch.tensor([1, 2 * rank + 3, 6 * W - 1 - rank])
+        g[rows] = torch.randn(3, 3, generator=torch.Generator().manual_seed(rank)).to(dtype)
+    return g
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    shard, handle = tg.sparse_reduce_scatter(grad_of(r, dtype), r, W)
+    handle.wait()
+    want = torch.zeros(6 * W, 3)
+    for rank in range(W):  # the fp32 sum in rank order, of the gradients as they are
+        want += grad_of(rank, dtype).float()
+    out[str(dtype)] = torch.equal(shard, want.chunk(W)[r]) and shard.dtype == torch.float32
+out["rows_sent"] = sent[1::3]
+json.dump(out, open(sys.argv[2] + str(r), "w"))
+tg.dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sparse_reduce_scatter_sends_only_nonzero_rows_and_sums_them_in_fp32(tmp_path, world_size):
+    script = tmp_path / "exchange.py"
+    script.write_text(SPARSE_EXCHANGE)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    result = subprocess.run(torchrun + [str(script), str(ROOT), str(tmp_path / "rank")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(world_size):
+        out = json.loads((tmp_path / f"rank{rank}").read_text())
+        assert out["torch.float32"] and out["torch.bfloat16"], out
+        assert out["rows_sent"] == [0 if rank == 1 else 3] * 2  # its nonzero rows, in both dtypes
+
+
 def test_yarn_scales_the_attention_and_slows_the_slow_frequencies():
     rotary = tg.GPT(tg.parse_args(["--preset=smoke"])).rotary  # tiny shapes, windows in 64-token blocks
     full = tg.Rotary(tg.parse_args([]), [384, 896, 1408, 1664, 1664])

@@ -60,6 +60,8 @@ def drive_trainer(tg, rig, opts):
     run inside it); rig.process_group(rank, world_size) is a fake process group. torch.compile is intercepted by the
     rig: whatever the trainer passes (fullgraph, dynamic) is kept and recorded, the backend becomes the check's."""
     import dataclasses
+    import functools
+    from unittest import mock
 
     import torch
 
@@ -143,13 +145,34 @@ def drive_trainer(tg, rig, opts):
 
             muon.update_fn = update
             plan = dataclasses.replace(plans[-2], adam_step=True, untie=False)
+            fake_rows = functools.partial(nonzero_rows, rows=touched_rows(args, plan, world_size))
             for traced in (False, True):
                 with rig.fake:
                     for p in model.parameters():
                         p.grad = torch.zeros_like(p)
-                with rig.tracing(f"optimizer_w{world_size}") if traced else contextlib.nullcontext():
+                with rig.tracing(f"optimizer_w{world_size}") if traced else contextlib.nullcontext(), \
+                        mock.patch.object(tg, "nonzero_rows", fake_rows):
                     tg.step_optimizers([Marked(opt, rig) for opt in optimizers], plan)
             model.zero_grad(set_to_none=True)
+
+
+def touched_rows(args, plan, world_size: int) -> int:
+    """The bigram rows one rank's gradient has since the last Adam step, were its tokens' hashes uniform: R (1 - (1 -
+    1/R)^T) of R rows for T tokens. Text repeats its bigrams, so fewer are touched: this bounds the bytes from above."""
+    R, T = args.bigram_vocab_size, args.adam_every * plan.tokens // world_size
+    return round(R * (1 - (1 - 1 / max(R, 1)) ** T))
+
+
+def nonzero_rows(grad, world_size: int, rows: int):
+    """train_gpt.nonzero_rows on fake tensors, whose values are not there: its pass over the gradient, its exchange
+    of the counts, and `rows` rows spread evenly over the owners."""
+    import torch
+    import torch.distributed as dist
+
+    grad.any(dim=1)  # (fake tensors make no tensor from a factory function: new_empty, not torch.empty)
+    each, counts = rows // world_size, grad.new_empty(world_size, dtype=torch.long)
+    dist.all_to_all_single(torch.empty_like(counts), counts)
+    return grad.new_empty(each * world_size, dtype=torch.long), [each] * world_size, [each] * world_size
 
 
 class Marked:
@@ -465,6 +488,7 @@ class OpRecorder:
         collective("reduce_scatter_single", lambda W: W - 1)
         collective("all_gather_single", lambda W: (W - 1) / W)
         collective("all_reduce", lambda W: 2 * (W - 1) / W)
+        collective("all_to_all_single", lambda W: (W - 1) / W)  # the output's part from the other ranks
         try:
             with Mode():
                 yield self
