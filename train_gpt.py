@@ -1278,8 +1278,7 @@ def muon_update(grads: Tensor, weights: Tensor, state: dict, lr, lr_eff, momentu
     """Muon's update of matrices (n, rows, cols): Nesterov momentum, orthogonalization, NorMuon, cautious decay, the
     step, the kept mantissa bits; updates state. Compiled (use_compile) as one graph: the ~40 elementwise ops around
     the orthogonalizer's matmuls fuse into a few kernels. Eager, it is the reference (Python floats for the scalars)."""
-    g = grads.float() * grad_scale
-    buf = state["momentum"]
+    g, buf = grads.float() * grad_scale, state["momentum"]
     buf.lerp_(g, 1 - momentum)
     V = orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
     if args.use_normuon:
@@ -1365,9 +1364,8 @@ class Muon:
                                                          dtype=torch.float32)
             if weights.dtype == torch.bfloat16:
                 state["mantissa"] = torch.zeros_like(weights, dtype=torch.int16)
-        scalars = (lr, lr * lr_mul, momentum)
-        if self.compiled:  # as 0-d CPU tensors: torch.compile specializes on a float, compiling again for each value
-            scalars = [torch.tensor(v, dtype=torch.float64) for v in scalars]
+        # compiled, as 0-d CPU tensors: torch.compile specializes on a float, compiling again for each value
+        scalars = [torch.tensor(v, dtype=torch.float64) if self.compiled else v for v in (lr, lr * lr_mul, momentum)]
         return self.update_fn(grads, weights, state, *scalars, self.grad_scale, self.orthogonalize, self.args)
 
 
@@ -1384,8 +1382,7 @@ def sparse_reduce_scatter(grad: Tensor, rank: int, world_size: int) -> tuple[Ten
     every rank sends each row's owner only its rows that are not all zero, and the owner sums them in fp32 in rank
     order, into its rows [r*n/W, (r+1)*n/W). The same sums as the dense reduction, in far fewer bytes; the host waits
     for the backward once, to learn how many rows go where. Returns the shard and a handle whose wait() finishes it."""
-    n = grad.size(0) // world_size
-    rows, sent, got = nonzero_rows(grad, world_size)
+    n, (rows, sent, got) = grad.size(0) // world_size, nonzero_rows(grad, world_size)
     got_rows, got_grad = rows.new_empty(sum(got)), grad.new_empty(sum(got), *grad.shape[1:])
     handles = [dist.all_to_all_single(got_rows, rows, got, sent, async_op=True),
                dist.all_to_all_single(got_grad, grad[rows], got, sent, async_op=True)]
@@ -1410,9 +1407,10 @@ class DistAdam:
     def __init__(self, rows: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]],
                  args: Hyperparameters, grad_scale: float, rank: int = 0, world_size: int = 1,
                  tied: tuple[nn.Parameter, nn.Parameter] | None = None, sparse: nn.Parameter | None = None):
-        self.work = [(p, lr_mul, betas, wd_mul) for _, params, lr_mul, betas, wd_mul in rows for p in params]
+        self.work = sorted([(p, lr_mul, betas, wd_mul) for _, params, lr_mul, betas, wd_mul in rows for p in params],
+                           key=lambda w: w[0] is not sparse)  # reduced by sparse_reduce_scatter, first: the host waits
         self.args, self.grad_scale, self.rank, self.world_size, self.tied = args, grad_scale, rank, world_size, tied
-        self.sparse = sparse  # reduced by sparse_reduce_scatter, first: the host waits there
+        self.sparse = sparse
         self.state: dict[int, dict] = {}
         self.fp32_state = args.weights_bf16  # bf16 weights, fp32 moments (#56); else moments in the weight's dtype
 
@@ -1430,19 +1428,17 @@ class DistAdam:
             head.grad += embed.grad
         work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
                 if not (tied and w[0] is embed) and w[0].grad is not None]
-        reduced = {}
-        for k in sorted(range(len(work)), key=lambda k: work[k][1] is not self.sparse):  # phase 1
-            p = work[k][1]
+        reduced = []
+        for _, p, *_ in work:  # phase 1
             if W == 1:
-                reduced[k] = p.grad, None
+                reduced.append((p.grad, None))
             elif p is self.sparse and sharded(p):
-                reduced[k] = sparse_reduce_scatter(p.grad, r, W)
+                reduced.append(sparse_reduce_scatter(p.grad, r, W))
             elif sharded(p):
                 shard = p.grad.new_empty(p.size(0) // W, *p.shape[1:])
-                reduced[k] = shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)
+                reduced.append((shard, dist.reduce_scatter_single(shard, p.grad, async_op=True)))
             else:  # every rank applies the same update to the whole tensor
-                reduced[k] = p.grad, dist.all_reduce(p.grad, async_op=True)
-        reduced = [reduced[k] for k in range(len(work))]
+                reduced.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
         yield
         grad_scale = self.grad_scale
         if args.grad_clip and work:  # the norm of the whole reduced gradient, before any update (as GPT-2 clips)
