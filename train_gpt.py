@@ -243,8 +243,7 @@ class Hyperparameters:
     use_muon: bool = setting(True, "Muon for the hidden matrices (#3); off: Adam, adam_table row matrices")
     grad_clip: float = setting(0.0, "clip the norm of Adam's gradients (all without Muon, as GPT-2) to this; 0: off")
     adam_every: int = setting(2, "Adam steps every n-th step on the gradients summed since its last step (#39)")
-    sparse_bigram_grad: bool = setting(True, "reduce the bigram table's gradient across ranks by sending each row's "
-                                       "owner only the rows that have one (all-to-all, #71), not the dense table")
+    sparse_bigram_grad: bool = setting(True, "exchange only the bigram table's nonzero gradient rows (all-to-all, #71)")
     adam_table: str = setting(
         "scalars:5:0.9:0.99:0 smear_gate:0.01:0.9:0.99:0 ve_gates:1:0.9:0.99:1 lm_head:1:0.5:0.95:150 "
         "embed:1:0.5:0.95:150 bigram_embed:75:0.75:0.95:5 value_embeds:75:0.75:0.95:5 post_lambdas:1:0.9:0.95:0 "
@@ -1113,39 +1112,46 @@ def softcap_kernel(z, CAP, OFFSET, INV_TEMP, FN: tl.constexpr):  # (c, dc/dz); F
 
 
 @triton_jit
-def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, lse_ptr, g_ptr, V, CAP: tl.constexpr,
+def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, cols_ptr, lse_ptr, g_ptr, T, V, CAP: tl.constexpr,
                         OFFSET: tl.constexpr, INV_TEMP: tl.constexpr, FN: tl.constexpr, K: tl.constexpr,
-                        BLOCK: tl.constexpr, BACKWARD: tl.constexpr, GRAD_S: tl.constexpr):
-    """One row per program. Forward: out[row] = its loss, lse[row]. Backward: out[row, :] = g[row] dloss/dz / GRAD_S,
-    rounded once to out's dtype (e5m2 for the FP8 head, fp8_head_loss)."""
-    row, m, total, picked, w_sum = tl.program_id(0).to(tl.int64), -float("inf"), 0.0, 0.0, 0.0
-    for j in tl.static_range(K):  # the weights of the terms present at this row
-        w_sum += tl.where(tl.load(targets_ptr + row * K + j) >= 0, tl.load(weights_ptr + j), 0.0)
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr, GRAD_S: tl.constexpr):
+    """ROWS rows per program. Forward: out[row] = its loss, lse[row]. Backward: out[row, :] = g[row] dloss/dz / GRAD_S
+    rounded once to out's dtype (e5m2: fp8_head_loss), and into cols (column-major: the weight gradient's) if given."""
+    rows, zeros = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS), tl.zeros([ROWS], tl.float32)
+    live, m, total, picked, w_sum = rows < T, zeros - float("inf"), zeros, zeros, zeros
+    for j in tl.static_range(K):  # the weights of the terms present at each row
+        w_sum += tl.where(tl.load(targets_ptr + rows * K + j, mask=live, other=-1) >= 0, tl.load(weights_ptr + j), 0.0)
     for start in range(0, V, BLOCK):
-        cols, hot = start + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32)  # hot: sum_j w_j onehot(t_j)
+        cols, hot = start + tl.arange(0, BLOCK), tl.zeros([ROWS, BLOCK], tl.float32)  # hot: sum_j w_j onehot(t_j)
         for j in tl.static_range(K):
-            hot += tl.where(cols == tl.load(targets_ptr + row * K + j), tl.load(weights_ptr + j), 0.0)
-        c, dc = softcap_kernel(tl.load(z_ptr + row * V + cols, mask=cols < V, other=0).to(tl.float32), CAP, OFFSET,
-                               INV_TEMP, FN)
+            hot += tl.where(cols[None, :] == tl.load(targets_ptr + rows * K + j, mask=live, other=-1)[:, None],
+                            tl.load(weights_ptr + j), 0.0)
+        mask = live[:, None] & (cols[None, :] < V)
+        c, dc = softcap_kernel(tl.load(z_ptr + rows[:, None] * V + cols[None, :], mask=mask, other=0).to(tl.float32),
+                               CAP, OFFSET, INV_TEMP, FN)
         if BACKWARD:
-            grad = tl.load(g_ptr + row) * (tl.exp(c - tl.load(lse_ptr + row)) * w_sum - hot) * dc
-            tl.store(out_ptr + row * V + cols, (grad / GRAD_S).to(out_ptr.dtype.element_ty), mask=cols < V)
+            lse, g = tl.load(lse_ptr + rows, mask=live, other=0)[:, None], tl.load(g_ptr + rows, mask=live, other=0)
+            grad = (g[:, None] * (tl.exp(c - lse) * w_sum[:, None] - hot) * dc / GRAD_S).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows[:, None] * V + cols[None, :], grad, mask=mask)
+            if cols_ptr is not None:
+                tl.store(cols_ptr + cols[None, :] * T + rows[:, None], grad, mask=mask)
         else:
-            picked += tl.sum(hot * c, 0)  # sum_j w_j c[t_j]
-            c = tl.where(cols < V, c, -float("inf"))
-            m_new = tl.maximum(m, tl.max(c, 0))
-            total, m = total * tl.exp(m - m_new) + tl.sum(tl.exp(c - m_new), 0), m_new
+            picked += tl.sum(hot * c, 1)  # sum_j w_j c[t_j]
+            c = tl.where(mask, c, -float("inf"))
+            m_new = tl.maximum(m, tl.max(c, 1))
+            total, m = total * tl.exp(m - m_new) + tl.sum(tl.exp(c - m_new[:, None]), 1), m_new
     if not BACKWARD:
-        tl.store(out_ptr + row, w_sum * (m + tl.log(total)) - picked)
-        tl.store(lse_ptr + row, m + tl.log(total))
+        tl.store(out_ptr + rows, w_sum * (m + tl.log(total)) - picked, mask=live)
+        tl.store(lse_ptr + rows, m + tl.log(total), mask=live)
 
 
 def softcap_loss_launch(z, targets, weights, out, lse, g: Tensor | None, cap, fn, offset, temperature,
-                        grad_s: float = 1.0):  # cap 0: z
-    torch.library.wrap_triton(softcap_loss_kernel)[(z.size(0),)](
-        z, targets, weights, out, lse, lse if g is None else g, z.size(1), CAP=cap, OFFSET=offset,
+                        grad_s: float = 1.0, cols: Tensor | None = None):  # cap 0: z. Backward: 64-row blocks
+    rows, block = (1, min(2048, triton.next_power_of_2(z.size(1)))) if g is None else (64, 128)
+    torch.library.wrap_triton(softcap_loss_kernel)[(triton.cdiv(z.size(0), rows),)](
+        z, targets, weights, out, cols, lse, lse if g is None else g, z.size(0), z.size(1), CAP=cap, OFFSET=offset,
         INV_TEMP=1 / temperature, FN=("sigmoid", "tanh", "algebraic").index(fn) + 1 if cap else 0, K=targets.size(1),
-        BLOCK=min(2048, triton.next_power_of_2(z.size(1))), BACKWARD=g is not None, GRAD_S=grad_s, num_warps=8)
+        ROWS=rows, BLOCK=block, BACKWARD=g is not None, GRAD_S=grad_s, num_warps=8)
 
 
 def softcap_loss(z: Tensor, targets: Tensor, weights: Tensor, cap: float, fn: str, offset: float,
@@ -1173,8 +1179,9 @@ def fp8_head_loss(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, x_s: f
 def _fp8_head_loss_backward(ctx, g, *_):
     z, targets, weights, lse, x_f8, w_f8 = ctx.saved_tensors
     g_f8 = torch.empty_like(z, dtype=torch.float8_e5m2)  # dloss/dz / grad_s, rounded once (the record's kernel too)
-    softcap_loss_launch(z, targets, weights, g_f8, lse, g.contiguous(), *ctx.softcap, grad_s=ctx.scales[2])
-    grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_f8, g_f8.T.contiguous().T, x_f8, w_f8, *ctx.scales)
+    g_cols = z.new_empty(z.T.shape, dtype=torch.float8_e5m2).T  # the same, column-major
+    softcap_loss_launch(z, targets, weights, g_f8, lse, g.contiguous(), *ctx.softcap, grad_s=ctx.scales[2], cols=g_cols)
+    grad_x, grad_w = torch.ops.nanogpt.fp8_mm_backward(g_f8, g_cols, x_f8, w_f8, *ctx.scales)
     return grad_x, grad_w, *[None] * 9
 
 
@@ -1275,9 +1282,8 @@ def muon_matrices(name: str, p: Tensor, args: Hyperparameters) -> list[tuple[Cal
 
 def muon_update(grads: Tensor, weights: Tensor, state: dict, lr, lr_eff, momentum, grad_scale: float,
                 orthogonalize: Callable, args: Hyperparameters) -> Tensor:
-    """Muon's update of matrices (n, rows, cols): Nesterov momentum, orthogonalization, NorMuon, cautious decay, the
-    step, the kept mantissa bits; updates state. Compiled (use_compile) as one graph: the ~40 elementwise ops around
-    the orthogonalizer's matmuls fuse into a few kernels. Eager, it is the reference (Python floats for the scalars)."""
+    """Muon's update of matrices (n, rows, cols): momentum, orthogonalization, NorMuon, cautious decay, mantissa bits;
+    updates state. Compiled (use_compile), its ~40 elementwise ops fuse into a few kernels; eager, the reference."""
     g, buf = grads.float() * grad_scale, state["momentum"]
     buf.lerp_(g, 1 - momentum)
     V = orthogonalize(g.lerp(buf, momentum))  # Nesterov: look ahead along the momentum
@@ -1314,12 +1320,10 @@ class Muon:
             self.groups.setdefault((tuple(view(p.data).shape[1:]), lr_mul, p.dtype), []).append((p, view))
         self.params = list(dict.fromkeys(p for p, _, _ in entries))
         self.args, self.orthogonalize, self.grad_scale = args, orthogonalize, grad_scale
-        self.rank, self.world_size, self.compiled = rank, world_size, compiled
+        self.rank, self.world_size, self.compiled, self.state = rank, world_size, compiled, {}
         self.update_fn = torch.compile(muon_update, dynamic=False, fullgraph=True) if compiled else muon_update
-        self.state: dict[int, dict[str, Tensor]] = {}
 
-    def step(self, plan: StepPlan):
-        step_optimizers([self], plan)
+    step = lambda self, plan: step_optimizers([self], plan)  # alone: its phases in one go
 
     @torch.no_grad()
     def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
@@ -1360,8 +1364,7 @@ class Muon:
         if not state:  # the first update (made here, not each step): momentum, NorMuon's statistic, mantissa bits
             state["momentum"] = grads.new_zeros(grads.shape, dtype=torch.float32)
             if self.args.use_normuon:  # one statistic per row (tall) or per column (wide)
-                state["second_moment"] = grads.new_zeros((n, rows, 1) if rows >= cols else (n, 1, cols),
-                                                         dtype=torch.float32)
+                state["second_moment"] = state["momentum"].new_zeros((n, rows, 1) if rows >= cols else (n, 1, cols))
             if weights.dtype == torch.bfloat16:
                 state["mantissa"] = torch.zeros_like(weights, dtype=torch.int16)
         # compiled, as 0-d CPU tensors: torch.compile specializes on a float, compiling again for each value
@@ -1378,10 +1381,9 @@ def nonzero_rows(grad: Tensor, world_size: int) -> tuple[Tensor, list[int], list
 
 
 def sparse_reduce_scatter(grad: Tensor, rank: int, world_size: int) -> tuple[Tensor, types.SimpleNamespace]:
-    """reduce_scatter for a gradient of few nonzero rows (an embedding table's; #71 2026-02-06, the bigram table):
-    every rank sends each row's owner only its rows that are not all zero, and the owner sums them in fp32 in rank
-    order, into its rows [r*n/W, (r+1)*n/W). The same sums as the dense reduction, in far fewer bytes; the host waits
-    for the backward once, to learn how many rows go where. Returns the shard and a handle whose wait() finishes it."""
+    """reduce_scatter of a gradient with few nonzero rows (#71, the bigram table): each rank sends each row's owner
+    only its nonzero rows; the owner sums them in fp32 in rank order into its rows [r*n/W, (r+1)*n/W). The host waits
+    for the backward once, for the row counts. Returns the shard and a handle whose wait() finishes it."""
     n, (rows, sent, got) = grad.size(0) // world_size, nonzero_rows(grad, world_size)
     got_rows, got_grad = rows.new_empty(sum(got)), grad.new_empty(sum(got), *grad.shape[1:])
     handles = [dist.all_to_all_single(got_rows, rows, got, sent, async_op=True),
@@ -1407,15 +1409,12 @@ class DistAdam:
     def __init__(self, rows: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]],
                  args: Hyperparameters, grad_scale: float, rank: int = 0, world_size: int = 1,
                  tied: tuple[nn.Parameter, nn.Parameter] | None = None, sparse: nn.Parameter | None = None):
-        self.work = sorted([(p, lr_mul, betas, wd_mul) for _, params, lr_mul, betas, wd_mul in rows for p in params],
-                           key=lambda w: w[0] is not sparse)  # reduced by sparse_reduce_scatter, first: the host waits
+        self.work = [(p, lr_mul, betas, wd_mul) for _, params, lr_mul, betas, wd_mul in rows for p in params]
         self.args, self.grad_scale, self.rank, self.world_size, self.tied = args, grad_scale, rank, world_size, tied
-        self.sparse = sparse
-        self.state: dict[int, dict] = {}
+        self.state, self.sparse = {}, sparse  # sparse: by sparse_reduce_scatter, before the others (the host waits)
         self.fp32_state = args.weights_bf16  # bf16 weights, fp32 moments (#56); else moments in the weight's dtype
 
-    def step(self, plan: StepPlan):
-        step_optimizers([self], plan)
+    step = lambda self, plan: step_optimizers([self], plan)  # alone: its phases in one go
 
     @torch.no_grad()
     def phases(self, plan: StepPlan):  # yields once its reductions and once its gathers are launched
@@ -1428,6 +1427,7 @@ class DistAdam:
             head.grad += embed.grad
         work = [(i, *w) for i, w in enumerate(self.work)  # no gradient: unused, e.g. the last layer's VE gate (MUDD)
                 if not (tied and w[0] is embed) and w[0].grad is not None]
+        work.sort(key=lambda w: w[1] is not self.sparse)  # stable; i, the state's key, stays
         reduced = []
         for _, p, *_ in work:  # phase 1
             if W == 1:

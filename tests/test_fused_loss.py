@@ -1,4 +1,4 @@
-"""The fused soft-capped loss (train_gpt's Triton kernels softcap_loss_kernel and softcap_loss_backward_kernel)
+"""The fused soft-capped loss (train_gpt's Triton kernel softcap_loss_kernel, forward and backward)
 against its plain PyTorch twin, prediction_loss of softcap(z), run by Triton's interpreter on the CPU.
 
 Triton decides at import whether its kernels are interpreted (TRITON_INTERPRET=1), so the kernel checks run in a child
@@ -68,6 +68,7 @@ def plain_and_fused(T: int, V: int, predictions: int, prefix: bool, softcap: str
 
 CASES = [  # T, V, predictions, prefix, softcap, dtype
     (37, 1000, 1, False, "sigmoid", torch.float32),
+    (131, 3000, 2, True, "sigmoid", torch.bfloat16),  # the backward's 64-row blocks: two whole, one partial
     (37, 1000, 3, True, "sigmoid", torch.bfloat16),
     (29, 5000, 2, True, "tanh", torch.float32),
     (23, 5000, 3, False, "tanh", torch.bfloat16),
@@ -115,17 +116,21 @@ FP8_SCALES = (100 / 448, 1.6 / 448, 0.75 / 448)  # the speedrun's x_s, w_s, grad
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the child process (TRITON_INTERPRET=1)")
 def test_the_loss_kernel_writes_the_gradient_in_e5m2_rounded_once():
-    """dloss/dz / grad_s computed in fp32 and rounded once to e5m2, not rounded to bf16 first."""
+    """dloss/dz / grad_s computed in fp32 and rounded once to e5m2, not rounded to bf16 first; the kernel's
+    column-major copy (the FP8 head's weight gradient reads it) holds the same values at every position."""
     gen = torch.Generator().manual_seed(3)
     z = (torch.randn(29, 5000, generator=gen) * 8).bfloat16()
     targets = torch.randint(-1, 5000, (29, 3), generator=gen).int()
     weights, g = torch.tensor([1.0, 0.5, 0.25]), torch.rand(29, generator=gen)
     _, lse = tg.softcap_loss(z, targets, weights, *SOFTCAPS["sigmoid"])
     grads = [torch.empty_like(z, dtype=dtype) for dtype in (torch.float32, torch.float8_e5m2)]
+    cols = torch.full(z.T.shape, 7, dtype=torch.uint8).view(torch.float8_e5m2).T  # column-major, 7: never written
     for out, grad_s in zip(grads, (1.0, FP8_SCALES[2])):
-        tg.softcap_loss_launch(z, targets, weights, out, lse, g, *SOFTCAPS["sigmoid"], grad_s=grad_s)
+        tg.softcap_loss_launch(z, targets, weights, out, lse, g, *SOFTCAPS["sigmoid"], grad_s=grad_s,
+                               cols=cols if out.dtype == torch.float8_e5m2 else None)
     expected = (grads[0] / FP8_SCALES[2]).to(torch.float8_e5m2)
     assert torch.equal(grads[1].view(torch.uint8), expected.view(torch.uint8))
+    assert cols.stride() == (1, 29) and torch.equal(cols.view(torch.uint8), expected.view(torch.uint8))  # both layouts
     assert (expected.float() != (grads[0].bfloat16().float() / FP8_SCALES[2]).to(torch.float8_e5m2).float()).any()
 
 
