@@ -225,13 +225,14 @@ def test_smoke_shapes_flops_match_the_benchmark_formula(smoke_report):
 
 def test_the_optimizer_trace_prices_what_an_op_touches():
     """OpRecorder's bytes per op: a whole-tensor op its tensors; a factory from a template only what it writes; a row
-    gather or index_add_ only the rows it touches."""
+    gather or index_add_ only the rows it touches; an op whose outputs are all on the CPU (host work, such as the
+    0-d tensors that carry Muon's LR) none."""
     out = run_on_fake_h100(
         FAKE_H100_RIG + "with rig.fake:\n"
         "    g, src = torch.zeros(1000, 64, device='cuda'), torch.zeros(10, 64, device='cuda')\n"
         "    rows = torch.zeros(10, dtype=torch.long, device='cuda')\n"
         "with rig.tracing('t'):\n"
-        "    g.mul(2); g.new_zeros(5, 64); g[rows]; g.index_add_(0, rows, src)\n"
+        "    g.mul(2); g.new_zeros(5, 64); g[rows]; g.index_add_(0, rows, src); torch.ones(2).add(1)\n"
         "print(json.dumps({e['op']: e['bytes'] for e in rig.traces['t']}))")
     row = 64 * 4
     assert out == {"mul": 2 * 1000 * row, "new_zeros": 5 * row, "index": 2 * 10 * row + 80,
