@@ -1119,6 +1119,7 @@ def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, cols_ptr, lse_
     rounded once to out's dtype (e5m2: fp8_head_loss), and into cols (column-major: the weight gradient's) if given."""
     rows, zeros = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS), tl.zeros([ROWS], tl.float32)
     live, m, total, picked, w_sum = rows < T, zeros - float("inf"), zeros, zeros, zeros
+    lse, g = tl.load(lse_ptr + rows, mask=live, other=0)[:, None], tl.load(g_ptr + rows, mask=live, other=0)  # backward
     for j in tl.static_range(K):  # the weights of the terms present at each row
         w_sum += tl.where(tl.load(targets_ptr + rows * K + j, mask=live, other=-1) >= 0, tl.load(weights_ptr + j), 0.0)
     for start in range(0, V, BLOCK):
@@ -1130,7 +1131,6 @@ def softcap_loss_kernel(z_ptr, targets_ptr, weights_ptr, out_ptr, cols_ptr, lse_
         c, dc = softcap_kernel(tl.load(z_ptr + rows[:, None] * V + cols[None, :], mask=mask, other=0).to(tl.float32),
                                CAP, OFFSET, INV_TEMP, FN)
         if BACKWARD:
-            lse, g = tl.load(lse_ptr + rows, mask=live, other=0)[:, None], tl.load(g_ptr + rows, mask=live, other=0)
             grad = (g[:, None] * (tl.exp(c - lse) * w_sum[:, None] - hot) * dc / GRAD_S).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + rows[:, None] * V + cols[None, :], grad, mask=mask)
             if cols_ptr is not None:
