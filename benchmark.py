@@ -24,8 +24,8 @@ cores) and prints a short table, then one JSON line: in GiB, the parameters plus
 of the compiled graphs; the estimated ms per step of each stage, the evaluation, the whole run's training time, the
 kernels per step and the 15 largest (tools/estimate.py). Its options: --gpu=h100|a100; --world_size=N (default 8 on
 an H100, 1 on an A100); --report=FILE reads a saved check report instead of compiling (--save_report=FILE saves
-one); --calibration=X also prints the times multiplied by X (measured / estimated on record #28). What the figures
-rest on and leave out: docs/cuda_check.md.
+one); --calibration=X also prints the times multiplied by X (default on 8 H100s: record #28's measured / estimated,
+tools/estimate.py's CALIBRATION). What the figures rest on and leave out: docs/cuda_check.md.
 """
 
 import dataclasses
@@ -201,7 +201,8 @@ def estimate_main(argv: list[str]) -> dict:
         Path(options["save_report"]).write_text(json.dumps(report, default=str) + "\n")
     t0 = time.perf_counter()
     time_estimate = estimate.estimate(report, options["gpu"], world_size)
-    calibration = float(options["calibration"]) if options["calibration"] else None
+    calibration = (float(options["calibration"]) if options["calibration"] else  # record #28's ratio at 8 ranks
+                   estimate.CALIBRATION.get(options["gpu"]) if world_size == 8 else None)
     memory = estimate_memory(report, estimate.report_args(report["settings"]))
     result = dict(memory=memory, **estimate.summary(time_estimate, report, calibration),
                   estimate_seconds=round(time.perf_counter() - t0, 1))
