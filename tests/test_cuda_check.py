@@ -444,8 +444,7 @@ def test_the_stored_calibration_is_record_28s_measured_over_estimated_under_toda
     our estimate of its preset. A change to the pricing, or to what that preset compiles to, moves the ratio (it went
     from 1.232 to 1.198 unnoticed): this compiles the preset (3 minutes on 2 cores) and fails until the stored figure
     is the measured one again, early in the run and at its end."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import estimate
+    import estimate  # tools/, on the path from this module's start
 
     result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--estimate", "--preset=record_2025_08_23"],
                             capture_output=True, text=True, timeout=1800, cwd=ROOT)
